@@ -1,0 +1,44 @@
+"""Errors a person can act on, and the retry rule that follows from them.
+
+An input error is deterministic: retrying cannot help, so Prefect tasks never retry it.
+Its message is one sentence that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InputError(Exception):
+    """Bad input that a person must fix (a missing file, a hostile archive, a failed check)."""
+
+
+class AcquireError(InputError):
+    """The source could not be found, downloaded or verified."""
+
+
+class UnsafeArchiveError(InputError):
+    """The archive holds members that could escape the extraction folder or exhaust the disk."""
+
+
+class LayoutError(InputError):
+    """The extracted files are in no layout the pipeline recognises."""
+
+
+class DatasetValidationError(InputError):
+    """Dataset-level expectations failed; nothing downstream may run."""
+
+
+class ConfigError(InputError):
+    """A configuration value (backbone name, weights file, model alias) is not usable."""
+
+
+def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError."""
+    try:
+        state.result()
+    except InputError:
+        return False
+    except Exception:
+        return True
+    return True

@@ -1,0 +1,112 @@
+"""Stand-ins for train_model's and prepare_data's outputs, made of real files, for issue-4 tests.
+
+Tracking, registry, serving and predict tests need a trained end-to-end model and a
+train-result dict, not a training run: a 3-layer Keras model whose weights are set by hand
+(p(dog) rises with blue minus red, which is exactly how tests/imagegen.py draws dogs and
+cats) is trained in no time and is a real `.keras` file with the contract's input and output.
+Other weights give a reliably mediocre or a reliably wrong model (MEDIOCRE, INVERTED).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+TINY_SIZE = 32
+
+GOOD = (-10.0, 0.0, 10.0)
+"""Weights on mean (red, green, blue): blue minus red separates the generated classes perfectly."""
+
+MEDIOCRE = (0.0, 10.0, 0.0)
+"""Green only: weakly related to the class (ROC AUC 0.75 on make_prepared_dir's test split)."""
+
+INVERTED = (10.0, 0.0, -10.0)
+"""Red minus blue: every generated image is scored wrong (ROC AUC 0)."""
+
+
+def tiny_model(path: Path, *, rgb: tuple[float, float, float] = GOOD, size: int = TINY_SIZE) -> Path:
+    """Save Input(size,size,3) -> Rescaling -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
+
+    p(dog) = sigmoid(rgb . mean colour / 255); see GOOD, MEDIOCRE and INVERTED.
+    """
+    import keras
+
+    inputs = keras.Input(shape=(size, size, 3), dtype="float32", name="pixels")
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="p_dog")
+    outputs = dense(x)
+    model = keras.Model(inputs, outputs)
+    dense.set_weights([np.array(rgb, dtype=np.float32).reshape(3, 1), np.zeros(1, np.float32)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path, format="PNG")
+    return path
+
+
+def fake_train_result(out: Path, *, rgb: tuple[float, float, float] = GOOD, test_auc: float = 0.97,
+                      backbones: tuple[str, ...] = ("resnet50", "mobilenet_v2"),
+                      fine_tune: bool = True, size: int = TINY_SIZE) -> dict[str, Any]:
+    """A dict with train_model's keys (CONTRACTS.md, issue 3) pointing at real files under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
+    history_paths: dict[str, str] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(backbones):
+        history = {"loss": [0.7, 0.5, 0.4], "accuracy": [0.5, 0.8, 0.9],
+                   "val_loss": [0.6, 0.45 + index / 10, 0.42], "val_accuracy": [0.6, 0.85, 0.88]}
+        path = out / "heads" / f"{name}.history.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(history))
+        history_paths[f"head:{name}"] = str(path)
+        summaries[name] = {"val_accuracy": 0.88 - index / 10, "val_loss": 0.42 + index / 10,
+                           "val_auc": 0.95 - index / 10, "input_size": size, "feature_dim": 3,
+                           "epochs_run": 3, "best_epoch": 3, "history_path": str(path)}
+    if fine_tune:
+        path = out / "fine_tune.history.json"
+        path.write_text(json.dumps({"loss": [0.3, 0.25], "val_loss": [0.35, 0.33], "val_auc": [0.96, 0.97]}))
+        history_paths["fine_tune"] = str(path)
+    comparison = out / "comparison.csv"
+    pd.DataFrame([{"backbone": name, "chosen": i == 0, **summaries[name]} for i, name in enumerate(backbones)]
+                 ).to_csv(comparison, index=False)
+    predictions = out / "predictions.csv"
+    pd.DataFrame({"path": ["arranged/test/cats/a.jpg", "arranged/test/dogs/b.jpg"], "sha256": ["a", "b"],
+                  "label": [0, 1], "p_dog": [0.1, 0.9], "predicted": [0, 1]}).to_csv(predictions, index=False)
+    plots = {"roc_curve": str(_png(out / "plots" / "roc_curve.png", (200, 50, 50))),
+             "confusion_matrix": str(_png(out / "plots" / "confusion_matrix.png", (50, 50, 200)))}
+    config = {"backbones": list(backbones), "weights": None, "input_size": size, "head_epochs": 3,
+              "fine_tune": fine_tune, "batch_size": 8, "seed": 42}
+    return {
+        "chosen_backbone": backbones[0], "backbones": summaries,
+        "test_metrics": {"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
+                         "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
+        "val_metrics": {"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
+        "model_path": str(model_path), "input_size": size, "output_dir": str(out), "plots": plots,
+        "comparison_path": str(comparison), "history_paths": history_paths,
+        "predictions_path": str(predictions), "config": config,
+    }
+
+
+def fake_prepare_summary(data_dir: Path, *, fingerprint: str = "f" * 64) -> dict[str, Any]:
+    """A prepare_data summary with a real GX result JSON and a Data Docs folder under data_dir."""
+    validation = data_dir / "validation"
+    (validation / "data_docs").mkdir(parents=True, exist_ok=True)
+    (validation / "result.json").write_text(json.dumps({"success": True, "results": []}))
+    (validation / "data_docs" / "index.html").write_text("<html><body>Data Docs</body></html>")
+    return {"layout": "petimages", "counts": {"train": {"cat": 10, "dog": 10}, "validation": {"cat": 4, "dog": 4},
+                                              "test": {"cat": 4, "dog": 4}},
+            "unlabelled": 0, "quarantined": 2, "quarantine_reasons": {"empty_file": 1, "undecodable": 1},
+            "fingerprint": fingerprint,
+            "paths": {"data_dir": str(data_dir), "validation_result": str(validation / "result.json"),
+                      "data_docs": str(validation / "data_docs" / "index.html")}}

@@ -1,0 +1,151 @@
+"""Generated images and archives for tests: two visibly different classes and the real archive's faults.
+
+Cats are warm (red/orange) with horizontal stripes, dogs are cool (blue/green) with a checker
+texture, so even a tiny randomly initialised backbone plus a trained head separates them.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = (48, 40)  # width, height: small and not square, so resizing is exercised
+
+
+def class_pixels(label: str, seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    """An RGB uint8 array whose colour and texture depend on the class; the seed varies the rest."""
+    rng = np.random.default_rng(seed * 2 + (label == "dog"))
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    if label == "cat":
+        base = np.array([200, 110, 40]) + rng.integers(-30, 30, 3)
+        period = int(rng.integers(4, 8))
+        pattern = ((yy // period) % 2)[..., None]
+    else:
+        base = np.array([40, 120, 200]) + rng.integers(-30, 30, 3)
+        period = int(rng.integers(4, 8))
+        pattern = (((yy // period) + (xx // period)) % 2)[..., None]
+    pixels = base + pattern * 50 + rng.normal(0, 12, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def image_bytes(label: str, seed: int, fmt: str = "JPEG", mode: str = "RGB",
+                size: tuple[int, int] = SIZE, exif_orientation: int | None = None) -> bytes:
+    """Encoded bytes of a class image in the given format and mode."""
+    image = Image.fromarray(class_pixels(label, seed, size)).convert(mode)
+    buffer = io.BytesIO()
+    kwargs: dict = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    if fmt == "JPEG":
+        kwargs["quality"] = 90
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def truncated_jpeg(label: str = "cat", seed: int = 999) -> bytes:
+    data = image_bytes(label, seed, size=(96, 96))
+    return data[: len(data) // 2]
+
+
+def huge_png(width: int = 5200, height: int = 5000) -> bytes:
+    """A PNG whose pixel count passes the default limit while the file stays tiny (a pixel bomb)."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+# name -> (bytes factory, expected status, expected reason code or "" when ok)
+FAULTS: dict[str, tuple] = {
+    "empty.jpg": (lambda: b"", "quarantined", "empty_file"),
+    "truncated.jpg": (truncated_jpeg, "quarantined", "undecodable"),
+    "notes.jpg": (lambda: b"this is a text file, not a JPEG\n" * 4, "quarantined", "not_an_image"),
+    "Thumbs.db": (lambda: b"\xd0\xcf\x11\xe0" + b"\x00" * 60, "quarantined", "not_an_image"),
+    "tiny.jpg": (lambda: image_bytes("cat", 501, size=(8, 8)), "quarantined", "too_small"),
+    "huge.png": (huge_png, "quarantined", "too_large"),
+}
+
+# Decodable oddities: arranged after conversion to RGB JPEG.
+ODDITIES: dict[str, callable] = {
+    "png_bytes.jpg": lambda label: image_bytes(label, 601, fmt="PNG"),
+    "cmyk.jpg": lambda label: image_bytes(label, 602, mode="CMYK"),
+    "gray.jpg": lambda label: image_bytes(label, 603, mode="L"),
+    "rotated.jpg": lambda label: image_bytes(label, 604, exif_orientation=6),
+}
+
+
+def write_petimages_tree(root: Path, per_class: int = 12, faults: bool = True, seed0: int = 0) -> Path:
+    """Write `PetImages/{Cat,Dog}/N.jpg` under root, with the real archive's faults if asked.
+
+    With faults: the FAULTS files and ODDITIES go into Cat/, one cat image is copied twice into
+    Cat/ (a duplicate) and one image appears in both Cat/ and Dog/ (a label conflict).
+    """
+    pet = Path(root) / "PetImages"
+    for label, folder in (("cat", "Cat"), ("dog", "Dog")):
+        (pet / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (pet / folder / f"{i}.jpg").write_bytes(image_bytes(label, seed0 + i))
+    if faults:
+        for name, (factory, _, _) in FAULTS.items():
+            (pet / "Cat" / name).write_bytes(factory())
+        for name, factory in ODDITIES.items():
+            (pet / "Dog" / name).write_bytes(factory("dog"))
+        (pet / "Cat" / "dup_of_0.jpg").write_bytes((pet / "Cat" / "0.jpg").read_bytes())
+        conflict = image_bytes("cat", 777)
+        (pet / "Cat" / "conflict.jpg").write_bytes(conflict)
+        (pet / "Dog" / "conflict.jpg").write_bytes(conflict)
+    return pet
+
+
+def write_kaggle_tree(root: Path, per_class: int = 12, unlabelled: int = 5, seed0: int = 0) -> Path:
+    """Write the Kaggle competition layout: `train/cat.N.jpg`, `train/dog.N.jpg`, `test1/N.jpg`."""
+    root = Path(root)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "test1").mkdir(parents=True, exist_ok=True)
+    for label in ("cat", "dog"):
+        for i in range(per_class):
+            (root / "train" / f"{label}.{i}.jpg").write_bytes(image_bytes(label, seed0 + i))
+    for i in range(unlabelled):
+        (root / "test1" / f"{i + 1}.jpg").write_bytes(image_bytes("dog" if i % 2 else "cat", 5000 + i))
+    return root
+
+
+def write_presplit_tree(root: Path, per_class: dict[str, int] | None = None, seed0: int = 0) -> Path:
+    """Write `cats_and_dogs_filtered`-style folders: `{train,validation}/{cats,dogs}/`."""
+    per_class = per_class or {"train": 10, "validation": 4}
+    root = Path(root)
+    for split, n in per_class.items():
+        for label in ("cat", "dog"):
+            folder = root / split / f"{label}s"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                offset = 1000 if split == "validation" else 2000 if split == "test" else 0
+                (folder / f"{label}.{seed0 + offset + i}.jpg").write_bytes(image_bytes(label, seed0 + offset + i))
+    return root
+
+
+def zip_tree(root: Path, archive: Path, prefix: str = "") -> Path:
+    """Zip every file under root (names relative to root, optionally under `prefix/`)."""
+    root = Path(root)
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, (Path(prefix) / path.relative_to(root)).as_posix())
+    return Path(archive)
+
+
+def tar_tree(root: Path, archive: Path) -> Path:
+    """Tar (gzip when the name ends in .gz) every file under root."""
+    mode = "w:gz" if str(archive).endswith(".gz") else "w"
+    with tarfile.open(archive, mode) as tf:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file():
+                tf.add(path, path.relative_to(root).as_posix())
+    return Path(archive)

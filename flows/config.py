@@ -83,7 +83,9 @@ class TrainConfig(BaseModel):
             for name in self.backbones:
                 minimum = get_backbone(name).min_size
                 if self.input_size < minimum:
-                    raise ValueError(f"input_size {self.input_size} is below {name}'s minimum {minimum}; use >= {minimum}")
+                    raise ValueError(
+                        f"input_size {self.input_size} is below {name}'s minimum {minimum}; use >= {minimum}"
+                    )
         return self
 
     def input_size_for(self, backbone: str) -> int:

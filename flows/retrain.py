@@ -17,8 +17,9 @@ Tasks here are thin wrappers over tasks/tracking.py and tasks/registry.py: they 
 retry I/O (the tracking store, the Prefect API), never bad input.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `flow.serve` pickles the flow function by value
+# into each run's process, and Prefect validates the `config` parameter from the function's
+# annotations, which must then be the RetrainConfig class itself, not the string "RetrainConfig".
 import argparse
 import json
 import sys
@@ -130,7 +131,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     metrics = summary.get("test_metrics") or {}
     if metrics:
         champion = (summary.get("champion_before") or {}).get("metrics") or {}
-        lines += ["", "## Test metrics", "", "| metric | this run | champion before |", "|---|---:|---:|"]
+        lines += ["", "## Test metrics", "", "| metric | this run | champion, as registered |", "|---|---:|---:|"]
         for name in ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog"):
             if name in metrics:
                 lines.append(f"| {name} | {_number(metrics.get(name))} | {_number(champion.get(name))} |")
@@ -269,12 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--source", help='"petimages" (default), "kaggle", an https:// URL, a local archive or folder')
     add("--sha256", dest="expected_sha256", help="expected sha256 of the source archive")
     add("--data-dir", dest="data_dir", help="data folder (default: data)")
+    add("--split-fractions", dest="split_fractions", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of the content-hash split (default 0.8 0.1 0.1)")
     add("--min-per-class", dest="min_per_class", type=int,
         help="dataset check: fewest images of each class (default 1000; lower it for small datasets)")
     add("--min-per-class-per-split", dest="min_per_class_per_split", type=int,
         help="dataset check: fewest images of each class in each split (default 50)")
+    add("--max-class-imbalance", dest="max_class_imbalance", type=float,
+        help="dataset check: largest majority/minority class ratio, overall and per split (default 1.5)")
+    add("--max-quarantined-share", dest="max_quarantined_share", type=float,
+        help="dataset check: largest share of files quarantined (default 0.05)")
     add("--output-dir", dest="output_dir", help="training outputs (default: <data-dir>/training/...)")
-    add("--backbones", nargs="+", metavar="NAME", help="one or more backbones, e.g. resnet50 mobilenetv2 (default: resnet50)")
+    add("--backbones", nargs="+", metavar="NAME", help="one or more backbones, e.g. resnet50 mobilenet_v2 (default: resnet50)")
     add("--weights", help='"imagenet" (default), "none" for random weights, or a local weights file')
     add("--input-size", dest="input_size", type=int, help="square input side (default: each backbone's native size)")
     add("--epochs", dest="head_epochs", type=int, help="maximum head epochs")
@@ -294,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLI_ONLY = ("json", "serve")
-_THRESHOLD_OPTIONS = ("min_per_class", "min_per_class_per_split")
+_THRESHOLD_OPTIONS = ("min_per_class", "min_per_class_per_split", "max_class_imbalance", "max_quarantined_share")
 
 
 def config_from_args(args: argparse.Namespace) -> RetrainConfig:
@@ -346,4 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this `__main__` copy: a served flow is pickled
+    # into its run process, and only functions of a real module travel by reference.
+    from flows.retrain import main as _main
+
+    sys.exit(_main())

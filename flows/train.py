@@ -2,7 +2,7 @@
 
 A recipe of task calls, no ML inside:
 
-    configure devices
+    check the prepared folder -> configure devices
     for each backbone: extract (cached) features -> train a head -> validation metrics
     comparison table -> choose the best backbone (validation AUC, then validation loss)
     -> end-to-end model (optionally fine-tuned) -> evaluate on the test split -> plots
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
-from tasks.errors import retry_unless_input_error
-from tasks.evaluate import evaluate_task, write_csv
+from tasks.evaluate import evaluate_task, labelled_counts_task, write_csv
+from tasks.features import extract_features_task
 from tasks.files import atomic_write_json
 from tasks.finetune import FineTuneParams, export_model_task, random_weights_file
 from tasks.head import HeadParams, train_head_task
@@ -36,6 +37,9 @@ COMPARISON_COLUMNS: tuple[str, ...] = (
 )
 """Columns of comparison.csv, one row per backbone, best first."""
 
+HEAD_AGREEMENT_TOLERANCE = 1e-3
+"""Largest p(dog) gap between the end-to-end model and the head on cached features before the flow warns."""
+
 
 @task(name="configure-devices", cache_policy=NO_CACHE)
 def configure_devices_task(mixed_precision: bool) -> dict[str, Any]:
@@ -43,17 +47,6 @@ def configure_devices_task(mixed_precision: bool) -> dict[str, Any]:
     from tasks.devices import configure_devices
 
     return configure_devices(mixed_precision)
-
-
-@task(name="extract-features", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_unless_input_error)
-def extract_features_task(data_dir: str, backbone: str, weights: str | None, input_size: int,
-                          batch_size: int) -> dict[str, Any]:
-    """Bottleneck features of every arranged image not yet in the cache (a retry resumes from finished shards)."""
-    from tasks.features import extract_features
-
-    result = extract_features(Path(data_dir), backbone, weights, input_size, batch_size=batch_size)
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in result.items()}
 
 
 @task(name="resolve-weights", cache_policy=NO_CACHE)
@@ -76,14 +69,16 @@ def default_output_dir(data_dir: Path, config: TrainConfig, now: datetime | None
 
 
 def head_params(config: TrainConfig) -> dict[str, Any]:
-    return HeadParams(dense_units=config.dense_units, dropout=config.dropout, learning_rate=config.head_learning_rate,
-                      epochs=config.head_epochs, batch_size=config.head_batch_size, patience=config.patience,
-                      seed=config.seed).__dict__.copy()
+    """The config's head settings as the plain dict the head task takes."""
+    return asdict(HeadParams(dense_units=config.dense_units, dropout=config.dropout,
+                             learning_rate=config.head_learning_rate, epochs=config.head_epochs,
+                             batch_size=config.head_batch_size, patience=config.patience, seed=config.seed))
 
 
 def fine_tune_params(config: TrainConfig) -> dict[str, Any]:
-    return FineTuneParams(epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
-                          batch_size=config.batch_size, patience=config.patience, seed=config.seed).__dict__.copy()
+    """The config's fine-tuning settings as the plain dict the export task takes."""
+    return asdict(FineTuneParams(epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
+                                 batch_size=config.batch_size, patience=config.patience, seed=config.seed))
 
 
 def backbone_summary(features: dict[str, Any], head: dict[str, Any], input_size: int, weights: str) -> dict[str, Any]:
@@ -126,6 +121,41 @@ def data_fingerprint(data_dir: Path) -> str | None:
         return None
 
 
+def run_summary(config: TrainConfig, data_dir: Path, output_dir: Path, chosen: str, backbones: dict[str, Any],
+                exported: dict[str, Any], evaluation: dict[str, Any], comparison_path: Path,
+                history_paths: dict[str, str], plots: dict[str, str], devices: dict[str, Any],
+                counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The flow's return value (CONTRACTS.md, issue 3), plus metrics.json for people and tools."""
+    metrics_path = atomic_write_json(output_dir / "metrics.json", {
+        "chosen_backbone": chosen, "test": evaluation["metrics"], "validation": exported["val_metrics"],
+        "backbones": {name: {key: summary[key] for key in ("val_accuracy", "val_loss", "val_auc")}
+                      for name, summary in backbones.items()},
+    })
+    return {
+        "chosen_backbone": chosen,
+        "backbones": backbones,
+        "test_metrics": evaluation["metrics"],
+        "val_metrics": exported["val_metrics"],
+        "model_path": exported["model_path"],
+        "input_size": int(backbones[chosen]["input_size"]),
+        "output_dir": str(output_dir),
+        "plots": plots,
+        "comparison_path": str(comparison_path),
+        "history_paths": history_paths,
+        "predictions_path": evaluation["predictions_path"],
+        "metrics_path": str(metrics_path),
+        "fine_tuned": exported["fine_tuned"],
+        "fine_tune": exported["fine_tune"],
+        "head_agreement": exported["head_agreement"],
+        "devices": devices,
+        "counts": counts,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config.config_hash(),
+        "data_dir": str(data_dir),
+        "data_fingerprint": data_fingerprint(data_dir),
+    }
+
+
 @flow(name="train_model")
 def train_model(data_dir: str | Path, config: TrainConfig | None = None,
                 output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -141,6 +171,8 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
     output_dir = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir(data_dir, config)
     logger.info("Training %s on %s into %s", config.backbones, data_dir, output_dir)
 
+    counts = labelled_counts_task(str(data_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)  # claims the run folder name early
     devices = configure_devices_task(config.mixed_precision)
     backbones: dict[str, dict[str, Any]] = {}
     for name in config.backbones:
@@ -158,42 +190,22 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
     input_size = backbones[chosen]["input_size"]
     logger.info("Chosen backbone: %s (ranking %s)", chosen, ranking)
 
-    exported = export_model_task(str(data_dir), str(output_dir), chosen, backbones[chosen]["weights"], input_size,
-                                 backbones[chosen]["head_path"], backbones[chosen]["feature_cache_dir"], config.fine_tune,
-                                 fine_tune_params(config))
+    best = backbones[chosen]
+    exported = export_model_task(str(data_dir), str(output_dir), chosen, best["weights"], input_size, best["head_path"],
+                                 best["feature_cache_dir"], config.fine_tune, fine_tune_params(config))
     evaluation = evaluate_task(exported["model_path"], str(data_dir), str(output_dir), input_size, config.batch_size)
     history_paths = {f"head:{name}": summary["history_path"] for name, summary in backbones.items()}
     if exported["history_path"]:
         history_paths["fine_tune"] = exported["history_path"]
-    plots = plots_task(str(output_dir), str(data_dir), evaluation["predictions_path"], evaluation["metrics"], history_paths)
+    plots = plots_task(str(output_dir), str(data_dir), evaluation["predictions_path"], evaluation["metrics"],
+                       history_paths)
     logger.info("Test accuracy %.4f, ROC AUC %s on %d images", evaluation["metrics"]["accuracy"],
                 evaluation["metrics"]["roc_auc"], evaluation["count"])
 
-    metrics_path = atomic_write_json(output_dir / "metrics.json", {
-        "chosen_backbone": chosen, "test": evaluation["metrics"], "validation": exported["val_metrics"],
-        "backbones": {name: {k: s[k] for k in ("val_accuracy", "val_loss", "val_auc")} for name, s in backbones.items()},
-    })
-    result = {
-        "chosen_backbone": chosen,
-        "backbones": backbones,
-        "test_metrics": evaluation["metrics"],
-        "val_metrics": exported["val_metrics"],
-        "model_path": exported["model_path"],
-        "input_size": int(input_size),
-        "output_dir": str(output_dir),
-        "plots": plots,
-        "comparison_path": str(comparison_path),
-        "history_paths": history_paths,
-        "predictions_path": evaluation["predictions_path"],
-        "metrics_path": str(metrics_path),
-        "fine_tuned": exported["fine_tuned"],
-        "head_agreement": exported["head_agreement"],
-        "fine_tune": exported["fine_tune"],
-        "devices": devices,
-        "config": config.model_dump(mode="json"),
-        "config_hash": config.config_hash(),
-        "data_dir": str(data_dir),
-        "data_fingerprint": data_fingerprint(data_dir),
-    }
+    if exported["head_agreement"] > HEAD_AGREEMENT_TOLERANCE:
+        logger.warning("The end-to-end model differs from the validated head by up to %.4f in p(dog); "
+                       "check that preprocessing and weights match the feature cache.", exported["head_agreement"])
+    result = run_summary(config, data_dir, output_dir, chosen, backbones, exported, evaluation,
+                         comparison_path, history_paths, plots, devices, counts)
     atomic_write_json(output_dir / "train_summary.json", result)
     return result

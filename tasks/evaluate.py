@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import DatasetValidationError
 from tasks.files import atomic_path, atomic_write_json
-from tasks.labels import CLASSES, LABEL_INDEX
+from tasks.labels import CLASSES, LABEL_INDEX, SPLITS
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("path", "sha256", "label", "p_dog", "predicted")
 """Columns of predictions.csv: `path` is relative to the data folder, labels are 0 (cat) / 1 (dog)."""
@@ -40,7 +40,9 @@ def split_rows(data_dir: Path, split: str) -> pd.DataFrame:
     rows = rows.drop_duplicates(subset=["sha256"]).sort_values("sha256").reset_index(drop=True)
     unknown = sorted(set(rows["label"]) - set(LABEL_INDEX))
     if unknown:
-        raise DatasetValidationError(f"{manifest} has labels {unknown} in split {split!r}; only {list(CLASSES)} are allowed")
+        raise DatasetValidationError(
+            f"{manifest} has labels {unknown} in split {split!r}; only {list(CLASSES)} are allowed, rerun prepare_data"
+        )
     rows["y"] = rows["label"].map(LABEL_INDEX).astype("int64")
     return rows
 
@@ -55,6 +57,20 @@ def require_both_classes(rows: pd.DataFrame, split: str, data_dir: Path) -> None
         )
 
 
+def labelled_counts(data_dir: Path) -> dict[str, dict[str, int]]:
+    """{split: {"cat": n, "dog": n}} of usable images; fails unless every labelled split has both classes.
+
+    Checked before any work, so a folder that cannot support training, model selection and
+    an honest test fails in a second with the fix instead of after feature extraction.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        rows = split_rows(data_dir, split)
+        require_both_classes(rows, split, data_dir)
+        counts[split] = {name: int((rows["label"] == name).sum()) for name in CLASSES}
+    return counts
+
+
 def _safe_float(value: float) -> float | None:
     """JSON has no NaN: undefined metrics (AUC on one class) become None."""
     return None if value is None or not math.isfinite(value) else float(value)
@@ -66,7 +82,13 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
     The confusion matrix is `[[cat->cat, cat->dog], [dog->cat, dog->dog]]` (rows = true,
     columns = predicted, index = label). Metrics that a one-class sample cannot define are None.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        log_loss,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     p_dog = np.asarray(p_dog, dtype=np.float64).reshape(-1)
@@ -93,7 +115,8 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
     return metrics
 
 
-def predict_pixels(model: Any, data_dir: Path, relative_paths: list[str], input_size: int, batch_size: int) -> np.ndarray:
+def predict_pixels(model: Any, data_dir: Path, relative_paths: list[str], input_size: int,
+                   batch_size: int) -> np.ndarray:
     """p(dog) for arranged images, streamed through the same tf.data reader as feature extraction."""
     from tasks.features import image_dataset
 
@@ -130,6 +153,8 @@ def evaluate_model(model_path: Path, data_dir: Path, output_dir: Path, input_siz
     """
     import keras
 
+    import tasks.backbones  # noqa: F401  (registers the Preprocess layer the saved model uses)
+
     rows = split_rows(data_dir, split)
     require_both_classes(rows, split, data_dir)
     model = keras.saving.load_model(model_path, safe_mode=True)
@@ -142,7 +167,14 @@ def evaluate_model(model_path: Path, data_dir: Path, output_dir: Path, input_siz
             "metrics_path": str(metrics_path), "count": int(len(rows))}
 
 
+@task(name="check-prepared-data", cache_policy=NO_CACHE)
+def labelled_counts_task(data_dir: str) -> dict[str, dict[str, int]]:
+    """Image counts per split and class; fails early on a folder that prepare_data did not finish."""
+    return labelled_counts(Path(data_dir))
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int = 32) -> dict[str, Any]:
+def evaluate_task(model_path: str, data_dir: str, output_dir: str, input_size: int,
+                  batch_size: int = 32) -> dict[str, Any]:
     """Test-split evaluation of the saved end-to-end model."""
     return evaluate_model(Path(model_path), Path(data_dir), Path(output_dir), input_size, batch_size)

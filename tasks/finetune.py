@@ -29,7 +29,14 @@ from prefect.cache_policies import NO_CACHE
 from tasks.errors import ConfigError
 from tasks.evaluate import binary_metrics, predict_pixels, require_both_classes, split_rows
 from tasks.files import atomic_path, atomic_write_json
-from tasks.head import HEAD_LAYER_NAMES, compile_binary, early_stopping, history_to_json, save_model
+from tasks.head import (
+    HEAD_LAYER_NAMES,
+    compile_binary,
+    early_stopping,
+    history_to_json,
+    inference_copy,
+    save_model,
+)
 
 AUGMENTATION = {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1}
 """Augmentation strengths: a mirrored pet is still the same pet; rotations beyond ~18 degrees are not typical photos."""
@@ -52,7 +59,8 @@ def augmentation_layers(seed: int) -> list[Any]:
 
     return [
         keras.layers.RandomFlip(AUGMENTATION["flip"], seed=seed, name="augment_flip"),
-        keras.layers.RandomRotation(AUGMENTATION["rotation"], fill_mode="reflect", seed=seed + 1, name="augment_rotation"),
+        keras.layers.RandomRotation(AUGMENTATION["rotation"], fill_mode="reflect", seed=seed + 1,
+                                    name="augment_rotation"),
         keras.layers.RandomZoom(AUGMENTATION["zoom"], fill_mode="reflect", seed=seed + 2, name="augment_zoom"),
     ]
 
@@ -175,30 +183,45 @@ def unfreeze_top(model: Any, backbone_name: str) -> dict[str, int]:
 
 
 def labelled_dataset(data_dir: Path, split: str, input_size: int, batch_size: int, shuffle_seed: int | None) -> Any:
-    """(pixels, label) batches of one split, streamed by the feature extractor's tf.data reader.
+    """(pixels, label) batches of one split, decoded exactly like the feature extractor does it.
 
-    With a seed the file order is shuffled once (seeded, so runs repeat); image decoding
-    stays in D's pipeline so training and inference read pixels identically.
+    With a seed, the (path, label) pairs are reshuffled every epoch (seeded, so runs repeat);
+    only paths sit in the shuffle buffer, so memory stays flat however large the split.
     """
     import tensorflow as tf
 
-    from tasks.features import image_dataset
+    from tasks.features import decode_and_resize
 
     rows = split_rows(data_dir, split)
     require_both_classes(rows, split, data_dir)
-    if shuffle_seed is not None:
-        rows = rows.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)
     paths = [str(Path(data_dir) / relative) for relative in rows["arranged_path"]]
-    labels = tf.data.Dataset.from_tensor_slices(rows["y"].to_numpy(dtype=np.float32).reshape(-1, 1)).batch(batch_size)
-    return tf.data.Dataset.zip((image_dataset(paths, input_size, batch_size), labels)).prefetch(tf.data.AUTOTUNE)
+    labels = rows["y"].to_numpy(dtype=np.float32).reshape(-1, 1)
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(lambda path, label: (decode_and_resize(tf.io.read_file(path), input_size), label),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def keep_if_better(model: Any, before: list[np.ndarray], history: dict[str, list[float]],
+                   baseline_val_loss: float) -> bool:
+    """Keep the fine-tuned weights only if some epoch beat the head-only validation loss; else restore `before`.
+
+    Early stopping restores the best *fine-tuning* epoch, which can still be worse than not
+    fine-tuning at all; this closes that gap. Returns whether the fine-tuned weights were kept.
+    """
+    improved = min(history["val_loss"]) < baseline_val_loss - 1e-6  # float noise is no improvement
+    if not improved:
+        model.set_weights(before)
+    return bool(improved)
 
 
 def fine_tune_model(model: Any, data_dir: Path, backbone_name: str, input_size: int,
                     params: FineTuneParams, baseline_val_loss: float) -> dict[str, Any]:
     """Fine-tune in place; returns {"history", "baseline_val_loss", "improved", ...unfreeze counts}.
 
-    `baseline_val_loss` is the head-only model's validation loss: when no epoch beats it,
-    the head-only weights are put back, so fine-tuning never ships a worse model.
+    `baseline_val_loss` is the head-only model's validation loss (see `keep_if_better`).
     """
     import keras
 
@@ -208,12 +231,10 @@ def fine_tune_model(model: Any, data_dir: Path, backbone_name: str, input_size: 
     counts = unfreeze_top(model, backbone_name)
     compile_binary(model, params.learning_rate)
     before = model.get_weights()
-    history = history_to_json(model.fit(train, validation_data=validation, epochs=params.epochs,
+    history = history_to_json(model.fit(train, validation_data=validation, epochs=params.epochs, shuffle=False,
                                         callbacks=[early_stopping(params.patience)], verbose=0).history)
-    improved = min(history["val_loss"]) < baseline_val_loss - 1e-6  # float noise is no improvement
-    if not improved:
-        model.set_weights(before)
-    return {"history": history, "baseline_val_loss": float(baseline_val_loss), "improved": bool(improved), **counts}
+    improved = keep_if_better(model, before, history, baseline_val_loss)
+    return {"history": history, "baseline_val_loss": float(baseline_val_loss), "improved": improved, **counts}
 
 
 def export_model(data_dir: Path, output_dir: Path, backbone_name: str, weights: str | None, input_size: int,
@@ -239,7 +260,7 @@ def export_model(data_dir: Path, output_dir: Path, backbone_name: str, weights: 
         if details["improved"]:
             p_dog = predict_pixels(model, data_dir, rows["arranged_path"].tolist(), input_size, params.batch_size)
             val_metrics = binary_metrics(rows["y"].to_numpy(), p_dog)
-    model_path = save_model(model, output_dir / "model.keras")
+    model_path = save_model(inference_copy(model), output_dir / "model.keras")
     return {"model_path": str(model_path), "fine_tuned": bool(details and details["improved"]),
             "history_path": history_path, "val_metrics": val_metrics, "head_agreement": agreement,
             "fine_tune": details}

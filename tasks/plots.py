@@ -131,7 +131,8 @@ def plot_top_losses(predictions: pd.DataFrame, data_dir: Path, target: Path, cou
         except OSError:
             axis.text(0.5, 0.5, "unreadable", ha="center")
         name = path.name if len(path.name) <= 28 else path.name[:25] + "..."
-        axis.set_title(f"{name}\ntrue {CLASSES[int(row.label)]}, p(dog)={row.p_dog:.3f}\nloss {row.loss:.2f}", fontsize=8)
+        title = f"{name}\ntrue {CLASSES[int(row.label)]}, p(dog)={row.p_dog:.3f}\nloss {row.loss:.2f}"
+        axis.set_title(title, fontsize=8)
     figure.suptitle("Most confident mistakes (top losses)")
     return _save(figure, target)
 
@@ -144,10 +145,12 @@ def make_plots(output_dir: Path, data_dir: Path, predictions_path: Path, test_me
     """
     plots_dir = Path(output_dir) / "plots"
     histories = {key: json.loads(Path(path).read_text()) for key, path in history_paths.items()}
-    head_histories = {key.split(":", 1)[1] + " head": value for key, value in histories.items() if key.startswith("head:")}
+    head_histories = {f"{key.split(':', 1)[1]} head": value
+                      for key, value in histories.items() if key.startswith("head:")}
     predictions = pd.read_csv(predictions_path, dtype={"path": str, "sha256": str})
     plots = {
-        "head_curves": plot_training_curves(head_histories, plots_dir / "head_curves.png", "Head training (cached features)"),
+        "head_curves": plot_training_curves(head_histories, plots_dir / "head_curves.png",
+                                            "Head training (cached features)"),
         "roc_curve": plot_roc(predictions["label"].to_numpy(), predictions["p_dog"].to_numpy(),
                               plots_dir / "roc_curve.png", test_metrics.get("roc_auc")),
         "confusion_matrix": plot_confusion(test_metrics["confusion_matrix"], plots_dir / "confusion_matrix.png"),

@@ -24,7 +24,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,6 @@ LOCK_TIMEOUT_S = 900.0
 
 EvaluateFn = Callable[[str], Mapping[str, Any]]
 """evaluate_champion(model_uri) -> metrics of that model on the candidate's test split."""
-
-_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 
 
 # --------------------------------------------------------------------------- the decision
@@ -160,7 +158,11 @@ def promotion_lock(tracking_uri: str, model_name: str = MODEL_NAME,
 
 
 def _is_not_found(exc: MlflowException) -> bool:
-    return exc.error_code in _NOT_FOUND or "not found" in str(exc).lower() or "does not exist" in str(exc).lower()
+    """True when MLflow says a model/version/alias is absent (a missing alias comes back as
+    INVALID_PARAMETER_VALUE "... alias champion not found"); any other failure propagates."""
+    if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+        return True
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()
 
 
 def alias_version(client: MlflowClient, alias: str, model_name: str = MODEL_NAME) -> Any | None:
@@ -229,21 +231,30 @@ def _register(client: MlflowClient, model_name: str, run_id: str, model_uri: str
     return mlflow.register_model(model_uri, model_name, tags=dict(tags))
 
 
-def _champion_value(evaluate: EvaluateFn | None, version: Any, metric: str,
-                    model_name: str) -> tuple[float | None, str]:
-    """The champion's metric on the candidate's test split, and how it was obtained.
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion's metric on the candidate's test split, and how it was obtained."""
 
-    Without a callback (or when the champion cannot be evaluated any more) the metric
-    recorded at its registration is used and the reason says so.
+    version: str
+    value: float | None
+    how: str
+
+
+def score_champion(evaluate: EvaluateFn | None, version: Any, metric: str, model_name: str) -> ChampionScore:
+    """Score the champion version on the candidate's test split (pinned by version, not alias).
+
+    Without a callback, or when the champion cannot be evaluated any more (its files are
+    gone), the metric recorded at its registration is used and the reason says so.
     """
     recorded = _version_metrics(version).get(metric)
+    number = str(version.version)
     if evaluate is None:
-        return recorded, "recorded at its registration (no evaluation callback given)"
+        return ChampionScore(number, recorded, "recorded at its registration (no evaluation callback given)")
     try:
-        value = _finite(evaluate(version_uri(version.version, model_name)).get(metric))
-    except Exception as exc:  # the champion's files may be gone; fall back, say so
-        return recorded, f"recorded at its registration (re-evaluation failed: {exc})"
-    return value, "re-computed on the candidate's test split"
+        value = _finite(evaluate(version_uri(number, model_name)).get(metric))
+    except Exception as exc:  # fall back, and say so in the reasons
+        return ChampionScore(number, recorded, f"recorded at its registration (re-evaluation failed: {exc})")
+    return ChampionScore(number, value, "re-computed on the candidate's test split")
 
 
 def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[str, Any], *,
@@ -253,11 +264,12 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
     """Register the run's model as a new version and move `champion` only through the gate.
 
     `candidate_metrics` are the candidate's test metrics (train_result["test_metrics"], or
-    `evaluate_model_uri(model_uri, data_dir)` for a comparison through the very same
-    pipeline). `evaluate_champion(model_uri) -> metrics` evaluates another version on the
-    candidate's test split, e.g. `lambda uri: evaluate_model_uri(uri, data_dir)`.
-    The dataset fingerprint and config hash default to the run's tags (set by
-    `log_retrain`) and are stored on the version for `champion_summary`.
+    better `evaluate_model_uri(model_uri, data_dir)`, the same yardstick the champion gets).
+    `evaluate_champion(model_uri) -> metrics` scores another version on the candidate's test
+    split, e.g. `lambda uri: evaluate_model_uri(uri, data_dir)`; None falls back to the
+    champion's recorded metric. The dataset fingerprint and config hash default to the
+    run's tags (set by `log_retrain`) and are stored on the version for `champion_summary`.
+    Safe to retry: a second call for the same run and model reuses its version.
 
     Returns {"version", "model_uri" (models:/cats-vs-dogs/<v>), "alias" ("champion" or
     "challenger"), "promoted", "reasons", "metric", "candidate_value", "champion_value",
@@ -265,38 +277,37 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
     """
     uri, client = use_tracking()
     run_tags = client.get_run(run_id).data.tags
-    fingerprint = dataset_fingerprint if dataset_fingerprint is not None else run_tags.get(TAG_FINGERPRINT, "")
-    digest = config_hash if config_hash is not None else run_tags.get(TAG_CONFIG_HASH, "")
-    tags = {TAG_FINGERPRINT: fingerprint, TAG_CONFIG_HASH: digest,
+    tags = {TAG_FINGERPRINT: run_tags.get(TAG_FINGERPRINT, "") if dataset_fingerprint is None else dataset_fingerprint,
+            TAG_CONFIG_HASH: run_tags.get(TAG_CONFIG_HASH, "") if config_hash is None else config_hash,
             **{f"metric.{key}": repr(value) for key, value in scalar_metrics(candidate_metrics).items()}}
+    with promotion_lock(uri, model_name):  # sqlite copes badly with concurrent writers
+        version = str(_register(client, model_name, run_id, model_uri, tags).version)
+
     candidate = candidate_metrics.get(metric)
-
-    with promotion_lock(uri, model_name):  # sqlite serialises writers badly; keep them apart
-        version = _register(client, model_name, run_id, model_uri, tags)
-    passes_floor = decide(candidate, None, floor=floor, margin=margin, metric=metric, has_champion=False).promote
-
+    passes_floor = _finite(candidate) is not None and _finite(candidate) >= floor
+    # Score the champion outside the lock (it can take minutes); usually nobody else is promoting.
     seen = alias_version(client, CHAMPION, model_name) if passes_floor else None
-    value, how = (_champion_value(evaluate_champion, seen, metric, model_name)
-                  if seen is not None and str(seen.version) != str(version.version) else (None, ""))
+    score = (score_champion(evaluate_champion, seen, metric, model_name)
+             if seen is not None and str(seen.version) != version else None)
+
     with promotion_lock(uri, model_name):
-        current = alias_version(client, CHAMPION, model_name)
-        if current is not None and str(current.version) == str(version.version):
+        current = alias_version(client, CHAMPION, model_name)  # re-read: another retrain may have won meanwhile
+        if current is not None and str(current.version) == version:
             decision = GateDecision(True, ("already champion (a retried promotion)",), _finite(candidate))
         else:
-            if passes_floor and current is not None and (seen is None or current.version != seen.version):
-                value, how = _champion_value(evaluate_champion, current, metric, model_name)
-            decision = decide(candidate, value, floor=floor, margin=margin, metric=metric,
+            if passes_floor and current is not None and (score is None or score.version != str(current.version)):
+                score = score_champion(evaluate_champion, current, metric, model_name)  # compare with the new one
+            decision = decide(candidate, score.value if score else None, floor=floor, margin=margin, metric=metric,
                               champion_version=str(current.version) if current is not None else None)
-            if how and decision.champion_version is not None:
-                decision = GateDecision(decision.promote, decision.reasons + (f"champion {metric} {how}",),
-                                        decision.candidate_value, decision.champion_value,
-                                        decision.champion_version)
-            client.set_registered_model_alias(model_name, decision.alias, str(version.version))
-        _record(client, run_id, model_name, str(version.version), decision, metric, floor, margin)
-    return {"version": str(version.version), "model_uri": version_uri(version.version, model_name),
-            "alias": decision.alias, "promoted": decision.promote, "reasons": list(decision.reasons),
-            "metric": metric, "candidate_value": decision.candidate_value,
-            "champion_value": decision.champion_value,
+            if score is not None and decision.champion_version is not None:
+                decision = replace(decision, reasons=decision.reasons + (f"champion {metric} {score.how}",))
+            client.set_registered_model_alias(model_name, decision.alias, version)
+            if decision.promote and current is not None:
+                client.set_model_version_tag(model_name, str(current.version), "gate.superseded_by", version)
+        _record(client, run_id, model_name, version, decision, metric, floor, margin)
+    return {"version": version, "model_uri": version_uri(version, model_name), "alias": decision.alias,
+            "promoted": decision.promote, "reasons": list(decision.reasons), "metric": metric,
+            "candidate_value": decision.candidate_value, "champion_value": decision.champion_value,
             "previous_champion_version": decision.champion_version}
 
 

@@ -60,9 +60,7 @@ OUTPUT_COLUMNS: tuple[str, ...] = ("p_dog", "label", "label_index", "error")
 KERAS_ARTIFACT = "keras_model"
 """Name of the `model.keras` artifact inside the logged pyfunc model."""
 
-CUSTOM_OBJECT_MODULES: tuple[str, ...] = (
-    "tasks.features", "tasks.backbones", "tasks.head", "tasks.finetune", "tasks.evaluate",
-)
+CUSTOM_OBJECT_MODULES: tuple[str, ...] = ("tasks.backbones", "tasks.features", "tasks.head", "tasks.finetune")
 """Modules imported before loading the Keras file so their registered serializable layers
 (`@keras.saving.register_keras_serializable`) are known; a module that does not exist is skipped."""
 
@@ -260,6 +258,18 @@ def load_keras_model(path: str | Path) -> Any:
     return keras.saving.load_model(str(path), compile=False, safe_mode=True)
 
 
+def compiled_forward(model: Any, input_size: int) -> Any:
+    """`model(x, training=False)` traced once for any batch size.
+
+    A fixed input signature with an unknown batch dimension means the last, smaller batch
+    of a request does not trigger a new trace (Keras' predict_on_batch would retrace).
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, input_size, input_size, 3), tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+
 def model_input_size(model: Any, configured: int | None = None) -> int:
     """The square input size the model expects: from the logged config, else its input shape."""
     if configured:
@@ -284,6 +294,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self.batch_size = batch_size
         self._model: Any = None
         self._input_size: int | None = None
+        self._forward: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle settings only: the Keras model is an artifact, loaded by `load_context`."""
@@ -295,13 +306,13 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         """Load the Keras model once per process (server worker or batch flow)."""
         config = getattr(context, "model_config", None) or {}
-        self._model = load_keras_model(context.artifacts[KERAS_ARTIFACT])
-        self._input_size = model_input_size(self._model, config.get("input_size"))
+        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"))
 
     def attach(self, keras_model: Any, input_size: int | None = None) -> "CatsDogsModel":
         """Use an in-memory Keras model (tests, evaluation before anything is logged)."""
         self._model = keras_model
         self._input_size = model_input_size(keras_model, input_size)
+        self._forward = compiled_forward(keras_model, self._input_size)
         return self
 
     def predict(self, context: Any, model_input: pd.DataFrame,
@@ -322,7 +333,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(ok), batch_size):
             chunk = ok[start:start + batch_size]
             batch = resize_batch([decoded[index].pixels for index in chunk], self._input_size)
-            scores = np.asarray(self._model.predict_on_batch(batch), dtype=np.float64).reshape(-1)
+            scores = np.asarray(self._forward(batch), dtype=np.float64).reshape(-1)
             probabilities.update(zip(chunk, (float(score) for score in scores)))
         return predictions_frame(decoded, probabilities)
 

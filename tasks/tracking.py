@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -238,7 +238,7 @@ def prefect_tags(prefect_context: Mapping[str, Any] | None = None) -> dict[str, 
     return tags
 
 
-def _log_batch(client: MlflowClient, run_id: str, *, metrics: list[Metric] = (),
+def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
                params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
     """Log many values in few requests (MLflow caps a batch at 1000 metrics / 100 params)."""
     param_list = [Param(key, _param_value(value)) for key, value in (params or {}).items()]

@@ -10,11 +10,14 @@ Other weights give a reliably mediocre or a reliably wrong model (MEDIOCRE, INVE
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 TINY_SIZE = 32
 
@@ -29,14 +32,18 @@ INVERTED = (10.0, 0.0, -10.0)
 
 
 def tiny_model(path: Path, *, rgb: tuple[float, float, float] = GOOD, size: int = TINY_SIZE) -> Path:
-    """Save Input(size,size,3) -> Rescaling -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
+    """Save Input(size,size,3) -> Preprocess("tf") -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
 
-    p(dog) = sigmoid(rgb . mean colour / 255); see GOOD, MEDIOCRE and INVERTED.
+    p(dog) = sigmoid(rgb . (mean colour / 127.5 - 1)); see GOOD, MEDIOCRE and INVERTED.
+    `Preprocess` is tasks/backbones.py's registered layer, as in train_model's real models,
+    so every load of this model proves the serving code registers custom layers first.
     """
     import keras
 
+    from tasks.backbones import Preprocess
+
     inputs = keras.Input(shape=(size, size, 3), dtype="float32", name="pixels")
-    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = Preprocess("tf", name="preprocess")(inputs)  # the project's custom layer: loading must find it
     x = keras.layers.GlobalAveragePooling2D()(x)
     dense = keras.layers.Dense(1, activation="sigmoid", name="p_dog")
     outputs = dense(x)
@@ -110,3 +117,37 @@ def fake_prepare_summary(data_dir: Path, *, fingerprint: str = "f" * 64) -> dict
             "fingerprint": fingerprint,
             "paths": {"data_dir": str(data_dir), "validation_result": str(validation / "result.json"),
                       "data_docs": str(validation / "data_docs" / "index.html")}}
+
+
+_TEMPLATE_DB: Path | None = None
+
+
+def template_db() -> Path:
+    """An empty, fully migrated MLflow sqlite db, made once per test process.
+
+    A fresh store runs MLflow's ~50 schema migrations (seconds on a busy CI core); copying
+    a migrated empty db gives the same fresh store in milliseconds.
+    """
+    global _TEMPLATE_DB
+    if _TEMPLATE_DB is None or not _TEMPLATE_DB.is_file():
+        from mlflow.tracking import MlflowClient
+
+        db = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+        _TEMPLATE_DB = db
+    return _TEMPLATE_DB
+
+
+def seed_store(uri: str) -> str:
+    """Put a migrated empty db at a `sqlite:///` URI's path (which must not exist yet)."""
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.exists():
+        shutil.copyfile(template_db(), db)
+    return uri
+
+
+@pytest.fixture
+def mlflow_store(mlflow_uri: str) -> str:
+    """conftest's `mlflow_uri` (a fresh store per test), pre-migrated from the template db."""
+    return seed_store(mlflow_uri)

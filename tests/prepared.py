@@ -26,7 +26,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 10_000, "test": 20_000, "unlabelled": 30_000}
 
 
-def _row(data_dir: Path, source: Path, relative: str, label: str, split: str, data: bytes,
+def _row(source: Path, relative: str, label: str, split: str, data: bytes,
          size: tuple[int, int], arranged: str, status: str = "ok", reason: str = "") -> dict:
     """One manifest row in the contract's types (strings never NaN)."""
     return {
@@ -71,7 +71,7 @@ def make_prepared_dir(tmp_path: Path, per_class_split: dict[str, int] | None = N
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not target.exists():
                     os.link(source, target)
-                rows.append(_row(data_dir, source, relative, label, split, data, size, arranged))
+                rows.append(_row(source, relative, label, split, data, size, arranged))
     for i in range(unlabelled):
         seed = seed0 + _SPLIT_SEED_OFFSET["unlabelled"] + i
         data = image_bytes("dog" if i % 2 else "cat", seed, size=size)
@@ -82,12 +82,12 @@ def make_prepared_dir(tmp_path: Path, per_class_split: dict[str, int] | None = N
         (data_dir / "unlabelled").mkdir(parents=True, exist_ok=True)
         if not (data_dir / arranged).exists():
             os.link(source, data_dir / arranged)
-        rows.append(_row(data_dir, source, f"test1/{seed}.jpg", "", "unlabelled", data, size, arranged))
+        rows.append(_row(source, f"test1/{seed}.jpg", "", "unlabelled", data, size, arranged))
     for i in range(quarantined):
         source = source_root / "bad" / f"empty_{seed0}_{i}.jpg"
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_bytes(b"")
-        rows.append(_row(data_dir, source, f"bad/{source.name}", "cat", "", b"", size, "",
+        rows.append(_row(source, f"bad/{source.name}", "cat", "", b"", size, "",
                          status="quarantined", reason="empty_file"))
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     manifest = data_dir / "manifest.parquet"

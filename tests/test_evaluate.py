@@ -104,7 +104,8 @@ def test_make_plots_writes_every_png(tmp_path):
     history = {"loss": [0.7, 0.5], "val_loss": [0.6, 0.55], "accuracy": [0.5, 0.8], "val_accuracy": [0.6, 0.7]}
     (out / "h.json").write_text(json.dumps(history))
     (out / "f.json").write_text(json.dumps(history))
-    plots = make_plots(out, data_dir, predictions, metrics, {"head:resnet50": str(out / "h.json"), "fine_tune": str(out / "f.json")})
+    histories = {"head:resnet50": str(out / "h.json"), "fine_tune": str(out / "f.json")}
+    plots = make_plots(out, data_dir, predictions, metrics, histories)
     assert set(plots) == {"head_curves", "fine_tune_curves", "roc_curve", "confusion_matrix", "top_losses"}
     for path in plots.values():
         width, height = _is_png(path)
@@ -119,7 +120,8 @@ def test_top_losses_plot_without_mistakes_and_plots_without_fine_tuning(tmp_path
     out = tmp_path / "run"
     predictions = write_csv(predictions_frame(rows, p_dog), out / "predictions.csv")
     (out / "h.json").write_text(json.dumps({"loss": [0.5], "val_loss": [0.4]}))
-    plots = make_plots(out, data_dir, predictions, binary_metrics(rows["y"], p_dog), {"head:vgg16": str(out / "h.json")})
+    metrics = binary_metrics(rows["y"], p_dog)
+    plots = make_plots(out, data_dir, predictions, metrics, {"head:vgg16": str(out / "h.json")})
     assert "fine_tune_curves" not in plots
     _is_png(plots["top_losses"])
 

@@ -6,12 +6,10 @@ images; the cache logic is the same for every backbone.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +280,17 @@ def test_feature_model_saves_and_loads_in_safe_mode_with_preprocessing_inside(tm
     np.testing.assert_allclose(model(pixels, training=False), backbone(spec.preprocess_input(pixels.copy())),
                                rtol=1e-4, atol=1e-4)
     assert isinstance(reloaded.get_layer("preprocess"), Preprocess)
+
+
+def test_mixed_precision_features_are_stored_as_float32(data_dir):
+    """The GPU path's float16 activations must land in the cache as float32 (float16 also runs on CPU)."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        result = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=16)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    features = load_features(result["cache_dir"], labelled_images(data_dir)["sha256"].tolist())
+    assert features.dtype == np.float32 and features.shape == (36, 512)
+    assert np.isfinite(features).all() and features.std() > 0

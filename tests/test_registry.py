@@ -7,8 +7,11 @@ INVERTED scores ROC AUC 0, MEDIOCRE 0.75, GOOD 1.0 on make_prepared_dir's test s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -18,6 +21,7 @@ from tasks.errors import ConfigError
 from tasks.registry import (CHALLENGER, CHAMPION, MODEL_NAME, champion_summary, decide, evaluate_model_uri,
                             load_pyfunc, promotion_lock, register_and_gate)
 from tasks.tracking import log_pyfunc_model
+from tests.fake_training import mlflow_store  # noqa: F401 - fixture
 from tests.fake_training import GOOD, INVERTED, MEDIOCRE, tiny_model
 from tests.prepared import make_prepared_dir
 
@@ -65,7 +69,7 @@ def test_decide(candidate, champion, has_champion, promote, words):
 # ------------------------------------------------------------------ the gate with real models
 
 
-def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_uri, tmp_path):
+def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_store, tmp_path):
     data_dir = make_prepared_dir(tmp_path)
     evaluate = lambda uri: evaluate_model_uri(uri, data_dir)  # noqa: E731 - the callback G passes
 
@@ -92,6 +96,9 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_uri, tmp
     assert good["champion_value"] == pytest.approx(0.75)  # re-computed, not read from a tag
     assert "re-computed on the candidate's test split" in " ".join(good["reasons"])
 
+    superseded = MlflowClient().get_model_version(MODEL_NAME, mediocre["version"]).tags
+    assert superseded["gate.superseded_by"] == good["version"]
+
     _, again = attempt("mediocre-again", MEDIOCRE)
     assert again["alias"] == CHALLENGER and again["champion_value"] == pytest.approx(1.0)
     assert _champion_version() == good["version"]
@@ -113,7 +120,7 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_uri, tmp
     assert mediocre_run != good_run
 
 
-def test_a_retried_registration_adds_no_version(mlflow_uri, tmp_path):
+def test_a_retried_registration_adds_no_version(mlflow_store, tmp_path):
     run_id, model_uri = _logged(tmp_path, "once", GOOD)
     first = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
     second = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
@@ -121,7 +128,7 @@ def test_a_retried_registration_adds_no_version(mlflow_uri, tmp_path):
     assert len(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")) == 1
 
 
-def test_concurrent_promotions_leave_the_better_model_champion(mlflow_uri, tmp_path):
+def test_concurrent_promotions_leave_the_better_model_champion(mlflow_store, tmp_path):
     """The worse candidate reads the old champion, the better one is promoted meanwhile; the
     worse one must notice (re-read under the lock) instead of overwriting the alias."""
     base_run, base_uri = _logged(tmp_path, "base", MEDIOCRE)
@@ -172,28 +179,29 @@ def test_concurrent_promotions_leave_the_better_model_champion(mlflow_uri, tmp_p
     assert _champion_version() == results["better"]["version"]
 
 
-def test_promotion_lock_excludes_a_second_holder(mlflow_uri):
-    entered = threading.Event()
-    release = threading.Event()
-
-    def hold():
-        with promotion_lock(mlflow_uri):
-            entered.set()
-            release.wait(timeout=30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert entered.wait(timeout=30)
-    with pytest.raises(TimeoutError, match="another promotion"):
-        with promotion_lock(mlflow_uri, timeout_s=0.3):
+def test_promotion_lock_excludes_another_process_until_released(mlflow_uri):
+    """Two retrains are usually two processes (two flow runs): the lock must hold across them."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom tasks.registry import promotion_lock\n"
+                               f"with promotion_lock({mlflow_uri!r}):\n"
+                               "    print('locked', flush=True)\n    sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TimeoutError, match="another promotion"):
+            with promotion_lock(mlflow_uri, timeout_s=0.3):
+                pass
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=30) == 0
+        with promotion_lock(mlflow_uri, timeout_s=5):  # free again once released
             pass
-    release.set()
-    holder.join()
-    with promotion_lock(mlflow_uri, timeout_s=5):  # free again once released
-        pass
+    finally:
+        if holder.poll() is None:
+            holder.kill()
 
 
-def test_unknown_alias_and_model_give_one_clear_sentence(mlflow_uri, tmp_path):
+def test_unknown_alias_and_model_give_one_clear_sentence(mlflow_store, tmp_path):
     with pytest.raises(ConfigError, match="Registered model 'cats-vs-dogs' does not exist"):
         load_pyfunc("models:/cats-vs-dogs@champion")
     run_id, model_uri = _logged(tmp_path, "only", INVERTED)

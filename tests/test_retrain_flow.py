@@ -131,6 +131,16 @@ def test_cli_options_map_onto_the_config_and_keep_defaults():
     assert config_from_args(build_parser().parse_args([])) == RetrainConfig()
 
 
+def test_flow_survives_pickling_by_value_as_flow_serve_does():
+    """`retrain.serve` ships the flow to each run's process with cloudpickle (by value): the
+    `config` parameter must still validate into a RetrainConfig there."""
+    import cloudpickle
+
+    clone = cloudpickle.loads(cloudpickle.dumps(retrain))
+    assert clone.fn.__globals__ is not retrain.fn.__globals__
+    assert isinstance(clone.validate_parameters({"config": {"weights": None}})["config"], RetrainConfig)
+
+
 def test_unchanged_needs_equal_fingerprint_and_config_hash():
     champion = {"version": "3", "dataset_fingerprint": "f" * 64, "config_hash": "c" * 64}
     assert "champion version 3" in unchanged_reason("f" * 64, "c" * 64, champion)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tasks import serving
-from tests.fake_training import fake_prepare_summary, fake_train_result
+from tests.fake_training import fake_prepare_summary, fake_train_result, seed_store
 from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
@@ -34,7 +34,7 @@ def champion_store(tmp_path_factory):
     from tasks.tracking import log_retrain
 
     root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    uri = seed_store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         result = fake_train_result(root / "train")

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from tasks import tracking
 from tasks.tracking import (config_hash, local_store_dir, log_retrain, log_skipped_run, prefect_tags,
                             resolve_tracking_uri)
+from tests.fake_training import mlflow_store  # noqa: F401 - fixture
 from tests.fake_training import fake_prepare_summary, fake_train_result
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
@@ -62,7 +63,7 @@ def test_config_hash_matches_train_config_and_ignores_non_model_fields():
 # ------------------------------------------------------------------ one retrain in MLflow
 
 
-def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(mlflow_uri, tmp_path, monkeypatch):
+def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -102,7 +103,7 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert logged["run_url"].endswith(f"/#/experiments/{logged['experiment_id']}/runs/{logged['run_id']}")
 
 
-def test_a_failure_while_logging_marks_the_run_failed(mlflow_uri, tmp_path):
+def test_a_failure_while_logging_marks_the_run_failed(mlflow_store, tmp_path):
     result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
     result["model_path"] = str(tmp_path / "missing" / "model.keras")
     with pytest.raises(Exception):
@@ -112,7 +113,7 @@ def test_a_failure_while_logging_marks_the_run_failed(mlflow_uri, tmp_path):
     assert mlflow.active_run() is None
 
 
-def test_log_skipped_run_records_why(mlflow_uri):
+def test_log_skipped_run_records_why(mlflow_store):
     logged = log_skipped_run("dataset and config equal the champion's", "fp", "cfg")
     run = MlflowClient().get_run(logged["run_id"])
     assert run.info.status == "FINISHED"
@@ -137,12 +138,12 @@ def test_prefect_tags_come_from_the_running_flow(prefect_harness):
 # ------------------------------------------------------------------ the UI people browse
 
 
-def test_mlflow_server_on_the_sqlite_store_lists_the_run(mlflow_uri, tmp_path):
+def test_mlflow_server_on_the_sqlite_store_lists_the_run(mlflow_store, tmp_path):
     result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
     logged = log_retrain(fake_prepare_summary(tmp_path / "data"), result, result["config"])
     port = free_port()
     env = base_env(PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_TRACKING_URI=None)
-    args = [cli("mlflow"), "server", "--backend-store-uri", mlflow_uri, "--host", "127.0.0.1",
+    args = [cli("mlflow"), "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1"]
     with running(start_process("mlflow server", args, env=env, log_path=tmp_path / "ui.log", cwd=tmp_path)) as process:
         url = f"http://127.0.0.1:{port}"

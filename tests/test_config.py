@@ -1,0 +1,74 @@
+"""TrainConfig: the flow's form. Bad values fail before any work with a message that lists the choices."""
+
+from __future__ import annotations
+
+import json
+import hashlib
+
+import pytest
+from pydantic import ValidationError
+
+from flows.config import TrainConfig
+
+
+def test_defaults_are_the_documented_recipe():
+    config = TrainConfig()
+    assert config.backbones == ["resnet50"] and config.weights == "imagenet" and config.input_size is None
+    assert config.fine_tune is False and config.fine_tune_learning_rate == 1e-5
+    assert config.input_size_for("resnet50") == 224 and TrainConfig(input_size=64).input_size_for("resnet50") == 64
+
+
+def test_unknown_backbone_fails_listing_the_choices():
+    with pytest.raises(ValidationError) as error:
+        TrainConfig(backbones=["resnet5"])
+    message = str(error.value)
+    assert "resnet5" in message and "resnet50" in message and "vgg16" in message
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"backbones": []}, "at least one"),
+    ({"backbones": ["vgg16", "VGG16"]}, "twice"),
+    ({"backbones": ["inception_v3"], "input_size": 32}, "minimum 75"),
+    ({"backbones": ["vgg16", "resnet50"], "weights": "/w/vgg16.weights.h5"}, "single backbone"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"head_epochs": 0}, "head_epochs"),
+    ({"batch_sise": 8}, "batch_sise"),  # typos are errors, not silently ignored
+])
+def test_bad_values_are_rejected(values, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        TrainConfig(**values)
+
+
+def test_names_and_weights_are_normalised():
+    config = TrainConfig(backbones=[" VGG16 "], weights="None")
+    assert config.backbones == ["vgg16"] and config.weights is None
+    assert TrainConfig(weights="ImageNet").weights == "imagenet"
+
+
+def test_json_round_trip_and_schema_make_a_form():
+    config = TrainConfig(backbones=["vgg16", "mobilenet_v2"], weights=None, input_size=32, fine_tune=True)
+    assert TrainConfig.model_validate_json(config.model_dump_json()) == config
+    schema = TrainConfig.model_json_schema()
+    assert {"backbones", "weights", "input_size", "fine_tune", "seed"} <= set(schema["properties"])
+
+
+def test_config_hash_is_content_only_and_sensitive_to_every_field():
+    config = TrainConfig(backbones=["vgg16"], weights=None, input_size=32)
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert config.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()  # no id(), no hash() salt
+    assert TrainConfig(input_size=32, weights=None, backbones=["vgg16"]).config_hash() == config.config_hash()
+    hashes = {config.config_hash()}
+    for change in ({"seed": 1}, {"fine_tune": True}, {"input_size": 48}, {"dropout": 0.3}, {"weights": "imagenet"}):
+        hashes.add(config.model_copy(update=change).config_hash())
+    assert len(hashes) == 6
+
+
+def test_subclasses_hash_only_the_training_fields():
+    class WithExtras(TrainConfig):
+        note: str = ""
+
+    base = TrainConfig(backbones=["vgg16"])
+    extended = WithExtras(backbones=["vgg16"], note="nightly")
+    assert extended.config_hash() == base.config_hash()
+    assert set(extended.training_fields()) == set(TrainConfig.model_fields)
+    json.dumps(extended.training_fields())

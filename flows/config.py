@@ -103,8 +103,13 @@ class TrainConfig(BaseModel):
         """A stable sha256 (hex) of the training fields: equal configs hash equally across processes.
 
         Used to name run folders and to tell whether "nothing changed" since the last run.
-        A local weights file enters by its path only; its content is fingerprinted by
-        `tasks.backbones.weights_fingerprint` where the feature cache needs it.
+        A local weights file enters by its content (`weights_fingerprint`), not its path, so
+        replacing the file at the same path counts as a change and moving it does not.
         """
-        canonical = json.dumps(self.training_fields(), sort_keys=True, separators=(",", ":"))
+        fields = self.training_fields()
+        if self.weights not in (None, "imagenet"):
+            from tasks.backbones import weights_fingerprint
+
+            fields["weights"] = weights_fingerprint(self.weights)
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

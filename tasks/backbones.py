@@ -19,7 +19,7 @@ from typing import Any
 import keras
 from keras import applications as apps
 
-from tasks.errors import ConfigError
+from tasks.errors import AcquireError, ConfigError
 from tasks.files import sha256_file
 
 PREPROCESS_MODES: tuple[str, ...] = ("caffe", "tf", "torch", "none")
@@ -173,8 +173,17 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None, input_size
     size = resolve_input_size(name, input_size)
     kwargs = dict(spec.constructor_kwargs)
     base_weights = "imagenet" if weights is not None and str(weights) == "imagenet" else None
-    model = spec.constructor(include_top=False, weights=base_weights, input_shape=(size, size, 3),
-                             pooling="avg", **kwargs)
+    try:
+        model = spec.constructor(include_top=False, weights=base_weights, input_shape=(size, size, 3),
+                                 pooling="avg", **kwargs)
+    except Exception as error:
+        if base_weights is None or "URL fetch failure" not in str(error):
+            raise
+        raise AcquireError(
+            f"Could not download the ImageNet weights of {name!r} into the Keras cache "
+            f"({os.environ.get('KERAS_HOME', '~/.keras')}/models): {str(error).splitlines()[0][:200]}; "
+            "connect to the internet once, or download that file elsewhere and pass its path as weights."
+        ) from error
     if _is_weights_file(weights):
         _load_weights_file(model, name, _check_weights_file(weights))
     return model

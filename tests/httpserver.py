@@ -75,9 +75,9 @@ class FileServer:
             body = b"no such file\n"
             handler.send_response(status)
             handler.send_header("Content-Length", str(len(body)))
+            self.hits.append(Hit(handler.path, wanted, status, len(body)))  # before the client can see the answer
             handler.end_headers()
             handler.wfile.write(body)
-            self.hits.append(Hit(handler.path, wanted, status, len(body)))
             return
         data, start = route.payload, 0
         match = re.fullmatch(r"bytes=(\d+)-", wanted or "")
@@ -88,8 +88,8 @@ class FileServer:
                 handler.send_response(416)
                 handler.send_header("Content-Range", f"bytes */{len(data)}")
                 handler.send_header("Content-Length", "0")
-                handler.end_headers()
                 self.hits.append(Hit(handler.path, wanted, 416, 0))
+                handler.end_headers()
                 return
             handler.send_response(206)
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -108,6 +108,6 @@ class FileServer:
             route.cuts -= 1
             body = body[: route.cut_after]
             handler.close_connection = True
+        self.hits.append(Hit(handler.path, wanted, status, len(body)))  # recorded before the client sees the end
         handler.wfile.write(body)
         handler.wfile.flush()
-        self.hits.append(Hit(handler.path, wanted, status, len(body)))

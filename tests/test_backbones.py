@@ -157,3 +157,17 @@ def test_fine_tune_start_rejects_a_model_without_the_layer():
     other = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     with pytest.raises(ConfigError, match="conv5_block1_1_conv"):
         fine_tune_start(other, "resnet50")
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_give_one_actionable_sentence(monkeypatch):
+    """Offline, Keras' download fails deep inside; the user must hear which file and what to do."""
+    from keras.src.utils import file_utils
+
+    from tasks.errors import AcquireError
+
+    def no_internet(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x_notop.h5: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", no_internet)
+    with pytest.raises(AcquireError, match=r"ImageNet weights of 'mobilenet_v2'.*pass its path as weights"):
+        build_backbone("mobilenet_v2", "imagenet", 32)

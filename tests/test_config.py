@@ -72,3 +72,15 @@ def test_subclasses_hash_only_the_training_fields():
     assert extended.config_hash() == base.config_hash()
     assert set(extended.training_fields()) == set(TrainConfig.model_fields)
     json.dumps(extended.training_fields())
+
+
+def test_a_weights_file_enters_the_hash_by_content_not_path(tmp_path):
+    first, moved = tmp_path / "a.weights.h5", tmp_path / "moved" / "b.weights.h5"
+    first.write_bytes(b"weights one")
+    moved.parent.mkdir()
+    moved.write_bytes(b"weights one")
+    config = TrainConfig(backbones=["vgg16"], weights=str(first))
+    assert config.config_hash() == TrainConfig(backbones=["vgg16"], weights=str(moved)).config_hash()
+    before = config.config_hash()
+    first.write_bytes(b"weights two: replaced at the same path")
+    assert config.config_hash() != before

@@ -181,7 +181,7 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None, input_size
             raise
         raise AcquireError(
             f"Could not download the ImageNet weights of {name!r} into the Keras cache "
-            f"({os.environ.get('KERAS_HOME', '~/.keras')}/models): {str(error).splitlines()[0][:200]}; "
+            f"({os.environ.get('KERAS_HOME', '~/.keras')}/models): {str(error).splitlines()[0][:400]}; "
             "connect to the internet once, or download that file elsewhere and pass its path as weights."
         ) from error
     if _is_weights_file(weights):

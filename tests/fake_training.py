@@ -151,3 +151,23 @@ def seed_store(uri: str) -> str:
 def mlflow_store(mlflow_uri: str) -> str:
     """conftest's `mlflow_uri` (a fresh store per test), pre-migrated from the template db."""
     return seed_store(mlflow_uri)
+
+
+def promoted_champion(root: Path, **train_kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """A fresh store under root whose `cats-vs-dogs@champion` is a fake training run's model.
+
+    Logged by `log_retrain` and promoted by the gate, so tests load exactly what users load.
+    Returns the store's tracking URI and the fake train result.
+    """
+    from tasks.registry import register_and_gate
+    from tasks.tracking import log_retrain
+
+    uri = seed_store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = fake_train_result(root / "train", **train_kwargs)
+        logged = log_retrain(fake_prepare_summary(root / "data"), result, result["config"])
+        gate = register_and_gate(logged["run_id"], logged["model_uri"], result["test_metrics"],
+                                 evaluate_champion=None, floor=0.5, margin=0.0)
+    assert gate["alias"] == "champion"
+    return uri, result

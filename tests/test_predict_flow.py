@@ -9,7 +9,7 @@ import pytest
 
 from flows.predict import ERROR_LABEL, main, predict
 from tasks.errors import ConfigError, InputError
-from tests.fake_training import fake_prepare_summary, fake_train_result, seed_store
+from tests.fake_training import promoted_champion
 from tests.imagegen import image_bytes, truncated_jpeg, zip_tree
 
 LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
@@ -18,18 +18,9 @@ LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
 @pytest.fixture(scope="module")
 def champion_store(tmp_path_factory):
     """A store whose `cats-vs-dogs@champion` separates the generated cats and dogs."""
-    from tasks.registry import register_and_gate
-    from tasks.tracking import log_retrain
-
     root = tmp_path_factory.mktemp("predict")
-    uri = seed_store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        result = fake_train_result(root / "train", backbones=("resnet50",), fine_tune=False)
-        logged = log_retrain(fake_prepare_summary(root / "data"), result, result["config"])
-        register_and_gate(logged["run_id"], logged["model_uri"], result["test_metrics"],
-                          evaluate_champion=None, floor=0.5, margin=0.0)
-        yield SimpleNamespace(uri=uri, root=root)
+    uri, _ = promoted_champion(root, backbones=("resnet50",), fine_tune=False)
+    return SimpleNamespace(uri=uri, root=root)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tasks import serving
-from tests.fake_training import fake_prepare_summary, fake_train_result, seed_store
+from tests.fake_training import promoted_champion
 from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
@@ -30,19 +30,9 @@ CHAMPION_URI = "models:/cats-vs-dogs@champion"
 @pytest.fixture(scope="module")
 def champion_store(tmp_path_factory):
     """A store whose `cats-vs-dogs@champion` is the tiny blue-minus-red model."""
-    from tasks.registry import register_and_gate
-    from tasks.tracking import log_retrain
-
     root = tmp_path_factory.mktemp("serving")
-    uri = seed_store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        result = fake_train_result(root / "train")
-        logged = log_retrain(fake_prepare_summary(root / "data"), result, result["config"])
-        gate = register_and_gate(logged["run_id"], logged["model_uri"], result["test_metrics"],
-                                 evaluate_champion=None, floor=0.5, margin=0.0)
-        assert gate["alias"] == "champion"
-        yield SimpleNamespace(uri=uri, root=root, result=result)
+    uri, result = promoted_champion(root)
+    return SimpleNamespace(uri=uri, root=root, result=result)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from flows.config import TrainConfig
 from tasks.evaluate import evaluate_task, labelled_counts_task, write_csv
 from tasks.features import extract_features_task
 from tasks.files import atomic_write_json
-from tasks.finetune import FineTuneParams, export_model_task, random_weights_file
+from tasks.backbones import resolve_weights
+from tasks.finetune import FineTuneParams, export_model_task
 from tasks.head import HeadParams, train_head_task
 from tasks.plots import plots_task
 
@@ -52,9 +53,7 @@ def configure_devices_task(mixed_precision: bool) -> dict[str, Any]:
 @task(name="resolve-weights", cache_policy=NO_CACHE)
 def resolve_weights_task(data_dir: str, backbone: str, weights: str | None, seed: int) -> str:
     """The weights every step of this backbone uses: None becomes the folder's kept random draw."""
-    if weights is None:
-        return str(random_weights_file(Path(data_dir), backbone, seed))
-    return weights
+    return resolve_weights(data_dir, backbone, weights, seed)
 
 
 def default_output_dir(data_dir: Path, config: TrainConfig, now: datetime | None = None) -> Path:

@@ -20,7 +20,7 @@ import keras
 from keras import applications as apps
 
 from tasks.errors import AcquireError, ConfigError
-from tasks.files import sha256_file
+from tasks.files import atomic_path, sha256_file
 
 PREPROCESS_MODES: tuple[str, ...] = ("caffe", "tf", "torch", "none")
 """Input scalings used by Keras applications (see `keras.applications.imagenet_utils`)."""
@@ -159,6 +159,36 @@ def weights_fingerprint(weights: str | os.PathLike[str] | None) -> str:
     if str(weights) == "imagenet":
         return "imagenet"
     return f"file-{sha256_file(_check_weights_file(weights))[:12]}"
+
+
+RANDOM_INIT_DIR = Path("features") / "random_init"
+"""Where a data folder keeps its one random draw per backbone (relative to the data folder)."""
+
+
+def random_weights_file(data_dir: str | os.PathLike[str], name: str, seed: int = 42) -> Path:
+    """The weights=None backbone of a data folder, drawn once and kept as a weights file.
+
+    Random weights must be the *same* in the feature extractor and in the end-to-end model,
+    or the head would sit on a different backbone than the one it was trained on. Keras
+    draws unseeded initial weights from Python's process-wide `random`, which Prefect's
+    background threads also use, so seeding cannot make two builds agree. Keeping the draw
+    as data_dir/features/random_init/<backbone>.weights.h5 makes "random weights" a real
+    weights file: the feature cache keys it by content, the end-to-end model loads it, and a
+    second run reuses both. include_top=False weights fit every input size.
+    """
+    target = Path(data_dir) / RANDOM_INIT_DIR / f"{get_backbone(name).name}.weights.h5"
+    if not target.is_file():
+        keras.utils.set_random_seed(seed)
+        model = build_backbone(name, None, get_backbone(name).min_size)
+        with atomic_path(target, suffix=".weights.h5") as tmp:
+            model.save_weights(tmp)
+    return target
+
+
+def resolve_weights(data_dir: str | os.PathLike[str], name: str, weights: str | os.PathLike[str] | None,
+                    seed: int = 42) -> str:
+    """The weights a data folder's steps share: None becomes its kept random draw, the rest is unchanged."""
+    return str(random_weights_file(data_dir, name, seed)) if weights is None else str(weights)
 
 
 def build_backbone(name: str, weights: str | os.PathLike[str] | None, input_size: int | None) -> keras.Model:

@@ -28,7 +28,14 @@ import pandas as pd
 import tensorflow as tf
 from prefect import task
 
-from tasks.backbones import Preprocess, build_backbone, get_backbone, resolve_input_size, weights_fingerprint
+from tasks.backbones import (
+    Preprocess,
+    build_backbone,
+    get_backbone,
+    resolve_input_size,
+    resolve_weights,
+    weights_fingerprint,
+)
 from tasks.devices import pick_batch_size
 from tasks.errors import ConfigError, InputError
 from tasks.files import atomic_path, write_if_changed
@@ -146,9 +153,14 @@ def _check_files_exist(paths: Iterable[str]) -> None:
 
 def feature_cache_dir(data_dir: str | os.PathLike[str], backbone: str, weights: str | os.PathLike[str] | None,
                       input_size: int | None) -> Path:
-    """data_dir/features/<backbone>-<weights fingerprint>-<input size>: one cache per feature space."""
+    """data_dir/features/<backbone>-<weights fingerprint>-<input size>: one cache per feature space.
+
+    weights=None means the data folder's kept random draw (`random_weights_file`), so the
+    cache always names weights that can be loaded again, never an unrepeatable random build.
+    """
     size = resolve_input_size(backbone, input_size)
-    return Path(data_dir) / "features" / f"{get_backbone(backbone).name}-{weights_fingerprint(weights)}-{size}"
+    fingerprint = weights_fingerprint(resolve_weights(data_dir, backbone, weights))
+    return Path(data_dir) / "features" / f"{get_backbone(backbone).name}-{fingerprint}-{size}"
 
 
 def _cache_meta(backbone: str, weights: str | os.PathLike[str] | None, input_size: int) -> dict:
@@ -274,8 +286,9 @@ def extract_features(data_dir: str | os.PathLike[str], backbone: str, weights: s
         raise ConfigError(f"shard_size {shard_size} must be at least 1.")
     spec = get_backbone(backbone)
     size = resolve_input_size(backbone, input_size)
+    rows = labelled_images(data_dir)  # first: a folder without a manifest gets nothing written
+    weights = resolve_weights(data_dir, backbone, weights)
     cache_dir = feature_cache_dir(data_dir, backbone, weights, size)
-    rows = labelled_images(data_dir)
     cached = set(shard_index(cache_dir))
     todo = rows[~rows["sha256"].isin(cached)]
     summary = {"cache_dir": str(cache_dir), "computed": 0, "reused": len(rows) - len(todo),

@@ -65,30 +65,6 @@ def augmentation_layers(seed: int) -> list[Any]:
     ]
 
 
-def random_weights_file(data_dir: Path, backbone_name: str, seed: int = 42) -> Path:
-    """The weights=None backbone of a data folder, drawn once and kept as a weights file.
-
-    Random weights must be the *same* in the feature extractor and in the end-to-end model,
-    or the head would sit on a different backbone than the one it was trained on. Keras
-    draws unseeded initial weights from Python's process-wide `random`, which Prefect's
-    background threads also use, so seeding cannot make two builds agree. Keeping the draw
-    as data_dir/features/random_init/<backbone>.weights.h5 makes "random weights" a real
-    weights file: the feature cache keys it by content, the end-to-end model loads it, and a
-    second run reuses both. Include_top=False weights fit every input size.
-    """
-    import keras
-
-    from tasks.backbones import build_backbone, get_backbone
-
-    target = Path(data_dir) / "features" / "random_init" / f"{backbone_name}.weights.h5"
-    if not target.is_file():
-        keras.utils.set_random_seed(seed)
-        model = build_backbone(backbone_name, None, get_backbone(backbone_name).min_size)
-        with atomic_path(target, suffix=".weights.h5") as tmp:
-            model.save_weights(tmp)
-    return target
-
-
 def build_end_to_end(backbone_name: str, weights: str | None, input_size: int, head_path: Path, seed: int = 42) -> Any:
     """Assemble pixels -> augmentation -> Preprocess -> frozen backbone -> trained head.
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tasks.backbones import random_weights_file, weights_fingerprint
 from tasks.errors import ConfigError, InputError
 from tasks.features import (
     extract_features,
@@ -59,6 +60,7 @@ def test_only_ok_rows_of_labelled_splits_are_used(data_dir):
 def test_missing_manifest_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="prepare_data"):
         extract_features(tmp_path, BACKBONE, None, SIZE)
+    assert not any(tmp_path.iterdir())  # no random draw or cache folder left behind
 
 
 def test_image_dataset_keeps_order_and_gives_float_pixels(tmp_path):
@@ -87,7 +89,8 @@ def test_second_run_computes_nothing_and_writes_nothing(data_dir):
     assert first["computed"] == 36 and first["reused"] == 0 and first["feature_dim"] == 512
     cache_dir = Path(first["cache_dir"])
     assert cache_dir == feature_cache_dir(data_dir, BACKBONE, None, SIZE)
-    assert cache_dir.name == "vgg16-none-32"
+    kept = random_weights_file(data_dir, BACKBONE)  # weights=None: the folder's one kept random draw
+    assert cache_dir.name == f"vgg16-{weights_fingerprint(str(kept))}-32"
     assert len(list(cache_dir.glob("shard-*.npz"))) == 3  # 16 + 16 + 4
     before = _snapshot(cache_dir)
     second = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=8, shard_size=16)
@@ -193,7 +196,8 @@ def test_cache_is_keyed_by_weights_and_input_size(extracted, tmp_path):
     other_size = extract_features(data_dir, BACKBONE, None, 40, batch_size=16)
     from_file = extract_features(data_dir, BACKBONE, str(weights), SIZE, batch_size=16)
     assert other_size["computed"] == 36 and from_file["computed"] == 36
-    assert Path(other_size["cache_dir"]).name == "vgg16-none-40"
+    assert Path(other_size["cache_dir"]).name.endswith("-40")
+    assert Path(other_size["cache_dir"]).name.startswith("vgg16-file-")
     assert Path(from_file["cache_dir"]).name.startswith("vgg16-file-")
     assert len({cache_dir, Path(other_size["cache_dir"]), Path(from_file["cache_dir"])}) == 3
 
@@ -294,3 +298,15 @@ def test_mixed_precision_features_are_stored_as_float32(data_dir):
     features = load_features(result["cache_dir"], labelled_images(data_dir)["sha256"].tolist())
     assert features.dtype == np.float32 and features.shape == (36, 512)
     assert np.isfinite(features).all() and features.std() > 0
+
+
+def test_random_weights_are_one_kept_draw_so_cached_features_can_be_recomputed(data_dir):
+    """weights=None must name loadable weights: the cache rows equal a fresh model on the kept file."""
+    result = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=8)
+    kept = random_weights_file(data_dir, BACKBONE)
+    rows = labelled_images(data_dir).head(4)
+    cached = load_features(Path(result["cache_dir"]), rows["sha256"].tolist())
+    model = feature_model(BACKBONE, str(kept), SIZE)
+    fresh = np.concatenate([model(batch, training=False).numpy() for batch in image_dataset(rows["path"].tolist(), SIZE, 4)])
+    np.testing.assert_allclose(cached, fresh, rtol=1e-4, atol=1e-5)
+    assert extract_features(data_dir, BACKBONE, None, SIZE)["computed"] == 0  # a new process would reuse it too

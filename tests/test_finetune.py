@@ -26,8 +26,8 @@ from tasks.finetune import (
     head_agreement,
     keep_if_better,
     labelled_dataset,
-    random_weights_file,
 )
+from tasks.backbones import random_weights_file
 from tasks.head import HeadParams, inference_copy, save_model, train_head
 from tests.prepared import make_prepared_dir
 

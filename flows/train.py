@@ -24,10 +24,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
+from tasks.backbones import resolve_weights
 from tasks.evaluate import evaluate_task, labelled_counts_task, write_csv
 from tasks.features import extract_features_task
 from tasks.files import atomic_write_json
-from tasks.backbones import resolve_weights
 from tasks.finetune import FineTuneParams, export_model_task
 from tasks.head import HeadParams, train_head_task
 from tasks.plots import plots_task

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.backbones import resolve_weights  # noqa: E402
-from tasks.features import (  # noqa: E402
+from tasks.learning.backbones import resolve_weights  # noqa: E402
+from tasks.learning.features import (  # noqa: E402
     compiled_forward,
     extract_features,
     feature_model,
@@ -45,7 +45,7 @@ from tests.prepared import make_prepared_dir  # noqa: E402
 
 MEMORY_CHILD = """
 import sys
-from tasks.features import extract_features
+from tasks.learning.features import extract_features
 result = extract_features(sys.argv[1], sys.argv[2], None, int(sys.argv[3]), batch_size=int(sys.argv[4]))
 # VmHWM is this process's own peak; ru_maxrss would also count the parent's peak before exec
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))

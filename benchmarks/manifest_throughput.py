@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.images import CONVERTED_DIR, inspect_and_store
-from tasks.layout import find_candidates
-from tasks.manifest import build_manifest, default_workers
+from tasks.data.images import inspect_and_store
+from tasks.data.layout import find_candidates
+from tasks.data.datafolder import DataFolder
+from tasks.data.manifest import build_manifest, default_workers
 
 
 def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -78,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
               f"threads={args.workers or default_workers('thread')}, "
               f"processes={args.workers or default_workers('process')}")
 
-        converted = str(work / "serial" / CONVERTED_DIR)
+        converted = str(DataFolder(work / "serial").converted)
         serial = _timed("single-threaded loop", n, lambda: [
             inspect_and_store((str(c.path), converted, 32, 25_000_000)) for c in candidates])
 
         results: dict[str, object] = {}
         threads = _timed("build_manifest (threads)", n, lambda: results.__setitem__(
-            "thread", build_manifest(candidates, work / "threads", workers=args.workers, backend="thread")))
+            "thread", build_manifest(candidates, DataFolder(work / "threads"), workers=args.workers, backend="thread")))
         processes = _timed("build_manifest (processes)", n, lambda: results.__setitem__(
-            "process", build_manifest(candidates, work / "processes", workers=args.workers, backend="process")))
+            "process", build_manifest(candidates, DataFolder(work / "processes"), workers=args.workers, backend="process")))
         reuse = _timed("second run (reuse, threads)", n, lambda: results.__setitem__(
-            "reuse", build_manifest(candidates, work / "threads", previous=results["thread"],
+            "reuse", build_manifest(candidates, DataFolder(work / "threads"), previous=results["thread"],
                                     workers=args.workers)))
 
         assert results["thread"].equals(results["process"]), "backends disagree"

@@ -23,7 +23,7 @@ from prefect import flow  # noqa: E402
 
 from benchmarks.manifest_throughput import _jpeg  # noqa: E402
 from flows.prepare import prepare_data  # noqa: E402
-from tasks.validate import ValidationThresholds  # noqa: E402
+from tasks.data.validate import ValidationThresholds  # noqa: E402
 from tests.imagegen import zip_tree  # noqa: E402
 
 

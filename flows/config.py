@@ -1,18 +1,55 @@
-"""The one configuration model of a training run: the `train_model` flow's parameter.
+"""The configuration models: the flows' parameters, the Prefect forms and the command lines.
 
-It is a pydantic model made of JSON-friendly fields so that Prefect renders it as a form,
-MLflow can log it as parameters, and a run can be reproduced from its `model_dump()`.
-Values are checked here, before any image is read, so a typo in a backbone name costs a
-second instead of a feature-extraction pass.
+Each model is made of JSON-friendly fields so that Prefect renders it as a form, MLflow can
+log it as parameters and a run can be reproduced from its `model_dump()`. The command lines
+are generated from these fields (flows/cli.py), so a new field needs no second edit. Values
+are checked here, before any image is read, so a typo in a backbone name costs a second
+instead of a feature-extraction pass.
+
+    DataConfig     where the data comes from and what the dataset must satisfy  (prepare)
+    TrainConfig    what to train and how; its fields alone make `config_hash()`  (train)
+    GateConfig     when a trained model may become the champion
+    RetrainConfig  all three, plus run options                                  (retrain)
+    PredictConfig  what to score with which model                               (predict)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.data.splits import DEFAULT_FRACTIONS
+from tasks.data.validate import ValidationThresholds
+from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
+from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI
+
+
+def _cli(*aliases: str) -> dict[str, Any]:
+    """Extra option names of a field on the command line (besides --<field-name>)."""
+    return {"cli_aliases": list(aliases)}
+
+
+class DataConfig(BaseModel):
+    """Where the data comes from and what the dataset must satisfy before anything trains."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: str = Field(
+        default="petimages",
+        description='"petimages" (Microsoft\'s public archive), "kaggle", an https:// URL, '
+                    "a local .zip/.tar(.gz) archive or an extracted folder.")
+    expected_sha256: str | None = Field(
+        default=None, json_schema_extra=_cli("--sha256"),
+        description="Pin the source archive's sha256 (otherwise trusted on first use and checked ever after).")
+    data_dir: str = Field(default="data", description="Data folder (relative paths resolve against the working directory).")
+    split_fractions: tuple[float, float, float] = Field(
+        default=DEFAULT_FRACTIONS, description="Train/validation/test shares of the content-hash split.")
+    thresholds: ValidationThresholds = Field(
+        default_factory=ValidationThresholds,
+        description="Dataset-level checks before training; the defaults suit the full 25,000-image dataset.")
 
 
 class TrainConfig(BaseModel):
@@ -22,35 +59,45 @@ class TrainConfig(BaseModel):
 
     backbones: list[str] = Field(
         default_factory=lambda: ["resnet50"],
-        description="Backbones to compare; the best by validation AUC is kept (see tasks/backbones.py).",
-    )
+        description=f"Backbones to compare ({', '.join(BACKBONES)}); the best by validation AUC is kept.")
     weights: str | None = Field(
         default="imagenet",
-        description='"imagenet", a local weights file (one backbone only), or null for random weights (tests).',
-    )
+        description='"imagenet", a local Keras weights file (one backbone only), or "none" for random weights (tests).')
     input_size: int | None = Field(
-        default=None, ge=16, le=1024,
-        description="Square input side in pixels; null uses each backbone's native size.",
-    )
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per batch (features and fine-tuning).")
+        default=None, ge=16, le=1024, description="Square input side in pixels; none uses each backbone's native size.")
+    precision: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="Backbone compute dtype: auto picks bfloat16 where the hardware has it "
+                    "(Ampere+ GPUs, CPUs with avx512_bf16/AMX), else float32.")
+    batch_size: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Images per batch for features and fine-tuning; none picks 32 on CPU and probes a GPU.")
     head_batch_size: int = Field(default=256, ge=1, le=65536, description="Feature vectors per batch for the head.")
-    head_epochs: int = Field(default=30, ge=1, le=1000, description="Maximum head epochs (early stopping ends sooner).")
-    head_learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
-    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
-    dense_units: int = Field(default=256, ge=1, le=16384)
-    fine_tune: bool = Field(default=False, description="Unfreeze the top block(s) and train end to end (slow on CPU).")
-    fine_tune_epochs: int = Field(default=5, ge=1, le=1000)
-    fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0)
+    head_epochs: int = Field(default=30, ge=1, le=1000, json_schema_extra=_cli("--epochs"),
+                             description="Maximum head epochs (early stopping ends sooner).")
+    head_learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate of the head.")
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0, description="Dropout before the head's output.")
+    dense_units: int = Field(default=256, ge=1, le=16384, description="Units of the head's hidden layer.")
+    fine_tune: bool = Field(default=False, description="Unfreeze the top block and train end to end (slow on CPU).")
+    fine_tune_epochs: int = Field(default=5, ge=1, le=1000, description="Maximum fine-tuning epochs.")
+    fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0, description="Learning rate of fine-tuning.")
     patience: int = Field(default=3, ge=1, le=100, description="Epochs without validation improvement before stopping.")
-    seed: int = Field(default=42, ge=0, le=2**31 - 1)
-    mixed_precision: bool = Field(default=False, description="float16 compute on a GPU; ignored on CPU.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of weights, dropout and shuffling.")
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _split_commas(cls, names: Any) -> Any:
+        """`["vgg16,resnet50", "mobilenet_v2"]` (how people type lists) means three backbones."""
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list | tuple):
+            return [part for name in names for part in str(name).split(",") if part.strip()] if names else []
+        return names
 
     @field_validator("backbones")
     @classmethod
     def _known_backbones(cls, names: list[str]) -> list[str]:
         """Reject unknown or repeated names with the list of choices (a ValueError pydantic reports)."""
-        from tasks.backbones import BACKBONES  # lazy: importing Keras is not free
-
         cleaned = [name.strip().lower() for name in names]
         if not cleaned:
             raise ValueError(f"backbones is empty; choose at least one of {sorted(BACKBONES)}")
@@ -72,44 +119,78 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum."""
-        from tasks.backbones import get_backbone
-
         if self.weights not in (None, "imagenet") and len(self.backbones) > 1:
             raise ValueError(
                 f"weights file {self.weights!r} fits one architecture but backbones lists "
-                f"{self.backbones}; name a single backbone or use weights='imagenet'"
-            )
+                f"{self.backbones}; name a single backbone or use weights='imagenet'")
         if self.input_size is not None:
             for name in self.backbones:
                 minimum = get_backbone(name).min_size
                 if self.input_size < minimum:
                     raise ValueError(
-                        f"input_size {self.input_size} is below {name}'s minimum {minimum}; use >= {minimum}"
-                    )
+                        f"input_size {self.input_size} is below {name}'s minimum {minimum}; use >= {minimum}")
         return self
 
     def input_size_for(self, backbone: str) -> int:
         """The input side actually used for a backbone: the configured one or its native size."""
-        from tasks.backbones import get_backbone
-
         return int(self.input_size or get_backbone(backbone).native_size)
 
     def training_fields(self) -> dict[str, Any]:
-        """The TrainConfig fields only, JSON-ready: subclasses (RetrainConfig) add fields that do not change a model."""
+        """The TrainConfig fields only, JSON-ready: the other models add fields that do not change a model."""
         dumped = self.model_dump(mode="json")
         return {name: dumped[name] for name in TrainConfig.model_fields}
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig part alone (train_model's parameter forbids other keys)."""
+        return TrainConfig.model_validate(self.training_fields())
 
     def config_hash(self) -> str:
         """A stable sha256 (hex) of the training fields: equal configs hash equally across processes.
 
-        Used to name run folders and to tell whether "nothing changed" since the last run.
-        A local weights file enters by its content (`weights_fingerprint`), not its path, so
-        replacing the file at the same path counts as a change and moving it does not.
+        Names run folders and tells whether "nothing changed" since the champion. A local
+        weights file enters by its content (`weights_fingerprint`), not its path, so replacing
+        the file at the same path counts as a change and moving it does not.
         """
         fields = self.training_fields()
         if self.weights not in (None, "imagenet"):
-            from tasks.backbones import weights_fingerprint
-
             fields["weights"] = weights_fingerprint(self.weights)
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class GateConfig(BaseModel):
+    """When a trained model may replace the champion (see tasks/models/gate.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    metric: Literal["roc_auc", "accuracy", "f1_cat", "f1_dog"] = Field(
+        default="roc_auc", description="Test metric of the promotion gate (higher is better).")
+    floor: float = Field(default=0.90, ge=0.0, le=1.0,
+                         description="A model whose test metric is below this never becomes champion.")
+    margin: float = Field(default=0.002, ge=0.0, le=1.0,
+                          description="How much a candidate must beat the champion by, on the same test split.")
+
+
+class RetrainConfig(GateConfig, TrainConfig, DataConfig):
+    """A retrain's own options, on top of its data, training and gate settings.
+
+    Everything a retrain needs: where the data comes from, how to train, when to promote. The TrainConfig fields decide the model (they alone make up `config_hash()`); the others
+    decide where the data comes from and whether a model ships, so changing them never counts
+    as "the config changed".
+    """
+
+    output_dir: str | None = Field(
+        default=None, description="Training outputs; none = <data_dir>/training/<time>-<config hash>.")
+    force: bool = Field(default=False, description="Train even when data and config equal a registered version's.")
+    experiment: str = Field(default=DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment name.")
+
+
+class PredictConfig(BaseModel):
+    """Batch prediction: which images, which model, where the submission goes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    images: str = Field(description="Folder or .zip/.tar archive of images (e.g. Kaggle's test1).")
+    model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
+    output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")

@@ -1,44 +1,28 @@
 """The `prepare_data` flow: from a source (Kaggle, PetImages, URL, archive, folder) to arranged splits.
 
     acquire -> extract -> find candidates -> build manifest -> assign splits -> validate
-            -> arrange -> summary
+            -> arrange -> summarise
 
-Each step is a task in `tasks/`; this module only wires them and logs one line per step. Every
-step skips work that is already done (verified download, complete extraction, unchanged
-files, same manifest, links in place), so a second run on the same source writes nothing.
+Each step is a task of tasks/data/steps.py; this module only wires them and logs one line per
+step. Every step skips work that is already done (verified download, complete extraction,
+unchanged files, same manifest, links in place), so a second run on the same source writes
+nothing. What lands where under `data_dir` is written down in tasks/data/datafolder.py.
 
-Files under `data_dir` (see CONTRACTS.md): `inspected.parquet` (one row per file, inspected),
-`splits.parquet` (after dedupe and split), `manifest.parquet` (final, with `arranged_path`),
-`validation/` (GX result + Data Docs), `arranged/`, `unlabelled/`, `prepare_summary.json`.
-
-Run from Python: `prepare_data(source="petimages", data_dir="data")`, or from the shell:
-`python -m flows.prepare <source> [data_dir]`.
+From Python: `prepare_data(source="petimages", data_dir="data")`; from the shell:
+`python -m flows.prepare --source <source> [--data-dir data] [dataset-check options]`.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tasks.acquire import acquire
-from tasks.arrange import DEFAULT_FRACTIONS, SPLITS_NAME, arrange_task, assign_splits_task, check_fractions, summary_task
-from tasks.errors import DatasetValidationError
-from tasks.extract import extract
-from tasks.labels import SPLITS
-from tasks.layout import find_candidates_task
-from tasks.manifest import build_manifest_task
-from tasks.validate import ValidationThresholds, validate_task
-
-
-def _validation_error(verdict: dict, manifest: str) -> DatasetValidationError:
-    """One sentence with the fix, then the failed expectations with their observed values."""
-    failed = "\n".join(f"  - {line}" for line in verdict["failed"])
-    return DatasetValidationError(
-        f"Dataset validation failed for {manifest} ({len(verdict['failed'])} expectation(s), "
-        f"details in {verdict['data_docs_path']}); fix the source data or pass looser `thresholds`:\n{failed}"
-    )
+from tasks.common.labels import SPLITS
+from tasks.common.results import PrepareSummary
+from tasks.data import steps
+from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
+from tasks.data.validate import ValidationThresholds
 
 
 @flow(name="prepare-data")
@@ -53,7 +37,7 @@ def prepare_data(
     max_pixels: int = 25_000_000,
     thresholds: ValidationThresholds | None = None,
     workers: int | None = None,
-) -> dict:
+) -> PrepareSummary:
     """Acquire, check and arrange the Dogs vs. Cats images; return the dataset summary.
 
     `source`: "kaggle", "petimages", an https:// URL, a local .zip/.tar/.tar.gz or a folder.
@@ -65,55 +49,66 @@ def prepare_data(
     Raises DatasetValidationError, before anything is arranged, when they fail.
     """
     log = get_run_logger()
-    data_dir = Path(data_dir).absolute()
+    data_dir = str(Path(data_dir).expanduser().absolute())
     fractions = check_fractions(split_fractions)
     thresholds = thresholds or ValidationThresholds(min_side=min_side)
 
-    archive = acquire(source, data_dir / "downloads", expected_sha256)
+    archive = steps.acquire(source, data_dir, expected_sha256)
     log.info("Acquire: %s", archive)
 
-    root = extract(archive, data_dir / "extracted")
+    root = steps.extract(archive, data_dir)
     log.info("Extract: %s", root)
 
-    found = find_candidates_task(root)
-    log.info("Find candidates: %s layout, %d files, labels %s", found["layout"], found["candidates"], found["labels"])
+    found = steps.find_candidates(root)
+    log.info("Find candidates: %s layout, %d files, labels %s", found.layout, found.candidates, found.labels)
 
-    inspected = build_manifest_task(root, data_dir, min_side=min_side, max_pixels=max_pixels, workers=workers)
+    inspected = steps.build_manifest(root, data_dir, min_side=min_side, max_pixels=max_pixels, workers=workers)
     log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
-             inspected["rows"], inspected["inspected"], inspected["reused"], inspected["quarantined"])
+             inspected.rows, inspected.inspected, inspected.reused, inspected.quarantined)
 
-    split = assign_splits_task(inspected["path"], data_dir / SPLITS_NAME, fractions=fractions,
-                               respect_source_split=respect_source_split)
+    split = steps.assign_splits(data_dir, fractions=fractions, respect_source_split=respect_source_split)
     log.info("Assign splits: %d duplicates, %d label conflicts quarantined; source splits kept: %s",
-             split["duplicate"], split["label_conflict"], split["presplit"] or "none (split by content hash)")
+             split.duplicate, split.label_conflict, split.presplit or "none (split by content hash)")
 
     required = tuple(name for name, share in zip(SPLITS, fractions) if share > 0)
-    verdict = validate_task(split["path"], data_dir / "validation", thresholds, required)
-    log.info("Validate: %s (%s), Data Docs at %s", "passed" if verdict["success"] else "FAILED",
-             "reused verdict" if verdict["reused"] else "validated", verdict["data_docs_path"])
-    if not verdict["success"]:
-        raise _validation_error(verdict, split["path"])
+    verdict = steps.validate(data_dir, thresholds, required)
+    log.info("Validate: %s (%s), Data Docs at %s", "passed" if verdict.success else "FAILED",
+             "reused verdict" if verdict.reused else "validated", verdict.data_docs_path)
+    verdict.raise_if_failed(split.path)
 
-    arranged = arrange_task(split["path"], data_dir)
+    arranged = steps.arrange(data_dir)
     log.info("Arrange: %d linked, %d copied, %d unchanged, %d stale removed",
-             arranged["linked"], arranged["copied"], arranged["unchanged"], arranged["removed"])
+             arranged.linked, arranged.copied, arranged.unchanged, arranged.removed)
 
-    summary = summary_task(arranged["manifest"], data_dir, found["layout"])
-    counts = ", ".join(f"{name} {c['cat']} cats/{c['dog']} dogs" for name, c in summary["counts"].items())
-    log.info("Summary: %s; %d unlabelled; %d quarantined %s; fingerprint %s",
-             counts, summary["unlabelled"], summary["quarantined"], summary["quarantine_reasons"],
-             summary["fingerprint"][:16])
+    summary = steps.summarise(data_dir, found.layout)
+    counts = ", ".join(f"{name} {c['cat']} cats/{c['dog']} dogs" for name, c in summary.counts.items())
+    log.info("Summary: %s; %d unlabelled; %d quarantined %s; fingerprint %s", counts, summary.unlabelled,
+             summary.quarantined, summary.quarantine_reasons, summary.fingerprint[:16])
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m flows.prepare <source> [data_dir]`: run the flow with default settings."""
-    args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        raise SystemExit("usage: python -m flows.prepare <kaggle|petimages|URL|archive|folder> [data_dir]")
-    summary = prepare_data(args[0], args[1] if len(args) > 1 else "data")
-    print(summary["paths"]["summary"])
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.prepare --source ...`: the same data options as `python -m flows.retrain`."""
+    from flows.cli import build_parser, model_from_args, one_sentence, run_main
+    from flows.config import DataConfig
+    from pydantic import ValidationError
+
+    parser = build_parser(DataConfig, "python -m flows.prepare",
+                          "Acquire, check and arrange the Dogs vs. Cats images into a data folder.")
+    args = parser.parse_args(argv)
+    try:
+        config = model_from_args(DataConfig, args)
+    except ValidationError as error:
+        parser.exit(2, f"error: {one_sentence(DataConfig, error)}\n")
+
+    def work() -> int:
+        summary = prepare_data(config.source, config.data_dir, expected_sha256=config.expected_sha256,
+                               split_fractions=config.split_fractions, thresholds=config.thresholds)
+        print(summary.paths.summary)
+        return 0
+
+    return run_main(work)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Stand-ins for train_model's and prepare_data's outputs, made of real files, for issue-4 tests.
+"""Stand-ins for train_model's and prepare_data's outputs, made of real files, for the models wing's tests.
 
 Tracking, registry, serving and predict tests need a trained end-to-end model and a
 train-result dict, not a training run: a 3-layer Keras model whose weights are set by hand
@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.common.results import BackboneResult, DeviceSetup, PreparePaths, PrepareSummary, TrainResult
+
 TINY_SIZE = 32
 
 GOOD = (-10.0, 0.0, 10.0)
@@ -35,14 +37,14 @@ def tiny_model(path: Path, *, rgb: tuple[float, float, float] = GOOD, size: int 
     """Save Input(size,size,3) -> Preprocess("tf") -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
 
     p(dog) = sigmoid(rgb . (mean colour / 127.5 - 1)); see GOOD, MEDIOCRE and INVERTED.
-    `Preprocess` is tasks/backbones.py's registered layer, as in train_model's real models,
+    `Preprocess` is tasks/learning/preprocess.py's registered layer, as in train_model's real models,
     so every load of this model proves the serving code registers custom layers first.
     """
     import keras
 
-    from tasks.backbones import Preprocess
+    from tasks.learning.preprocess import Preprocess
 
-    inputs = keras.Input(shape=(size, size, 3), dtype="float32", name="pixels")
+    inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name="pixels")
     x = Preprocess("tf", name="preprocess")(inputs)  # the project's custom layer: loading must find it
     x = keras.layers.GlobalAveragePooling2D()(x)
     dense = keras.layers.Dense(1, activation="sigmoid", name="p_dog")
@@ -64,8 +66,8 @@ def _png(path: Path, colour: tuple[int, int, int]) -> Path:
 
 def fake_train_result(out: Path, *, rgb: tuple[float, float, float] = GOOD, test_auc: float = 0.97,
                       backbones: tuple[str, ...] = ("resnet50", "mobilenet_v2"),
-                      fine_tune: bool = True, size: int = TINY_SIZE) -> dict[str, Any]:
-    """A dict with train_model's keys (CONTRACTS.md, issue 3) pointing at real files under `out`."""
+                      fine_tune: bool = True, size: int = TINY_SIZE) -> TrainResult:
+    """A TrainResult (what train_model returns) pointing at real files under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
     history_paths: dict[str, str] = {}
@@ -77,16 +79,18 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float] = GOOD, test
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(history))
         history_paths[f"head:{name}"] = str(path)
-        summaries[name] = {"val_accuracy": 0.88 - index / 10, "val_loss": 0.42 + index / 10,
-                           "val_auc": 0.95 - index / 10, "input_size": size, "feature_dim": 3,
-                           "epochs_run": 3, "best_epoch": 3, "history_path": str(path)}
+        summaries[name] = BackboneResult(
+            backbone=name, weights="imagenet", input_size=size, feature_dim=3, feature_cache_dir=str(out / "cache"),
+            features_computed=24, features_reused=0, head_path=str(out / "heads" / f"{name}.keras"),
+            history_path=str(path), val_accuracy=0.88 - index / 10, val_loss=0.42 + index / 10,
+            val_auc=0.95 - index / 10, epochs_run=3, best_epoch=3)
     if fine_tune:
         path = out / "fine_tune.history.json"
         path.write_text(json.dumps({"loss": [0.3, 0.25], "val_loss": [0.35, 0.33], "val_auc": [0.96, 0.97]}))
         history_paths["fine_tune"] = str(path)
     comparison = out / "comparison.csv"
-    pd.DataFrame([{"backbone": name, "chosen": i == 0, **summaries[name]} for i, name in enumerate(backbones)]
-                 ).to_csv(comparison, index=False)
+    pd.DataFrame([{"backbone": name, "chosen": i == 0, **summaries[name].model_dump()}
+                  for i, name in enumerate(backbones)]).to_csv(comparison, index=False)
     predictions = out / "predictions.csv"
     pd.DataFrame({"path": ["arranged/test/cats/a.jpg", "arranged/test/dogs/b.jpg"], "sha256": ["a", "b"],
                   "label": [0, 1], "p_dog": [0.1, 0.9], "predicted": [0, 1]}).to_csv(predictions, index=False)
@@ -94,29 +98,40 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float] = GOOD, test
              "confusion_matrix": str(_png(out / "plots" / "confusion_matrix.png", (50, 50, 200)))}
     config = {"backbones": list(backbones), "weights": None, "input_size": size, "head_epochs": 3,
               "fine_tune": fine_tune, "batch_size": 8, "seed": 42}
-    return {
-        "chosen_backbone": backbones[0], "backbones": summaries,
-        "test_metrics": {"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
-                         "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
-        "val_metrics": {"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
-        "model_path": str(model_path), "input_size": size, "output_dir": str(out), "plots": plots,
-        "comparison_path": str(comparison), "history_paths": history_paths,
-        "predictions_path": str(predictions), "config": config,
-    }
+    import keras
+
+    return TrainResult(
+        chosen_backbone=backbones[0], backbones=summaries,
+        test_metrics={"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
+                      "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
+        val_metrics={"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
+        model_path=str(model_path), input_size=size, output_dir=str(out), plots=plots,
+        comparison_path=str(comparison), history_paths=history_paths, predictions_path=str(predictions),
+        metrics_path=str(out / "metrics.json"), fine_tuned=fine_tune, fine_tune=None, head_agreement=0.0,
+        devices=DeviceSetup(backend=keras.config.backend(), device="CPU", gpus=0, device_name="test CPU",
+                            precision="float32", reason="tests"),
+        counts={"train": {"cat": 10, "dog": 10}}, config=config, config_hash="c" * 64, data_dir=str(out),
+        data_fingerprint="f" * 64)
 
 
-def fake_prepare_summary(data_dir: Path, *, fingerprint: str = "f" * 64) -> dict[str, Any]:
-    """A prepare_data summary with a real GX result JSON and a Data Docs folder under data_dir."""
+def fake_prepare_summary(data_dir: Path, *, fingerprint: str = "f" * 64) -> PrepareSummary:
+    """A PrepareSummary with a real manifest, GX result JSON and Data Docs folder under data_dir."""
     validation = data_dir / "validation"
     (validation / "data_docs").mkdir(parents=True, exist_ok=True)
     (validation / "result.json").write_text(json.dumps({"success": True, "results": []}))
     (validation / "data_docs" / "index.html").write_text("<html><body>Data Docs</body></html>")
-    return {"layout": "petimages", "counts": {"train": {"cat": 10, "dog": 10}, "validation": {"cat": 4, "dog": 4},
-                                              "test": {"cat": 4, "dog": 4}},
-            "unlabelled": 0, "quarantined": 2, "quarantine_reasons": {"empty_file": 1, "undecodable": 1},
-            "fingerprint": fingerprint,
-            "paths": {"data_dir": str(data_dir), "validation_result": str(validation / "result.json"),
-                      "data_docs": str(validation / "data_docs" / "index.html")}}
+    counts = {"train": {"cat": 10, "dog": 10}, "validation": {"cat": 4, "dog": 4}, "test": {"cat": 4, "dog": 4}}
+    rows = [{"sha256": f"{split}{label}{i}", "label": label, "split": split, "status": "ok",
+             "arranged_path": f"arranged/{split}/{label}s/{i}.jpg"}
+            for split, per_class in counts.items() for label, n in per_class.items() for i in range(n)]
+    pd.DataFrame(rows).to_parquet(data_dir / "manifest.parquet", index=False)
+    return PrepareSummary(
+        layout="petimages", counts=counts, unlabelled=0, quarantined=2,
+        quarantine_reasons={"empty_file": 1, "undecodable": 1}, fingerprint=fingerprint,
+        paths=PreparePaths(data_dir=str(data_dir), manifest=str(data_dir / "manifest.parquet"),
+                           arranged=str(data_dir / "arranged"), validation_result=str(validation / "result.json"),
+                           data_docs=str(validation / "data_docs" / "index.html"),
+                           summary=str(data_dir / "prepare_summary.json")))
 
 
 _TEMPLATE_DB: Path | None = None
@@ -153,21 +168,21 @@ def mlflow_store(mlflow_uri: str) -> str:
     return seed_store(mlflow_uri)
 
 
-def promoted_champion(root: Path, **train_kwargs: Any) -> tuple[str, dict[str, Any]]:
+def promoted_champion(root: Path, **train_kwargs: Any) -> tuple[str, TrainResult]:
     """A fresh store under root whose `cats-vs-dogs@champion` is a fake training run's model.
 
     Logged by `log_retrain` and promoted by the gate, so tests load exactly what users load.
     Returns the store's tracking URI and the fake train result.
     """
-    from tasks.registry import register_and_gate
-    from tasks.tracking import log_retrain
+    from tasks.models.promotion import register_and_gate
+    from tasks.models.tracking import log_retrain
 
     uri = seed_store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         result = fake_train_result(root / "train", **train_kwargs)
-        logged = log_retrain(fake_prepare_summary(root / "data"), result, result["config"])
-        gate = register_and_gate(logged["run_id"], logged["model_uri"], result["test_metrics"],
+        logged = log_retrain(fake_prepare_summary(root / "data"), result, result.config, source="tests")
+        gate = register_and_gate(logged.run_id, logged.model_uri, result.test_metrics,
                                  evaluate_champion=None, floor=0.5, margin=0.0)
-    assert gate["alias"] == "champion"
+    assert gate.alias == "champion"
     return uri, result

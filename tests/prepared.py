@@ -1,9 +1,9 @@
 """A prepared data folder (arranged images + manifest.parquet) built without the prepare flow.
 
-Issue-3 tests (features, head, training) need the *output* of `prepare_data`, not the flow
-itself: building it directly keeps those tests fast and independent of issue-2 code. The
-layout and columns follow CONTRACTS.md exactly, so the same folder is valid input for the
-real flows.
+The learning tests (features, head, training) need the *output* of `prepare_data`, not the
+flow itself: building it directly keeps those tests fast and independent of the data wing.
+The layout and columns follow tasks/data/datafolder.py and tasks/data/manifest.py, so the
+same folder is valid input for the real flows.
 """
 
 from __future__ import annotations
@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.files import sha256_bytes
+from tasks.common.files import sha256_bytes
+from tasks.data.manifest import MANIFEST_COLUMNS
 from tests.imagegen import SIZE, image_bytes
-
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "source_path", "relative_path", "label", "source_split", "sha256", "bytes", "mtime_ns",
-    "format", "mode", "width", "height", "converted_path", "status", "reason", "split",
-    "arranged_path",
-)
-"""Manifest columns in contract order (CONTRACTS.md, 'manifest.parquet columns')."""
 
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 10_000, "test": 20_000, "unlabelled": 30_000}
 

@@ -8,7 +8,7 @@ process tree (a Prefect worker starts flow runs in their *own* sessions, so kill
 process group alone would leave them running).
 
 Nothing here imports Prefect or MLflow at import time; the helpers only run their CLIs and speak
-HTTP, so engineers can reuse them for any server (`start_process` + `wait_for_http`).
+HTTP, so any test can reuse them for any server (`start_process` + `wait_for_http`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,190 @@
+"""Hardware and backend facts: which Keras backend runs, on which device, at which precision.
+
+The compute path runs on any Keras 3 backend (TensorFlow by default, JAX and PyTorch too),
+so nothing here imports TensorFlow unless TensorFlow is the backend. CI has no GPU: the GPU
+branches are correct by construction and measured on a lent GPU host (benchmarks/).
+
+Precision follows the hardware: bfloat16 where it has native bf16 arithmetic (NVIDIA Ampere
+and newer, compute capability >= 8.0; x86 CPUs with avx512_bf16 or AMX), float32 elsewhere.
+On this project's 2-core EPYC (avx512_bf16) Keras' mixed_bfloat16 ResNet50 forward runs 1.66x
+the float32 one on TensorFlow. The chosen precision is part of every feature-cache key and
+logged parameter, so features of different precision never mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.common.results import DeviceSetup
+
+logger = logging.getLogger(__name__)
+
+CPU_BATCH_SIZE = 32
+"""Batch size on CPU: larger batches do not make a CPU faster, they only cost memory."""
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs with native bfloat16 arithmetic."""
+
+POLICIES = {"bfloat16": "mixed_bfloat16", "float32": "float32"}
+"""Keras dtype policy per precision (mixed: bf16 compute, float32 variables)."""
+
+_POLICY_LOCK = threading.RLock()
+
+
+def backend() -> str:
+    """The Keras backend of this process ("tensorflow", "jax", "torch")."""
+    import keras
+
+    return keras.config.backend()
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def gpus() -> tuple[tuple[str, tuple[int, int] | None], ...]:
+    """(name, compute capability) of each visible GPU, asked of the backend in use."""
+    name = backend()
+    if name == "jax":
+        import jax
+
+        found = []
+        for device in jax.devices():
+            if device.platform != "gpu":
+                continue
+            capability = getattr(device, "compute_capability", None)
+            major_minor = tuple(int(part) for part in str(capability).split(".")[:2]) if capability else None
+            found.append((device.device_kind, major_minor))
+        return tuple(found)
+    if name == "torch":
+        import torch
+
+        return tuple((torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+                     for i in range(torch.cuda.device_count()))
+    import tensorflow as tf
+
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        _enable_memory_growth(tf, device)
+        details = tf.config.experimental.get_device_details(device)
+        found.append((details.get("device_name", device.name), details.get("compute_capability")))
+    return tuple(found)
+
+
+def _enable_memory_growth(tf: Any, device: Any) -> None:
+    """Keep TensorFlow from grabbing the whole card (other processes and a second model need it)."""
+    try:
+        tf.config.experimental.set_memory_growth(device, True)
+    except RuntimeError:
+        # Raised once the GPU is initialised: the setting from the first call still holds.
+        logger.debug("Memory growth already fixed for %s.", device.name)
+
+
+def choose_precision(requested: str = "auto", *, gpu_list: tuple | None = None,
+                     flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(precision, why) for `requested` "auto", "bfloat16" or "float32" on this hardware."""
+    if requested in ("bfloat16", "float32"):
+        return requested, f"{requested} as configured"
+    if requested != "auto":
+        from tasks.common.errors import ConfigError
+
+        raise ConfigError(f"precision {requested!r} is unknown; use auto, bfloat16 or float32 (--precision).")
+    found = gpus() if gpu_list is None else gpu_list
+    if found:
+        capabilities = [capability for _, capability in found]
+        if all(capability is not None and tuple(capability) >= (8, 0) for capability in capabilities):
+            return "bfloat16", f"GPU {found[0][0]} has bfloat16 (compute capability {found[0][1]})"
+        return "float32", f"GPU {found[0][0]} lacks fast bfloat16 (compute capability below 8.0)"
+    present = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    if present:
+        return "bfloat16", f"CPU has {', '.join(present)}"
+    return "float32", "CPU without avx512_bf16/AMX"
+
+
+def configure_devices(precision: str = "auto") -> DeviceSetup:
+    """What this process computes on: backend, device, precision (and GPU memory growth on TensorFlow)."""
+    found = gpus()
+    chosen, why = choose_precision(precision, gpu_list=found)
+    return DeviceSetup(backend=backend(), device="GPU" if found else "CPU", gpus=len(found),
+                       device_name=found[0][0] if found else _cpu_name(), precision=chosen, reason=why)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build layers under the precision's Keras dtype policy, then restore the previous one.
+
+    Keras reads the global policy when a layer is created, so the policy is set only for the
+    duration of a build and a lock keeps two threads' builds from mixing policies.
+    """
+    import keras
+
+    with _POLICY_LOCK:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(POLICIES[precision])
+        try:
+            yield
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an accelerator out-of-memory error of any backend (XLA, TensorFlow, CUDA)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(word in text for word in ("resource_exhausted", "resourceexhausted", "out of memory", "oom "))
+
+
+def pick_batch_size(forward: Callable[[np.ndarray], object], input_size: int, *, on_gpu: bool | None = None,
+                    start: int = 32, max_batch: int = 1024, cpu_default: int = CPU_BATCH_SIZE) -> int:
+    """The batch size to run `forward` with: a fixed default on CPU, the largest that fits on a GPU.
+
+    On a GPU it doubles a zero uint8 batch from `start` until `forward` runs out of memory or
+    `max_batch` is reached, and returns the last size that ran, halved once for headroom
+    (decoding, the second batch in flight and fine-tuning's gradients need memory too), but
+    never below `start`. Probing costs one forward pass per candidate: nothing next to an
+    extraction over thousands of images.
+    """
+    if not (bool(gpus()) if on_gpu is None else on_gpu):
+        return cpu_default
+    best = 0
+    batch = start
+    while batch <= max_batch:
+        try:
+            forward(np.zeros((batch, input_size, input_size, 3), dtype=np.uint8))
+        except Exception as error:  # noqa: BLE001 - every backend raises its own OOM type
+            if not is_out_of_memory(error):
+                raise
+            logger.info("Batch %d does not fit (%s); using %d.", batch, type(error).__name__, max(best // 2, start))
+            break
+        best = batch
+        batch *= 2
+    else:
+        return best
+    return max(best // 2, start)

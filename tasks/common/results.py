@@ -1,0 +1,204 @@
+"""The typed results that flows return and pass on: the contracts between the three wings.
+
+    prepare_data -> PrepareSummary          (tasks.data)
+    train_model  -> TrainResult             (tasks.learning; one BackboneResult per backbone)
+    retrain      -> RetrainSummary          (tasks.models; Promotion is the gate's verdict)
+    predict      -> PredictSummary          (tasks.models)
+
+They carry counts, metrics and paths, never arrays or models, so Prefect can persist and
+show them and MLflow can log them. Fields have no defaults where a value is always known:
+a reader that finds a field missing has found a bug, not an optional value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Metrics = dict[str, Any]
+"""Metric name -> value (floats, None where undefined, and the confusion matrix as a list)."""
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+class PreparePaths(_Result):
+    data_dir: str
+    manifest: str
+    arranged: str
+    validation_result: str
+    data_docs: str
+    summary: str
+
+
+class PrepareSummary(_Result):
+    """What prepare_data made of a source: facts about the data only, so equal data gives an equal summary."""
+
+    layout: str
+    counts: dict[str, dict[str, int]]
+    """{split: {"cat": n, "dog": n}} of arranged, labelled images."""
+    unlabelled: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]
+    fingerprint: str
+    """sha256 over (sha256, label, split) of every kept labelled image: changes exactly when the data does."""
+    paths: PreparePaths
+
+
+# --------------------------------------------------------------------------- train
+
+
+class DeviceSetup(_Result):
+    """Where and how the compute ran: recorded with every run and every feature cache."""
+
+    backend: str
+    """Keras backend: "tensorflow", "jax" or "torch"."""
+    device: Literal["GPU", "CPU"]
+    gpus: int
+    device_name: str
+    precision: Literal["bfloat16", "float32"]
+    """Compute dtype of the backbone; features and outputs are stored as float32 either way."""
+    reason: str
+    """Why this precision (the hardware found, or the config's choice)."""
+
+
+class BackboneResult(_Result):
+    """One backbone of a training run: its cached features and the head trained on them."""
+
+    backbone: str
+    weights: str
+    """"imagenet" or the weights file the features were computed with (the kept random draw for None)."""
+    input_size: int
+    feature_dim: int
+    feature_cache_dir: str
+    features_computed: int
+    features_reused: int
+    head_path: str
+    history_path: str
+    val_accuracy: float
+    val_loss: float
+    val_auc: float | None
+    epochs_run: int
+    best_epoch: int
+
+
+class FineTuneReport(_Result):
+    """What fine-tuning did; `improved` False means the head-only weights were kept."""
+
+    trainable_layers: int
+    frozen_batchnorm: int
+    trainable_weights: int
+    baseline_val_loss: float
+    improved: bool
+    epochs_run: int
+    params: dict[str, Any]
+
+
+class TrainResult(_Result):
+    """train_model's result, also written as `train_summary.json` in the run folder."""
+
+    chosen_backbone: str
+    backbones: dict[str, BackboneResult]
+    test_metrics: Metrics
+    val_metrics: Metrics
+    model_path: str
+    input_size: int
+    output_dir: str
+    plots: dict[str, str]
+    comparison_path: str
+    history_paths: dict[str, str]
+    """"head:<backbone>" -> Keras history JSON, and "fine_tune" when fine-tuning ran."""
+    predictions_path: str
+    metrics_path: str
+    fine_tuned: bool
+    """The shipped weights come from fine-tuning (it ran and beat the head-only model)."""
+    fine_tune: FineTuneReport | None
+    head_agreement: float
+    """Largest p(dog) gap between the shipped model and the validated head (should be ~0)."""
+    devices: DeviceSetup
+    counts: dict[str, dict[str, int]]
+    config: dict[str, Any]
+    config_hash: str
+    data_dir: str
+    data_fingerprint: str | None
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+class ChampionInfo(_Result):
+    """The registered champion as the registry records it."""
+
+    version: str
+    run_id: str | None
+    model_uri: str
+    dataset_fingerprint: str
+    config_hash: str
+    metrics: dict[str, float]
+    """Test metrics recorded when it was registered (on its own test split)."""
+
+
+class Promotion(_Result):
+    """The gate's verdict on one registered version."""
+
+    version: str
+    model_uri: str
+    alias: Literal["champion", "challenger"]
+    promoted: bool
+    reasons: list[str]
+    metric: str
+    candidate_value: float | None
+    champion_value: float | None
+    """The champion's metric re-computed on the candidate's test split (None without a champion)."""
+    champion_metrics: dict[str, float] | None
+    """All the champion's metrics on the candidate's test split, as the gate compared them."""
+    previous_champion_version: str | None
+
+
+class MlflowRun(_Result):
+    run_id: str
+    experiment_id: str
+    run_url: str
+    tracking_uri: str
+    model_uri: str | None = None
+    """models:/<model id> of the logged pyfunc model (None for a skipped run)."""
+    child_run_ids: dict[str, str] = {}
+
+
+class RetrainSummary(_Result):
+    """What one retrain did, shown as the run's markdown artifact and printed by the CLI."""
+
+    status: Literal["trained", "unchanged"]
+    headline: str
+    flow_run_id: str | None
+    config_hash: str
+    data: PrepareSummary
+    champion_before: ChampionInfo | None
+    mlflow: MlflowRun
+    reason: str | None = None
+    """Why training was skipped (status "unchanged")."""
+    chosen_backbone: str | None = None
+    test_metrics: dict[str, float] | None = None
+    """The candidate's test metrics through the serving code (the gate's yardstick)."""
+    decision: Promotion | None = None
+    model_path: str | None = None
+    devices: DeviceSetup | None = None
+
+
+# --------------------------------------------------------------------------- predict
+
+
+class PredictSummary(_Result):
+    output_csv: str
+    errors_csv: str | None
+    """Side file naming every image that could not be scored (None when there were none)."""
+    n_images: int
+    n_errors: int
+    n_skipped: int
+    model_uri: str
+    images_dir: str

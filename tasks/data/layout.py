@@ -1,0 +1,281 @@
+"""Recognise how an extracted Dogs vs. Cats source is laid out and list its candidate files.
+
+The four public sources put labels in different places (a file name prefix, a folder per class,
+a folder per split and class), so this step turns each of them into one flat list of
+`Candidate`s with an explicit label and source split. Downstream steps never look at folder
+names again.
+
+Recognised layouts (names compared case-insensitively, optionally inside one wrapping folder):
+
+* ``kaggle``: ``train/cat.N.jpg``, ``train/dog.N.jpg`` and an unlabelled ``test1/`` (or ``test/``)
+  pool, e.g. the extracted competition folder with ``sampleSubmission.csv`` beside them.
+* ``petimages``: ``PetImages/Cat/`` and ``PetImages/Dog/`` (Microsoft's archive).
+* ``presplit``: ``train|validation|test/cats|dogs/`` (``cats_and_dogs_filtered.zip``).
+* ``class_folders``: ``cats/`` and ``dogs/`` (or ``cat/``, ``dog/``).
+
+Hidden files, ``__MACOSX/`` and stray top-level files (readme, licence, csv) are ignored. Every
+file inside a class folder is a candidate, even ``Thumbs.db``: the manifest step quarantines it
+as ``not_an_image``, so it is visible in the manifest instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tasks.common.errors import LayoutError
+from tasks.common.labels import UNLABELLED
+
+LAYOUTS: tuple[str, ...] = ("kaggle", "petimages", "presplit", "class_folders")
+"""Layout names `find_candidates` can return, in the order they are tried."""
+
+CLASS_FOLDER_LABELS: dict[str, str] = {"cat": "cat", "cats": "cat", "dog": "dog", "dogs": "dog"}
+"""Lower-cased class folder name to label."""
+
+SPLIT_FOLDERS: dict[str, str] = {"train": "train", "validation": "validation", "test": "test"}
+"""Lower-cased split folder name (pre-split layout) to source split."""
+
+KAGGLE_TRAIN = "train"
+KAGGLE_UNLABELLED_FOLDERS: tuple[str, ...] = ("test1", "test")
+_KAGGLE_NAME = re.compile(r"^(cat|dog)\.", re.IGNORECASE)
+
+EXPECTED_LAYOUTS = (
+    "Kaggle (train/cat.N.jpg, train/dog.N.jpg, optional test1/), "
+    "PetImages (PetImages/Cat/, PetImages/Dog/), "
+    "pre-split (train|validation|test/cats|dogs/) or class folders (cats/, dogs/), "
+    "optionally inside one wrapping folder"
+)
+
+_MAX_NAMES_IN_ERROR = 12
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file that may become a training image; `label` is "" only for the unlabelled pool."""
+
+    path: Path
+    relative_path: str
+    label: str
+    source_split: str
+
+
+# (absolute path, label, source split) before relative paths are known.
+_Found = tuple[Path, str, str]
+_Detector = Callable[[Path], "list[_Found] | None"]
+
+
+# --------------------------------------------------------------------------- folder listing
+
+
+def _ignored(name: str) -> bool:
+    """Hidden files and macOS resource forks are archive noise, never data."""
+    return name.startswith(".") or name.lower() == "__macosx"
+
+
+def _visible_dirs(folder: Path) -> dict[str, Path]:
+    """Sub-folders by lower-cased name (symlinked folders are not followed)."""
+    return {
+        entry.name.lower(): Path(entry.path)
+        for entry in os.scandir(folder)
+        if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)
+    }
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return [
+        Path(entry.path)
+        for entry in os.scandir(folder)
+        if not _ignored(entry.name) and not entry.is_dir(follow_symlinks=False)
+    ]
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every visible file below `folder`, recursively: a class folder's sub-folders are still that class."""
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _ignored(d)]
+        for name in files:
+            if not _ignored(name):
+                yield Path(current) / name
+
+
+def _unwrap_same_name(folder: Path) -> Path:
+    """`train/train/` -> `train/`: extracting Kaggle's inner `train.zip` into a folder named after it
+    nests its own `train/` folder once more."""
+    dirs = _visible_dirs(folder)
+    if len(dirs) == 1 and folder.name.lower() in dirs and not _visible_files(folder):
+        return dirs[folder.name.lower()]
+    return folder
+
+
+def _class_folders(folder: Path) -> list[tuple[Path, str]] | None:
+    """`(path, label)` for each class folder in `folder`, or None if any sub-folder is not one.
+
+    Unknown sub-folders make the layout unrecognised rather than silently skipped: a folder we
+    do not understand may hold images someone expects to be trained on.
+    """
+    dirs = _visible_dirs(folder)
+    if not dirs or any(name not in CLASS_FOLDER_LABELS for name in dirs):
+        return None
+    return [(path, CLASS_FOLDER_LABELS[name]) for name, path in sorted(dirs.items())]
+
+
+def _class_files(folders: list[tuple[Path, str]], source_split: str) -> list[_Found]:
+    return [(path, label, source_split) for folder, label in folders for path in _files_under(folder)]
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def _kaggle(base: Path) -> list[_Found] | None:
+    """`train/` holding `cat.N`/`dog.N` files directly; `test1/` or `test/` is the unlabelled pool.
+
+    A file in `train/` without a class prefix has no label, so it joins the unlabelled pool
+    (never trained on) instead of guessing.
+    """
+    dirs = _visible_dirs(base)
+    if KAGGLE_TRAIN not in dirs or set(dirs) - {KAGGLE_TRAIN, *KAGGLE_UNLABELLED_FOLDERS}:
+        return None
+    train = _unwrap_same_name(dirs[KAGGLE_TRAIN])
+    if not any(_KAGGLE_NAME.match(path.name) for path in _visible_files(train)):
+        return None
+    found: list[_Found] = []
+    for path in _files_under(train):
+        match = _KAGGLE_NAME.match(path.name)
+        found.append((path, match.group(1).lower(), "train") if match else (path, "", UNLABELLED))
+    for name in KAGGLE_UNLABELLED_FOLDERS:
+        if name in dirs:
+            found.extend((path, "", UNLABELLED) for path in _files_under(_unwrap_same_name(dirs[name])))
+    return found
+
+
+def _petimages(base: Path) -> list[_Found] | None:
+    """`PetImages/{Cat,Dog}/`, or `base` itself when the user points at the PetImages folder."""
+    dirs = _visible_dirs(base)
+    if "petimages" in dirs and len(dirs) == 1:
+        pet = dirs["petimages"]
+    elif base.name.lower() == "petimages":
+        pet = base
+    else:
+        return None
+    folders = _class_folders(pet)
+    return None if folders is None else _class_files(folders, "")
+
+
+def _presplit(base: Path) -> list[_Found] | None:
+    """Only split folders at the top, each holding only class folders; the split is kept as `source_split`."""
+    dirs = _visible_dirs(base)
+    if not dirs or any(name not in SPLIT_FOLDERS for name in dirs):
+        return None
+    found: list[_Found] = []
+    for name, split_dir in sorted(dirs.items()):
+        folders = _class_folders(split_dir)
+        if folders is None:
+            return None
+        found.extend(_class_files(folders, SPLIT_FOLDERS[name]))
+    return found
+
+
+def _plain_class_folders(base: Path) -> list[_Found] | None:
+    folders = _class_folders(base)
+    return None if folders is None else _class_files(folders, "")
+
+
+_DETECTORS: tuple[tuple[str, _Detector], ...] = (
+    ("kaggle", _kaggle),
+    ("petimages", _petimages),
+    ("presplit", _presplit),
+    ("class_folders", _plain_class_folders),
+)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _bases(root: Path) -> Iterator[Path]:
+    """The root, then its single wrapping folder if it has exactly one (`cats_and_dogs_filtered/`)."""
+    yield root
+    dirs = _visible_dirs(root)
+    if len(dirs) == 1:
+        yield next(iter(dirs.values()))
+
+
+def _describe(folder: Path) -> str:
+    """Top-level names as a person would list them (folders with a trailing slash)."""
+    entries = sorted(
+        (entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(folder) if not _ignored(entry.name)),
+        key=str.lower,
+    )
+    if not entries:
+        return "nothing"
+    shown = ", ".join(entries[:_MAX_NAMES_IN_ERROR])
+    more = len(entries) - _MAX_NAMES_IN_ERROR
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _unrecognised(root: Path) -> LayoutError:
+    found = _describe(root)
+    dirs = _visible_dirs(root)
+    if len(dirs) == 1:
+        inner = next(iter(dirs.values()))
+        found += f" (inside {inner.name}/: {_describe(inner)})"
+    return LayoutError(
+        f"No known dataset layout in {root}: found {found}; expected {EXPECTED_LAYOUTS}, "
+        "so point the source at a folder or archive in one of these layouts."
+    )
+
+
+def _to_candidates(root: Path, found: list[_Found]) -> list[Candidate]:
+    candidates = [
+        Candidate(path=path, relative_path=path.relative_to(root).as_posix(), label=label, source_split=split)
+        for path, label, split in found
+    ]
+    return sorted(candidates, key=lambda c: c.relative_path)
+
+
+def find_candidates(root: str | os.PathLike[str]) -> tuple[str, list[Candidate]]:
+    """Recognise the layout under `root` and list its candidate files, sorted by relative path.
+
+    Returns `(layout, candidates)` with layout in `LAYOUTS`. Paths are absolute; relative paths
+    are POSIX and relative to `root`, so they stay the same wherever the source is extracted.
+    Raises LayoutError when `root` is not a folder, matches no layout, or its class folders
+    hold no files.
+    """
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise LayoutError(f"Source {root} is not a folder; pass the folder the archive was extracted to.")
+    for base in _bases(root):
+        for layout, detect in _DETECTORS:
+            found = detect(base)
+            if found is None:
+                continue
+            if not found:
+                raise LayoutError(
+                    f"The {layout} layout in {base} holds no files in its class folders; "
+                    "check that the archive was extracted completely."
+                )
+            return layout, _to_candidates(root, found)
+    raise _unrecognised(root)
+
+
+class LayoutFound(BaseModel):
+    """What `describe_layout` found: the layout and how many candidates of each label and source split."""
+
+    layout: str
+    root: str
+    candidates: int
+    labels: dict[str, int]
+    source_splits: dict[str, int]
+
+
+def describe_layout(root: str | os.PathLike[str]) -> LayoutFound:
+    """Fail fast on an unknown layout and report what was found (the list itself stays on disk)."""
+    layout, candidates = find_candidates(root)
+    return LayoutFound(layout=layout, root=str(Path(root).absolute()), candidates=len(candidates),
+                       labels=dict(Counter(c.label for c in candidates)),
+                       source_splits=dict(Counter(c.source_split for c in candidates)))

@@ -1,0 +1,143 @@
+"""Evaluation on the test split: metrics, a predictions table and the data for the plots.
+
+The test split is read only here, after the backbone was chosen and the model trained, so its
+numbers are an honest estimate. The model is evaluated *as saved* (reloaded from its `.keras`
+file in safe mode), so what is measured is exactly what ships. Labels: cat = 0, dog = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from tasks.common.files import atomic_path, atomic_write_json
+from tasks.common.labels import CLASSES
+from tasks.data.datafolder import DataFolder
+
+PREDICTION_COLUMNS: tuple[str, ...] = ("path", "sha256", "label", "p_dog", "predicted")
+"""Columns of predictions.csv: `path` is relative to the data folder, labels are 0 (cat) / 1 (dog)."""
+
+_EPS = 1e-7
+
+
+def _safe_float(value: float) -> float | None:
+    """JSON has no NaN: undefined metrics (AUC on one class) become None."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """Accuracy, ROC AUC, log loss, per-class precision/recall/F1 and the confusion matrix.
+
+    The confusion matrix is `[[cat->cat, cat->dog], [dog->cat, dog->dog]]` (rows = true,
+    columns = predicted, index = label). Metrics that a one-class sample cannot define are None.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        log_loss,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    p_dog = np.asarray(p_dog, dtype=np.float64).reshape(-1)
+    if labels.shape != p_dog.shape or labels.size == 0:
+        raise ValueError(f"need as many labels as scores and at least one, got {labels.size} and {p_dog.size}")
+    predicted = (p_dog >= threshold).astype(np.int64)
+    both = len(np.unique(labels)) == 2
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=[0, 1], zero_division=0
+    )
+    metrics: dict[str, Any] = {
+        "count": int(labels.size),
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "roc_auc": _safe_float(roc_auc_score(labels, p_dog)) if both else None,
+        "log_loss": float(log_loss(labels, np.clip(p_dog, _EPS, 1 - _EPS), labels=[0, 1])),
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).astype(int).tolist(),
+    }
+    for index, name in enumerate(CLASSES):
+        metrics[f"precision_{name}"] = float(precision[index])
+        metrics[f"recall_{name}"] = float(recall[index])
+        metrics[f"f1_{name}"] = float(f1[index])
+        metrics[f"support_{name}"] = int(support[index])
+    return metrics
+
+
+def predict_paths(model: Any, paths: list[str], input_size: int, batch_size: int,
+                  forward: Any = None) -> tuple[np.ndarray, list[str]]:
+    """(p(dog) float32, error per path) through the one input pipeline and a compiled forward pass.
+
+    A file that cannot be decoded gets NaN and its reason; the others are scored normally.
+    """
+    from tasks.learning.features import shared_decoder
+    from tasks.learning.forward import compiled_forward, run_ahead
+
+    scores = np.full(len(paths), np.nan, dtype=np.float32)
+    errors = [""] * len(paths)
+    if not paths:
+        return scores, errors
+    forward = forward or compiled_forward(model)
+    for batch, outputs in run_ahead(forward, shared_decoder(input_size, batch_size).batches(paths),
+                                    lambda b: b.pixels):
+        rows = slice(batch.start, batch.start + len(batch.errors))
+        scores[rows] = outputs.reshape(-1)
+        errors[rows] = batch.errors
+    scores[[bool(error) for error in errors]] = np.nan
+    return scores, errors
+
+
+def predictions_frame(rows: pd.DataFrame, p_dog: np.ndarray, threshold: float = 0.5) -> pd.DataFrame:
+    """The predictions table in PREDICTION_COLUMNS order (labels and predictions as 0/1)."""
+    return pd.DataFrame({
+        "path": rows["arranged_path"].astype(str).to_numpy(),
+        "sha256": rows["sha256"].astype(str).to_numpy(),
+        "label": rows["y"].astype("int64").to_numpy(),
+        "p_dog": np.asarray(p_dog, dtype=np.float64),
+        "predicted": (np.asarray(p_dog) >= threshold).astype("int64"),
+    }, columns=list(PREDICTION_COLUMNS))
+
+
+def write_csv(frame: pd.DataFrame, target: Path) -> Path:
+    """Atomic CSV write (a reader never sees half a table)."""
+    with atomic_path(target, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(target)
+
+
+class Evaluation(BaseModel):
+    """Test-split metrics of the saved model, and where its predictions were written."""
+
+    metrics: dict[str, Any]
+    predictions_path: str
+    metrics_path: str
+    count: int
+    failed: int
+
+
+def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input_size: int,
+                   batch_size: int = 32, split: str = "test") -> Evaluation:
+    """Reload the saved model in safe mode, predict the split, write predictions.csv and <split>_metrics.json.
+
+    Images that cannot be decoded are counted in `failed` and left out of the metrics.
+    """
+    import keras
+
+    import tasks.learning.preprocess  # noqa: F401  (registers the Preprocess layer the saved model uses)
+
+    rows = folder.split_rows(split)
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size)
+    ok = np.array([not error for error in errors], dtype=bool)
+    rows, p_dog = rows[ok], p_dog[ok]
+    metrics = binary_metrics(rows["y"].to_numpy(), p_dog)
+    output_dir = Path(output_dir)
+    predictions_path = write_csv(predictions_frame(rows, p_dog), output_dir / "predictions.csv")
+    metrics_path = atomic_write_json(output_dir / f"{split}_metrics.json", metrics)
+    return Evaluation(metrics=metrics, predictions_path=str(predictions_path), metrics_path=str(metrics_path),
+                      count=int(len(rows)), failed=int((~ok).sum()))

@@ -1,0 +1,186 @@
+"""The classifier head: a small dense network trained on cached bottleneck features.
+
+Training on cached features instead of images is what makes comparing backbones cheap: the
+backbone ran once per image (tasks/learning/features.py), and an epoch over 25,000 ResNet50 vectors
+(2048 floats) takes about a second on a 2-core CPU. The end-to-end model (tasks/learning/finetune.py)
+recreates these layers from the saved head by name (HEAD_LAYER_NAMES) with their weights.
+cat = 0, dog = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from tasks.common.files import atomic_path, atomic_write_json
+from tasks.data.datafolder import DataFolder
+from tasks.learning.evaluate import binary_metrics
+
+HEAD_LAYER_NAMES: tuple[str, ...] = ("head_normalize", "head_dense", "head_dropout", "head_output")
+"""Layer names shared by the feature head and the end-to-end model, so weights copy by name."""
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Hyperparameters of one head fit (plain values, so a Prefect task can take them as a dict)."""
+
+    dense_units: int = 256
+    dropout: float = 0.5
+    learning_rate: float = 1e-3
+    epochs: int = 30
+    batch_size: int = 256
+    patience: int = 3
+    seed: int = 42
+
+
+def head_layers(dense_units: int, dropout: float, mean: np.ndarray, variance: np.ndarray, seed: int) -> list[Any]:
+    """Standardise -> Dense(relu) -> Dropout -> Dense(1, sigmoid) = p(dog).
+
+    Standardising with the training features' mean and variance (fixed numbers in the
+    layer's config, not trained) makes one learning rate work for every backbone, whose
+    pooled features range from ~1e-3 (EfficientNetV2) to ~10 (ResNet50). Initialisers and
+    dropout get explicit seeds: Keras would otherwise draw them from Python's process-wide
+    `random`, which Prefect's background threads also consume. The output stays float32
+    under mixed precision.
+    """
+    import keras
+
+    return [
+        keras.layers.Normalization(mean=mean, variance=variance, name=HEAD_LAYER_NAMES[0]),
+        keras.layers.Dense(dense_units, activation="relu", name=HEAD_LAYER_NAMES[1],
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed)),
+        keras.layers.Dropout(dropout, seed=seed + 1, name=HEAD_LAYER_NAMES[2]),
+        keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=HEAD_LAYER_NAMES[3],
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2)),
+    ]
+
+
+def build_head(train_x: np.ndarray, dense_units: int, dropout: float, seed: int = 42) -> Any:
+    """The head as a model over feature vectors, standardised with `train_x`'s statistics."""
+    import keras
+
+    features = np.asarray(train_x, dtype=np.float64)
+    inputs = keras.Input(shape=(features.shape[1],), name="features")
+    outputs = inputs
+    for layer in head_layers(dense_units, dropout, features.mean(axis=0), features.var(axis=0), seed):
+        outputs = layer(outputs)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def compile_binary(model: Any, learning_rate: float) -> None:
+    """Adam + binary cross-entropy, with accuracy and AUC logged per epoch (head and fine-tuning alike)."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def early_stopping(patience: int) -> Any:
+    """Stop when validation loss stops improving and keep the best epoch's weights, not the last."""
+    import keras
+
+    return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
+def history_to_json(history: dict[str, list[Any]]) -> dict[str, list[float]]:
+    """Keras history values as plain floats (numpy scalars are not JSON)."""
+    return {key: [float(value) for value in values] for key, values in history.items()}
+
+
+def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+             params: HeadParams, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, list[float]]]:
+    """Train a head on feature arrays; returns (model with the best validation weights, history).
+
+    Seeded layers plus seeding NumPy and TensorFlow (batch shuffling) right before the fit
+    make it reproducible: the same features and params give the same weights in any process.
+    """
+    import keras
+
+    train_x = np.asarray(train_x, dtype=np.float32)
+    val_x = np.asarray(val_x, dtype=np.float32)
+    train_y = np.asarray(train_y, dtype=np.float32).reshape(-1, 1)
+    val_y = np.asarray(val_y, dtype=np.float32).reshape(-1, 1)
+    if train_x.ndim != 2 or len(train_x) == 0 or len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise ValueError(f"features must be (n, d) with one label per row; got {train_x.shape}/{train_y.shape} "
+                         f"and {val_x.shape}/{val_y.shape}")
+    if val_x.ndim != 2 or val_x.shape[1] != train_x.shape[1]:
+        raise ValueError(f"validation features have shape {val_x.shape}, expected (n, {train_x.shape[1]})")
+    keras.utils.set_random_seed(params.seed)
+    model = build_head(train_x, params.dense_units, params.dropout, params.seed)
+    compile_binary(model, params.learning_rate)
+    history = model.fit(
+        train_x, train_y, validation_data=(val_x, val_y), epochs=params.epochs,
+        batch_size=params.batch_size, shuffle=True, callbacks=[early_stopping(params.patience), *(callbacks or [])], verbose=0,
+    )
+    return model, history_to_json(history.history)
+
+
+def best_epoch(history: dict[str, list[float]]) -> int:
+    """1-based epoch with the lowest validation loss: the one early stopping restored."""
+    return int(np.argmin(history["val_loss"])) + 1
+
+
+def inference_copy(model: Any) -> Any:
+    """The same layers and weights as a new, uncompiled model: what ships carries no optimizer state.
+
+    Saving the compiled model would store Adam's moments (twice the trainable weights) and a
+    compile config that loaders then try to restore; a served model needs neither.
+    """
+    import keras
+
+    return keras.Model(model.input, model.output, name=model.name)
+
+
+def save_model(model: Any, target: Path) -> Path:
+    """Atomic `.keras` save (Keras infers the format from the suffix, hence the suffixed temp name)."""
+    with atomic_path(target, suffix=".keras") as tmp:
+        model.save(tmp)
+    return Path(target)
+
+
+class HeadResult(BaseModel):
+    """One trained head: where it is saved and how it did on the validation split."""
+
+    backbone: str
+    head_path: str
+    history_path: str
+    val_accuracy: float
+    val_loss: float
+    val_auc: float | None
+    epochs_run: int
+    best_epoch: int
+    train_count: int
+    val_count: int
+    feature_dim: int
+    params: dict[str, Any]
+
+
+def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: str, params: HeadParams,
+               callbacks: list[Any] | None = None) -> HeadResult:
+    """Fit the head for one backbone, save it and its history; return paths and validation metrics.
+
+    Writes output_dir/heads/<backbone>.keras and output_dir/heads/<backbone>.history.json.
+    Validation metrics are recomputed from the restored weights (not read off the last
+    epoch), so they describe the head that is saved.
+    """
+    from tasks.learning.features import load_split_features
+
+    train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
+    val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
+    model, history = fit_head(train_x, train_y, val_x, val_y, params, callbacks)
+    p_dog = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0)).reshape(-1)
+    metrics = binary_metrics(val_y, p_dog)
+    heads_dir = Path(output_dir) / "heads"
+    head_path = save_model(inference_copy(model), heads_dir / f"{backbone}.keras")
+    history_path = atomic_write_json(heads_dir / f"{backbone}.history.json", history)
+    return HeadResult(backbone=backbone, head_path=str(head_path), history_path=str(history_path),
+                      val_accuracy=metrics["accuracy"], val_loss=metrics["log_loss"], val_auc=metrics["roc_auc"],
+                      epochs_run=len(history["loss"]), best_epoch=best_epoch(history), train_count=int(len(train_y)),
+                      val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params))

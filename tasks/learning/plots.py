@@ -1,0 +1,162 @@
+"""PNG plots for people: training curves, ROC curve, confusion matrix and the top-losses grid.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`), never `pyplot`:
+no global backend is chosen or changed (the Agg canvas is used per figure), nothing is
+configured at import time, and figures from concurrent tasks cannot mix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.common.files import atomic_path
+from tasks.common.labels import CLASSES
+from tasks.data.datafolder import DataFolder
+
+
+def _figure(width: float, height: float) -> Any:
+    """A Figure drawn by the Agg canvas (headless, thread-safe, independent of pyplot's backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, target: Path) -> Path:
+    """Atomic PNG write."""
+    with atomic_path(target, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(target)
+
+
+def plot_training_curves(histories: dict[str, dict[str, list[float]]], target: Path, title: str) -> Path:
+    """Loss and accuracy per epoch, train (solid) and validation (dashed), one colour per history.
+
+    `histories` maps a label ("resnet50 head", "fine-tune") to a Keras `History.history` dict.
+    """
+    figure = _figure(11, 4)
+    axes = figure.subplots(1, 2)
+    for index, (name, history) in enumerate(histories.items()):
+        colour = f"C{index % 10}"
+        for axis, key in zip(axes, ("loss", "accuracy")):
+            if history.get(key):
+                epochs = np.arange(1, len(history[key]) + 1)
+                axis.plot(epochs, history[key], color=colour, label=f"{name} train")
+            if history.get(f"val_{key}"):
+                epochs = np.arange(1, len(history[f"val_{key}"]) + 1)
+                axis.plot(epochs, history[f"val_{key}"], color=colour, linestyle="--", label=f"{name} validation")
+    for axis, key in zip(axes, ("loss", "accuracy")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize="small")
+    figure.suptitle(title)
+    return _save(figure, target)
+
+
+def plot_roc(labels: np.ndarray, p_dog: np.ndarray, target: Path, auc: float | None) -> Path:
+    """ROC curve of p(dog) against the true dog label (dog = positive class)."""
+    from sklearn.metrics import roc_curve
+
+    figure = _figure(5, 5)
+    axis = figure.subplots()
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, p_dog, pos_label=1)
+        axis.plot(fpr, tpr, label=f"AUC = {auc:.4f}" if auc is not None else "ROC")
+        axis.legend(loc="lower right")
+    else:
+        axis.text(0.5, 0.5, "ROC undefined: one class only", ha="center")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set_xlabel("false positive rate (cats called dogs)")
+    axis.set_ylabel("true positive rate (dogs found)")
+    axis.set_title("ROC on the test split")
+    return _save(figure, target)
+
+
+def plot_confusion(matrix: list[list[int]], target: Path) -> Path:
+    """Confusion matrix with counts; rows = true class, columns = predicted (cat first)."""
+    data = np.asarray(matrix, dtype=np.int64)
+    figure = _figure(4.5, 4)
+    axis = figure.subplots()
+    image = axis.imshow(data, cmap="Blues")
+    figure.colorbar(image, ax=axis)
+    axis.set_xticks(range(len(CLASSES)), labels=[f"{c} ({i})" for i, c in enumerate(CLASSES)])
+    axis.set_yticks(range(len(CLASSES)), labels=[f"{c} ({i})" for i, c in enumerate(CLASSES)])
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    threshold = (data.min() + data.max()) / 2 if data.size else 0  # colormap midpoint
+    for (row, column), value in np.ndenumerate(data):
+        axis.text(column, row, str(value), ha="center", va="center",
+                  color="white" if value > threshold else "black")
+    axis.set_title("Confusion matrix (test)")
+    return _save(figure, target)
+
+
+def top_losses(predictions: pd.DataFrame, count: int = 16) -> pd.DataFrame:
+    """The most confident mistakes: wrong predictions sorted by cross-entropy loss, worst first."""
+    p = predictions["p_dog"].clip(1e-7, 1 - 1e-7)
+    loss = np.where(predictions["label"] == 1, -np.log(p), -np.log(1 - p))
+    ranked = predictions.assign(loss=loss)
+    mistakes = ranked[ranked["label"] != ranked["predicted"]]
+    return mistakes.sort_values(["loss", "path"], ascending=[False, True]).head(count).reset_index(drop=True)
+
+
+def plot_top_losses(predictions: pd.DataFrame, folder: DataFolder, target: Path, count: int = 16) -> Path:
+    """A grid of the most confident mistakes, each titled with its file name, true class and p(dog)."""
+    from PIL import Image
+
+    worst = top_losses(predictions, count)
+    columns = 4
+    rows = max(1, int(np.ceil(len(worst) / columns)))
+    figure = _figure(3 * columns, 3.2 * rows)
+    axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
+    for axis in axes:
+        axis.axis("off")
+    if worst.empty:
+        axes[0].text(0, 0.5, "no mistakes on the test split", fontsize=12)
+    for axis, row in zip(axes, worst.itertuples(index=False)):
+        path = folder.file(row.path)
+        try:
+            with Image.open(path) as image:
+                axis.imshow(np.asarray(image.convert("RGB")))
+        except OSError:
+            axis.text(0.5, 0.5, "unreadable", ha="center")
+        name = path.name if len(path.name) <= 28 else path.name[:25] + "..."
+        title = f"{name}\ntrue {CLASSES[int(row.label)]}, p(dog)={row.p_dog:.3f}\nloss {row.loss:.2f}"
+        axis.set_title(title, fontsize=8)
+    figure.suptitle("Most confident mistakes (top losses)")
+    return _save(figure, target)
+
+
+def make_plots(output_dir: Path, folder: DataFolder, predictions_path: Path, test_metrics: dict[str, Any],
+               history_paths: dict[str, str]) -> dict[str, str]:
+    """All plots of a run under output_dir/plots/; returns {plot name: png path}.
+
+    `history_paths` maps "head:<backbone>" and "fine_tune" to Keras history JSON files.
+    """
+    plots_dir = Path(output_dir) / "plots"
+    histories = {key: json.loads(Path(path).read_text()) for key, path in history_paths.items()}
+    head_histories = {f"{key.split(':', 1)[1]} head": value
+                      for key, value in histories.items() if key.startswith("head:")}
+    predictions = pd.read_csv(predictions_path, dtype={"path": str, "sha256": str})
+    plots = {
+        "head_curves": plot_training_curves(head_histories, plots_dir / "head_curves.png",
+                                            "Head training (cached features)"),
+        "roc_curve": plot_roc(predictions["label"].to_numpy(), predictions["p_dog"].to_numpy(),
+                              plots_dir / "roc_curve.png", test_metrics.get("roc_auc")),
+        "confusion_matrix": plot_confusion(test_metrics["confusion_matrix"], plots_dir / "confusion_matrix.png"),
+        "top_losses": plot_top_losses(predictions, folder, plots_dir / "top_losses.png"),
+    }
+    if "fine_tune" in histories:
+        plots["fine_tune_curves"] = plot_training_curves(
+            {"fine-tune": histories["fine_tune"]}, plots_dir / "fine_tune_curves.png", "Fine-tuning (end to end)"
+        )
+    return {name: str(path) for name, path in plots.items()}

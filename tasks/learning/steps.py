@@ -1,0 +1,154 @@
+"""The learning wing's Prefect tasks: the steps of `train_model`, each a thin wrapper over its module.
+
+No retries: the work is deterministic compute, and a rerun resumes from the finished feature
+shards anyway. No Prefect result caching: the feature cache is the cache. Between steps travel
+paths and small typed summaries, never arrays or models. The compute modules stay importable
+without Prefect (a GPU host runs them with Keras on JAX and nothing else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.common.results import DeviceSetup, TrainResult
+from tasks.data.datafolder import DataFolder
+from tasks.learning.evaluate import Evaluation
+from tasks.learning.features import FeatureSummary, ShardResult
+from tasks.learning.finetune import ExportedModel, FineTuneParams
+from tasks.learning.head import HeadParams, HeadResult
+
+
+@task(name="check-prepared-data", cache_policy=NO_CACHE)
+def check_prepared_data(data_dir: str) -> dict[str, dict[str, int]]:
+    """Image counts per split and class; fails in a second on a folder prepare_data did not finish."""
+    return DataFolder.at(data_dir).labelled_counts()
+
+
+@task(name="configure-devices", cache_policy=NO_CACHE)
+def configure_devices(precision: str) -> DeviceSetup:
+    """Backend, device and precision of this run (and GPU memory growth on TensorFlow)."""
+    from tasks.common.devices import configure_devices as configure
+
+    return configure(precision)
+
+
+@task(name="check-weights", cache_policy=NO_CACHE)
+def check_weights(backbone: str, weights: str | None) -> None:
+    """A weights file that does not fit the backbone fails here, before any data work."""
+    from tasks.learning.backbones import check_weights as check
+
+    check(backbone, weights)
+
+
+@task(name="resolve-weights", cache_policy=NO_CACHE)
+def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int) -> str:
+    """The weights every step of this backbone uses: None becomes the folder's kept random draw."""
+    from tasks.learning.backbones import resolve_weights as resolve
+
+    return resolve(DataFolder.at(data_dir), backbone, weights, seed)
+
+
+class PlanRef(BaseModel):
+    """Where an extraction plan is saved and how many shards it has (the plan itself stays on disk)."""
+
+    plan_path: str
+    shards: int
+    cache_dir: str
+    images: int
+    reused: int
+    feature_dim: int
+    precision: str
+    todo: int
+
+
+@task(name="plan-features", cache_policy=NO_CACHE)
+def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str,
+                  shard_size: int = 512) -> PlanRef:
+    """Which images still need features, cut into shards (a warm cache plans nothing)."""
+    from tasks.learning.features import plan_extraction
+
+    plan = plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size)
+    return PlanRef(plan_path=plan.plan_path, shards=len(plan.shards), cache_dir=plan.cache_dir, images=plan.images,
+                   reused=plan.reused, feature_dim=plan.feature_dim, precision=plan.precision,
+                   todo=plan.todo)
+
+
+@task(name="extract-shard", cache_policy=NO_CACHE)
+def extract_shard(plan_path: str, index: int, batch_size: int | None) -> ShardResult:
+    """Features of one shard of images, written atomically (wherever the task runner runs it)."""
+    from tasks.learning.features import extract_shard as extract
+    from tasks.learning.features import load_plan
+
+    return extract(load_plan(plan_path), index, batch_size)
+
+
+def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
+    """The features of one backbone: what the plan reused plus what the shards computed."""
+    from tasks.common.devices import backend
+
+    return FeatureSummary(cache_dir=plan.cache_dir, computed=sum(shard.computed for shard in shards),
+                          reused=plan.reused + sum(shard.images for shard in shards if shard.reused),
+                          failed=sum(shard.failed for shard in shards), feature_dim=plan.feature_dim,
+                          images=plan.images, precision=plan.precision, backend=backend())
+
+
+@task(name="train-head", cache_policy=NO_CACHE)
+def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any]) -> HeadResult:
+    """Head on cached features for one backbone (seconds on a CPU)."""
+    from tasks.learning.head import train_head as train
+
+    return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params))
+
+
+@task(name="build-and-fine-tune", cache_policy=NO_CACHE)
+def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
+                 cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str) -> ExportedModel:
+    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras."""
+    from tasks.learning.finetune import export_model as export
+
+    return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int) -> Evaluation:
+    """Test-split evaluation of the saved end-to-end model, as it ships."""
+    from tasks.learning.evaluate import evaluate_model
+
+    return evaluate_model(Path(model_path), DataFolder.at(data_dir), Path(output_dir), input_size, batch_size)
+
+
+@task(name="plots", cache_policy=NO_CACHE)
+def plots(output_dir: str, data_dir: str, predictions_path: str, test_metrics: dict[str, Any],
+          history_paths: dict[str, str]) -> dict[str, str]:
+    """PNG plots of a finished run."""
+    from tasks.learning.plots import make_plots
+
+    return make_plots(Path(output_dir), DataFolder.at(data_dir), Path(predictions_path), test_metrics, history_paths)
+
+
+@task(name="finish-run", cache_policy=NO_CACHE)
+def finish_run(result: TrainResult, partial_dir: str, final_dir: str) -> TrainResult:
+    """metrics.json and train_summary.json, then the run folder gets its final name."""
+    from tasks.learning.runs import finish_run as finish
+
+    return finish(result, Path(partial_dir), Path(final_dir))
+
+
+def head_params(config: Any) -> dict[str, Any]:
+    """A TrainConfig's head settings as the plain dict the head task takes."""
+    return asdict(HeadParams(dense_units=config.dense_units, dropout=config.dropout,
+                             learning_rate=config.head_learning_rate, epochs=config.head_epochs,
+                             batch_size=config.head_batch_size, patience=config.patience, seed=config.seed))
+
+
+def fine_tune_params(config: Any, batch_size: int) -> dict[str, Any]:
+    """A TrainConfig's fine-tuning settings as the plain dict the export task takes."""
+    return asdict(FineTuneParams(epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
+                                 batch_size=batch_size, patience=config.patience, seed=config.seed))

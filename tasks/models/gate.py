@@ -1,0 +1,72 @@
+"""The promotion gate as a pure function: may a candidate replace the champion?
+
+Promote when the candidate reaches an absolute floor AND either no champion exists or the
+candidate beats the champion by a margin, strictly, on the *same* test split (numbers from
+different test splits cannot be compared, so the champion is re-scored on the candidate's
+split before this is asked). A tie never churns the alias. Higher metric is better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.models.naming import CHALLENGER, CHAMPION
+
+DEFAULT_METRIC = "roc_auc"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the candidate becomes champion, and the reasons a person reads later."""
+
+    promote: bool
+    reasons: tuple[str, ...]
+    candidate_value: float | None
+    champion_value: float | None = None
+    champion_version: str | None = None
+
+    @property
+    def alias(self) -> str:
+        return CHAMPION if self.promote else CHALLENGER
+
+
+def finite(value: Any) -> float | None:
+    """A finite float, or None for missing/NaN/inf values (which can never pass a gate)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def decide(candidate_value: Any, champion_value: Any, *, floor: float, margin: float,
+           metric: str = DEFAULT_METRIC, champion_version: str | None = None,
+           has_champion: bool | None = None) -> GateDecision:
+    """The gate as a pure function (higher metric is better).
+
+    Promote when the candidate reaches `floor` and either no champion exists or the
+    candidate beats it by at least `margin` (and strictly, so a tie never churns the alias).
+    """
+    candidate = finite(candidate_value)
+    champion = finite(champion_value)
+    has_champion = champion_version is not None if has_champion is None else has_champion
+    if candidate is None:
+        return GateDecision(False, (f"the candidate has no finite {metric}",), None, champion, champion_version)
+    if candidate < floor:
+        return GateDecision(False, (f"{metric} {candidate:.4f} is below the floor {floor:.4f}",),
+                            candidate, champion, champion_version)
+    passed = f"{metric} {candidate:.4f} passes the floor {floor:.4f}"
+    if not has_champion:
+        return GateDecision(True, (passed, "no champion yet: the first version to pass the floor is promoted"),
+                            candidate, None, None)
+    if champion is None:
+        return GateDecision(False, (passed, f"the champion (version {champion_version}) has no comparable "
+                                            f"{metric}; it stays champion"), candidate, None, champion_version)
+    gain = candidate - champion
+    versus = (f"champion version {champion_version} scores {champion:.4f} on the same test split "
+              f"(gain {gain:+.4f}, margin {margin:.4f})")
+    if gain > 0 and gain >= margin:
+        return GateDecision(True, (passed, f"beats the {versus}"), candidate, champion, champion_version)
+    return GateDecision(False, (passed, f"does not beat the {versus}"), candidate, champion, champion_version)

@@ -1,0 +1,154 @@
+"""Batch prediction: a folder or archive of images -> a Kaggle submission, errors on the side.
+
+The submission is exactly Kaggle's format, `id,label` with label = p(dog): Kaggle's checker
+rejects any other column. An image that cannot be scored still gets its row, with 0.5 (the
+uninformative score, which costs the least log loss), and its reason goes to a side file
+`<submission>.errors.csv`. When the images came with Kaggle's `sampleSubmission.csv`, the
+written file is checked against it (same ids, same order, same columns) before it is called
+done. Nothing is written when the model or the input is unusable, and a reader never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_path
+from tasks.common.results import PredictSummary
+from tasks.models.registry import load_pyfunc
+from tasks.models.scoring import score_files
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""Files scored in an images folder; other files (Thumbs.db, notes) are counted as skipped."""
+
+SUBMISSION_COLUMNS: tuple[str, ...] = ("id", "label")
+ERROR_COLUMNS: tuple[str, ...] = ("id", "file", "error")
+ERROR_LABEL = 0.5
+"""Label written for images that could not be scored: p(dog) = 0.5 costs the least log loss."""
+
+SAMPLE_SUBMISSION = "sampleSubmission.csv"
+
+
+def check_output_path(output_csv: str | os.PathLike[str]) -> Path:
+    """Fail before any scoring when the submission cannot be written where asked."""
+    target = Path(output_csv).expanduser().absolute()
+    if target.is_dir():
+        raise InputError(f"--output-csv {target} is a folder; pass a file name such as {target / 'submission.csv'}.")
+    if not target.parent.is_dir():
+        raise InputError(f"The folder of --output-csv {target} does not exist; create {target.parent} "
+                         "or pass another path.")
+    if not os.access(target.parent, os.W_OK):
+        raise InputError(f"Cannot write into {target.parent} (--output-csv); pass a path in a writable folder.")
+    return target
+
+
+def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of images: `images` itself, or where its archive was safely extracted.
+
+    Archives go through tasks/data/extract.py (traversal, link and size checks;
+    content-addressed, so predicting twice on one archive extracts it once) into
+    `extracted_root`, by default ./data/extracted beside the prepare flow's own extractions.
+    """
+    from tasks.data.datafolder import DataFolder
+    from tasks.data.extract import extract_archive
+
+    source = Path(images).expanduser()
+    if not source.exists():
+        raise InputError(f"Images {source} do not exist; pass a folder or a .zip/.tar archive of images.")
+    root = Path(extracted_root) if extracted_root else DataFolder.at("data").extracted
+    return extract_archive(source, root)
+
+
+def image_id(path: Path) -> int | str:
+    """Kaggle's id: the numeric file stem (test1/123.jpg -> 123); other stems stay text."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
+
+
+def list_images(folder: Path) -> tuple[list[Path], int]:
+    """(image files sorted by id, number of other files skipped); hidden files are ignored.
+
+    Sorting numerically gives Kaggle's order (1, 2, ..., 10, not 1, 10, 2).
+    """
+    images, skipped = [], 0
+    for path in folder.rglob("*"):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif path.name != SAMPLE_SUBMISSION:
+            skipped += 1
+    images.sort(key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.stem, str(p)))
+    return images, skipped
+
+
+def csv_ids(images: list[Path], folder: Path) -> list[int | str]:
+    """Ids for the CSV: numeric stems, or relative paths when two files share a stem."""
+    ids = [image_id(path) for path in images]
+    if len(set(ids)) == len(ids):
+        return ids
+    return [path.relative_to(folder).with_suffix("").as_posix() for path in images]
+
+
+def find_sample_submission(folder: Path) -> Path | None:
+    """Kaggle's sampleSubmission.csv beside or above the images (the competition zip has it at the top)."""
+    for candidate in (folder, *folder.parents[:2]):
+        path = candidate / SAMPLE_SUBMISSION
+        if path.is_file():
+            return path
+    return None
+
+
+def check_against_sample(frame: pd.DataFrame, sample_path: Path) -> None:
+    """Kaggle's checks, before the file is called done: the same columns, ids and order as the sample."""
+    sample = pd.read_csv(sample_path)
+    if list(sample.columns) != list(frame.columns):
+        raise InputError(f"The submission's columns {list(frame.columns)} differ from {sample_path}'s "
+                         f"{list(sample.columns)}; score the folder the sample belongs to.")
+    ours, theirs = frame["id"].astype(str).tolist(), sample["id"].astype(str).tolist()
+    if ours != theirs:
+        missing = sorted(set(theirs) - set(ours))[:5]
+        extra = sorted(set(ours) - set(theirs))[:5]
+        raise InputError(f"The submission's ids differ from {sample_path} ({len(ours)} vs {len(theirs)} rows; "
+                         f"missing e.g. {missing}, unexpected e.g. {extra}, or in another order); "
+                         "score the whole test1 folder that came with it.")
+
+
+def write_submission(target: Path, ids: list[int | str], scores: list[float], files: list[str],
+                     errors: list[str], sample: Path | None = None) -> tuple[Path, Path | None]:
+    """Write `id,label` (and `<name>.errors.csv` when some image failed), each atomically."""
+    frame = pd.DataFrame({"id": ids, "label": scores}, columns=list(SUBMISSION_COLUMNS))
+    if sample is not None:
+        check_against_sample(frame, sample)
+    failed = [(image, file, error) for image, file, error in zip(ids, files, errors) if error]
+    errors_path = target.with_name(f"{target.stem}.errors.csv")
+    if failed:
+        with atomic_path(errors_path, suffix=".csv") as tmp:
+            pd.DataFrame(failed, columns=list(ERROR_COLUMNS)).to_csv(tmp, index=False)
+    else:
+        errors_path.unlink(missing_ok=True)  # an earlier run's errors must not pass for this run's
+    with atomic_path(target, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
+    return target, errors_path if failed else None
+
+
+def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int,
+                   on_progress=None) -> PredictSummary:
+    """Score every image of `folder` with the model and write the submission."""
+    import numpy as np
+
+    images, skipped = list_images(folder)
+    if not images:
+        raise InputError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                         "pass a folder or archive that contains images.")
+    model = load_pyfunc(model_uri)
+    scores, errors = score_files(model, images, batch_size, on_progress)
+    labels = [ERROR_LABEL if error else float(score) for score, error in zip(np.asarray(scores), errors)]
+    target, errors_path = write_submission(output_csv, csv_ids(images, folder), labels,
+                                           [path.name for path in images], errors, find_sample_submission(folder))
+    return PredictSummary(output_csv=str(target), errors_csv=str(errors_path) if errors_path else None,
+                          n_images=len(images), n_errors=sum(1 for error in errors if error), n_skipped=skipped,
+                          model_uri=model_uri, images_dir=str(folder))

@@ -1,0 +1,78 @@
+"""What a retrain tells people: the "nothing changed" rule and the markdown summary.
+
+The summary is the run's Prefect artifact and what the CLI prints: data counts, the
+candidate's test metrics next to the champion's *re-scored on the same test split* (the
+numbers the gate compared), the decision with its reasons, and the links.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common.results import ChampionInfo, RetrainSummary
+from tasks.models.naming import MODEL_NAME
+
+REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
+
+
+def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInfo]) -> str | None:
+    """Why training can be skipped, or None: a registered version was built from this very data and config.
+
+    Any version counts, champion or not: retraining would only register its identical twin.
+    """
+    if not fingerprint or not config_hash or not built:
+        return None
+    versions = ", ".join(version.version for version in built)
+    return (f"nothing changed: dataset fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} "
+            f"equal those of registered version(s) {versions}")
+
+
+def _number(value: Any) -> str:
+    """A metric for a table cell: 4 decimals, or a dash when missing."""
+    if isinstance(value, bool) or value is None:
+        return "–"
+    try:
+        return f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def summary_markdown(summary: RetrainSummary) -> str:
+    """The run summary people read in the Prefect UI (and on the console): data, metrics, decision, links."""
+    data = summary.data
+    lines = [f"# Retrain: {summary.headline}", "",
+             f"- Dataset fingerprint: `{data.fingerprint[:16]}`",
+             f"- Config hash: `{summary.config_hash[:16]}`",
+             f"- Data folder: `{data.paths.data_dir}`"]
+    if summary.chosen_backbone:
+        lines.append(f"- Chosen backbone: **{summary.chosen_backbone}**")
+    if summary.devices:
+        lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
+                     f"{summary.devices.precision}")
+    if data.counts:
+        lines += ["", "## Data", "", "| split | cat | dog |", "|---|---:|---:|"]
+        lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]
+        lines.append(f"\nQuarantined files: {data.quarantined}")
+    decision = summary.decision
+    if summary.test_metrics:
+        champion = (decision.champion_metrics if decision else None) or {}
+        lines += ["", "## Test metrics", "",
+                  "| metric | this run | champion, on this run's test split |", "|---|---:|---:|"]
+        for name in REPORTED_METRICS:
+            if name in summary.test_metrics:
+                lines.append(f"| {name} | {_number(summary.test_metrics.get(name))} | {_number(champion.get(name))} |")
+    if decision:
+        verdict = "promoted to **champion**" if decision.promoted else f"kept as **{decision.alias}**"
+        lines += ["", "## Promotion decision", "",
+                  f"Version {decision.version} of `{MODEL_NAME}`: {verdict} "
+                  f"({decision.metric}: this run {_number(decision.candidate_value)}, "
+                  f"champion {_number(decision.champion_value)})."]
+        lines += [f"- {reason}" for reason in decision.reasons]
+    elif summary.reason:
+        lines += ["", "## Decision", "", f"Training skipped: {summary.reason}.",
+                  "Run with `force: true` (CLI `--force`) to train anyway."]
+    lines += ["", "## Links", "", f"- MLflow run: [{summary.mlflow.run_id}]({summary.mlflow.run_url})",
+              f"- Tracking URI: `{summary.mlflow.tracking_uri}`"]
+    if decision:
+        lines.append(f"- Model: `{decision.model_uri}`")
+    return "\n".join(lines) + "\n"

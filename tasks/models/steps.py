@@ -1,0 +1,115 @@
+"""The models wing's Prefect tasks: the steps of `retrain` and `predict` after training.
+
+They talk to the tracking store and the Prefect API, so they retry transient failures (a
+server restarting, a locked database) and never bad input; none is cached by Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common.errors import retry_unless_input_error
+from tasks.common.results import ChampionInfo, MlflowRun, PredictSummary, PrepareSummary, Promotion, RetrainSummary, TrainResult
+
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_input_error,
+                              "cache_policy": NO_CACHE}
+"""Retry policy of tasks that talk to a store or server: transient failures only, never cached."""
+
+SUMMARY_ARTIFACT_KEY = "retrain-summary"
+"""Prefect artifact key: every run adds a version, so the UI shows the history under one key."""
+
+
+@task(name="read-champion", **IO_RETRIES)
+def read_champion() -> ChampionInfo | None:
+    """The current champion's version, dataset fingerprint, config hash and logged metrics."""
+    from tasks.models.registry import champion_summary
+
+    return champion_summary()
+
+
+@task(name="find-identical-versions", **IO_RETRIES)
+def versions_built_from(fingerprint: str, config_hash: str) -> list[ChampionInfo]:
+    """Registered versions trained on this data with this config (the "nothing changed" check)."""
+    from tasks.models.registry import versions_built_from as find
+
+    return find(fingerprint, config_hash)
+
+
+@task(name="record-unchanged", **IO_RETRIES)
+def record_unchanged(reason: str, fingerprint: str, config_hash: str, experiment: str) -> MlflowRun:
+    """A short MLflow run that says why nothing was trained, so the schedule's history is complete."""
+    from tasks.models.tracking import log_skipped_run
+
+    return log_skipped_run(reason, fingerprint, config_hash, experiment=experiment)
+
+
+@task(name="log-to-mlflow", **IO_RETRIES)
+def log_to_mlflow(prepared: PrepareSummary, trained: TrainResult, config: dict[str, Any], source: str,
+                  experiment: str) -> MlflowRun:
+    """Parent run (config, data, metrics, plots, model) and one child run per backbone."""
+    from tasks.models.tracking import log_retrain
+
+    return log_retrain(prepared, trained, config, source=source, experiment=experiment)
+
+
+@task(name="score-on-test-split", **IO_RETRIES)
+def score_on_test_split(model_uri: str, data_dir: str) -> dict[str, float]:
+    """Test metrics of the logged model through the serving code: the gate's one yardstick.
+
+    The champion is re-scored by the same function on the same split inside the gate, so the
+    comparison never mixes two evaluation paths.
+    """
+    from tasks.models.scoring import evaluate_model_uri
+
+    return evaluate_model_uri(model_uri, data_dir)
+
+
+@task(name="register-and-gate", **IO_RETRIES)
+def register_and_gate(run_id: str, model_uri: str, candidate_metrics: dict[str, float], data_dir: str,
+                      floor: float, margin: float, metric: str) -> Promotion:
+    """Register a new version; `champion` moves to it only through the gate (else `challenger`)."""
+    from tasks.models.promotion import register_and_gate as gate
+    from tasks.models.scoring import evaluate_model_uri
+
+    return gate(run_id, model_uri, candidate_metrics, evaluate_champion=lambda uri: evaluate_model_uri(uri, data_dir),
+                floor=floor, margin=margin, metric=metric)
+
+
+@task(name="publish-summary", **IO_RETRIES)
+def publish_summary(summary: RetrainSummary) -> str:
+    """The markdown summary artifact of this flow run (metrics table, decision, MLflow link)."""
+    from tasks.models.report import summary_markdown
+
+    markdown = summary_markdown(summary)
+    create_markdown_artifact(markdown=markdown, key=SUMMARY_ARTIFACT_KEY, description=f"Retrain: {summary.headline}")
+    return markdown
+
+
+@task(name="check-model", **IO_RETRIES)
+def check_model(model_uri: str) -> str:
+    """Fail in a second, with one sentence, when the alias/version/model or the store does not exist."""
+    from tasks.models.registry import check_model_uri
+
+    check_model_uri(model_uri)
+    return model_uri
+
+
+@task(name="locate-images", cache_policy=NO_CACHE)
+def locate_images(images: str, extracted_root: str | None) -> str:
+    """The folder to score (an archive is extracted safely, once)."""
+    from tasks.models.predictions import locate_images as locate
+
+    return str(locate(images, extracted_root))
+
+
+@task(name="score-images", cache_policy=NO_CACHE)
+def score_images(folder: str, model_uri: str, output_csv: str, batch_size: int) -> PredictSummary:
+    """Score every image of `folder` and write the submission; the CSV appears only when every row is ready."""
+    from tasks.models.predictions import predict_folder
+
+    return predict_folder(Path(folder), model_uri, Path(output_csv), batch_size)

@@ -1,0 +1,191 @@
+"""The MLflow store: which one, made ready once, and where its runs are browsed.
+
+The store is `MLFLOW_TRACKING_URI`, by default a sqlite file `mlruns/mlflow.db` in the
+working directory with artifacts in folders beside it, so the whole store is one folder that
+`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` can browse. A tracking server URL
+(`http://...`, e.g. `mlflow server` on PostgreSQL for a team) works the same way; the server
+then decides where artifacts go.
+
+A new sqlite store is created and migrated by the first client that touches it, and two
+processes doing that at once leave it half-migrated for good (`_alembic_tmp_... already
+exists`). So the first use in each process takes an exclusive lock beside the database while
+it creates or migrates, and a second process waits for it.
+
+Every function resolves the URI at call time (never at import), so a process that changes
+`MLFLOW_TRACKING_URI` (tests, a Prefect worker) is always honoured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from tasks.common.errors import ConfigError
+from tasks.models.naming import DEFAULT_EXPERIMENT
+
+DEFAULT_STORE_DIR = "mlruns"
+"""Folder (relative to the working directory) of the default sqlite store and its artifacts."""
+
+DB_NAME = "mlflow.db"
+
+UI_URL_ENV = "MLFLOW_UI_URL"
+"""Where people browse a local store (e.g. `mlflow ui` on http://127.0.0.1:5000); used for run links."""
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+"""`mlflow ui`'s default address, used for run links when the store is a local file."""
+
+INIT_LOCK_TIMEOUT_S = 300.0
+
+_READY: set[str] = set()
+_READY_LOCK = threading.Lock()
+
+
+def resolve_tracking_uri() -> str:
+    """The tracking URI: `MLFLOW_TRACKING_URI` if set, else the sqlite store in ./mlruns/."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or "sqlite:///" + str((Path.cwd() / DEFAULT_STORE_DIR / DB_NAME).resolve())
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The folder that holds a local store (sqlite db or file store); None for a server URL.
+
+    `sqlite:///rel/mlflow.db` is relative to the working directory and
+    `sqlite:////abs/mlflow.db` is absolute, as SQLAlchemy reads them.
+    """
+    if uri.startswith("sqlite:///"):
+        path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+        if not path or path == ":memory:":
+            return None
+        return Path(path).expanduser().resolve().parent
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).resolve()
+    if parsed.scheme == "" and uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for anything else)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None if not path or path == ":memory:" else Path(path).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float, holder: str) -> Iterator[None]:
+    """An exclusive `flock` on `path` (threads and processes alike); the kernel drops it if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+b") as handle:
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another {holder} holds {path} for over {timeout_s:g} s; "
+                                       "check for a hung retrain") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare(uri: str, *, create: bool) -> None:
+    """Create or migrate a local sqlite store once per process, serialised across processes."""
+    with _READY_LOCK:
+        if uri in _READY:
+            return
+        database = sqlite_path(uri)
+        if database is not None:
+            if not create and not database.is_file():
+                raise ConfigError(f"The MLflow store {database} does not exist; run a retrain first "
+                                  "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
+            from mlflow.tracking import MlflowClient
+
+            with file_lock(database.with_name(f".{database.name}.init.lock"), INIT_LOCK_TIMEOUT_S,
+                           "process creating the MLflow store"):
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates
+        _READY.add(uri)
+
+
+def use_tracking(*, create: bool = True) -> tuple[str, Any]:
+    """Point MLflow's fluent API at the resolved URI; return it with a client for it.
+
+    `create=False` is for readers (prediction, serving): a local store that does not exist is
+    a ConfigError instead of a new, empty database.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri()
+    _prepare(uri, create=create)
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return uri, MlflowClient(tracking_uri=uri)
+
+
+def _slug(name: str) -> str:
+    """A folder-safe form of an experiment name."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
+    if slug != name:
+        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug
+
+
+def experiment_artifact_location(uri: str, name: str) -> str | None:
+    """Artifact folder for a new experiment: beside the sqlite db, or None to let MLflow decide.
+
+    Without it MLflow's sqlite store puts artifacts under `./mlruns` of whatever directory the
+    process runs in, and `mlflow server` defaults to `./mlartifacts`; both scatter one store.
+    """
+    store_dir = local_store_dir(uri)
+    if store_dir is None or not uri.startswith("sqlite:"):
+        return None
+    return (store_dir / _slug(name)).as_uri()
+
+
+def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
+    """The id of experiment `name`, created (artifacts beside the db) or restored when needed.
+
+    Two retrains may create it at the same moment; the loser of that race just reads it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri, client = use_tracking()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=experiment_artifact_location(uri, name))
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def run_url(run_id: str, experiment_id: str, tracking_uri: str | None = None) -> str:
+    """A link to the run in the MLflow UI.
+
+    A tracking server serves its own UI; a local store is browsed with `mlflow ui`, whose
+    address is `MLFLOW_UI_URL` when set, else its default http://127.0.0.1:5000.
+    """
+    uri = tracking_uri or resolve_tracking_uri()
+    base = os.environ.get(UI_URL_ENV) or (uri if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

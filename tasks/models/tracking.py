@@ -1,0 +1,332 @@
+"""MLflow tracking: what one retrain leaves behind for people to read.
+
+One retrain = one parent run (config, dataset, validation, test metrics, plots, comparison,
+the pyfunc model) with one child run per backbone (its validation metrics and per-epoch
+curves). The manifest is logged as an MLflow dataset per split, so a run page shows which
+data it came from. Where the store is and how it is made ready: tasks/models/store.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
+from tasks.models.naming import (
+    DEFAULT_EXPERIMENT,
+    TAG_BACKBONE,
+    TAG_CONFIG_HASH,
+    TAG_FINGERPRINT,
+    TAG_KIND,
+    TAG_SKIP_REASON,
+)
+from tasks.models.store import ensure_experiment, run_url, use_tracking
+
+MAX_PARAM_LENGTH = 6000
+_METRIC_BATCH = 1000
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys; lists stay values (rendered as JSON by callers)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    """A param as text: JSON for lists/None/bools so they read back unambiguously."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:MAX_PARAM_LENGTH]
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numeric entries of a metrics dict (confusion matrices etc. are skipped)."""
+    out = {}
+    for key, value in flatten(metrics).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(float(value)):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def prefect_tags(prefect_context: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags that link a run to its Prefect flow run (id, name, flow, deployment, UI link).
+
+    Taken from `prefect_context` when given (keys flow_run_id, flow_run_name, flow_name,
+    deployment_name, flow_run_url), else read from `prefect.runtime` when called inside a
+    flow run; outside Prefect this is empty.
+    """
+    context = dict(prefect_context or {})
+    if not context:
+        try:
+            from prefect.runtime import deployment, flow_run
+        except ImportError:  # pragma: no cover - prefect is a dependency
+            return {}
+        if flow_run.id is None:
+            return {}
+        context = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
+                   "flow_name": flow_run.flow_name, "deployment_name": deployment.name,
+                   "flow_run_url": flow_run.ui_url}
+    tags = {}
+    for key in ("flow_run_id", "flow_run_name", "flow_name", "deployment_name", "flow_run_url"):
+        value = context.get(key)
+        if value is None or str(value).startswith("None/"):  # an unset PREFECT_UI_URL
+            continue
+        tags[f"prefect.{key}"] = str(value)
+    return tags
+
+
+def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
+               params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    """Log many values in few requests (MLflow caps a batch at 1000 metrics / 100 params)."""
+    param_list = [Param(key, _param_value(value)) for key, value in (params or {}).items()]
+    tag_list = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+    for start in range(0, len(param_list), 100):
+        client.log_batch(run_id, params=param_list[start:start + 100])
+    for start in range(0, len(tag_list), 100):
+        client.log_batch(run_id, tags=tag_list[start:start + 100])
+    metric_list = list(metrics)
+    for start in range(0, len(metric_list), _METRIC_BATCH):
+        client.log_batch(run_id, metrics=metric_list[start:start + _METRIC_BATCH])
+
+
+def _log_json(client: MlflowClient, run_id: str, payload: Any, artifact_file: str) -> None:
+    """Log a dict as a JSON artifact; paths and numpy scalars are written as text."""
+    client.log_text(run_id, json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _existing(path: Any) -> Path | None:
+    """A path from a summary dict if it exists on disk, else None (optional outputs)."""
+    if not path:
+        return None
+    candidate = Path(path)
+    return candidate if candidate.exists() else None
+
+
+# --------------------------------------------------------------------------- history curves
+
+
+def read_history(path: Path) -> dict[int, dict[str, float]]:
+    """{epoch (1-based): {metric: value}} from a Keras History JSON (what train_model writes)."""
+    epochs: dict[int, dict[str, float]] = {}
+    for key, values in json.loads(Path(path).read_text()).items():
+        for index, value in enumerate(values):
+            epochs.setdefault(index + 1, {})[key] = value
+    return epochs
+
+
+def history_metrics(path: Path, phase: str) -> list[Metric]:
+    """Per-epoch metrics keyed `<phase>.<name>` (e.g. head.val_loss) with step = epoch (1-based)."""
+    timestamp = _now_ms()
+    metrics = []
+    for epoch, values in sorted(read_history(path).items()):
+        for key, value in values.items():
+            number = _finite_float(value)
+            if number is not None:
+                metrics.append(Metric(f"{phase}.{key}", number, timestamp, epoch))
+    return metrics
+
+
+def _finite_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# --------------------------------------------------------------------------- logging a retrain
+
+
+def dataset_logging(data: PrepareSummary) -> tuple[dict[str, Any], dict[str, float]]:
+    """Params and metrics that describe the dataset: fingerprint, layout, counts per split/class."""
+    params: dict[str, Any] = {"data.fingerprint": data.fingerprint, "data.layout": data.layout}
+    metrics: dict[str, float] = {}
+    for split, per_class in data.counts.items():
+        for label, count in per_class.items():
+            metrics[f"data.{split}.{label}"] = float(count)
+            params[f"data.{split}.{label}"] = int(count)
+        metrics[f"data.{split}.total"] = float(sum(per_class.values()))
+    metrics["data.unlabelled"] = float(data.unlabelled)
+    metrics["data.quarantined"] = float(data.quarantined)
+    for reason, count in data.quarantine_reasons.items():
+        metrics[f"data.quarantined.{reason}"] = float(count)
+    return params, metrics
+
+
+def log_datasets(data: PrepareSummary, source: str) -> None:
+    """The manifest as one MLflow dataset per split (digest = the data fingerprint), in the active run.
+
+    The run page's *Datasets* section then names the data it trained and was tested on, and
+    the logged model inherits that lineage.
+    """
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    manifest = pd.read_parquet(data.paths.manifest, columns=["sha256", "label", "split", "status", "arranged_path"])
+    for split in data.counts:
+        rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")].reset_index(drop=True)
+        dataset = from_pandas(rows, source=source, name=f"dogs-vs-cats-{split}", digest=data.fingerprint[:16])
+        mlflow.log_input(dataset, context=split)
+
+
+def _log_dataset_artifacts(run_id: str, client: MlflowClient, data: PrepareSummary) -> None:
+    """The prepare summary as JSON, the GX validation result and the Data Docs site."""
+    _log_json(client, run_id, data.model_dump(mode="json"), "data/prepare_summary.json")
+    result = _existing(data.paths.validation_result)
+    if result is not None and result.is_file():
+        client.log_artifact(run_id, str(result), "data/validation")
+    docs = _existing(data.paths.data_docs)
+    if docs is not None:
+        client.log_artifacts(run_id, str(docs if docs.is_dir() else docs.parent), "data/validation/data_docs")
+
+
+def _log_training_artifacts(run_id: str, client: MlflowClient, trained: TrainResult) -> None:
+    """Plots, the backbone comparison, test predictions and the full test metrics as JSON."""
+    for plot in trained.plots.values():
+        path = _existing(plot)
+        if path is not None:
+            client.log_artifact(run_id, str(path), "plots")
+    for source in (trained.comparison_path, trained.predictions_path):
+        path = _existing(source)
+        if path is not None:
+            client.log_artifact(run_id, str(path), "evaluation")
+    _log_json(client, run_id, trained.test_metrics, "evaluation/test_metrics.json")
+    _log_json(client, run_id, trained.model_dump(mode="json"), "evaluation/train_result.json")
+
+
+def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str, trained: TrainResult,
+                       tags: Mapping[str, str]) -> dict[str, str]:
+    """One child run per backbone: its validation metrics and its head (and fine-tune) curves."""
+    child_ids: dict[str, str] = {}
+    for name, backbone in trained.backbones.items():
+        child = client.create_run(experiment_id, run_name=name, tags={
+            **tags, "mlflow.parentRunId": parent_id, "backbone": name,
+            "chosen": str(name == trained.chosen_backbone).lower()})
+        metrics = [Metric(key, value, _now_ms(), 0) for key, value in scalar_metrics(backbone.model_dump()).items()]
+        curves = [("head", trained.history_paths.get(f"head:{name}"))]
+        if name == trained.chosen_backbone:
+            curves.append(("fine_tune", trained.history_paths.get("fine_tune")))
+        for phase, path in curves:
+            if path and Path(path).is_file():
+                metrics.extend(history_metrics(Path(path), phase))
+                client.log_artifact(child.info.run_id, path, "history")
+        _log_batch(client, child.info.run_id, metrics=metrics,
+                   params={"backbone": name, "input_size": backbone.input_size,
+                           "weights": Path(backbone.weights).name, "feature_cache": Path(backbone.feature_cache_dir).name})
+        client.set_terminated(child.info.run_id, "FINISHED")
+        child_ids[name] = child.info.run_id
+    return child_ids
+
+
+def log_pyfunc_model(model_path: str | Path, input_size: int, *, name: str = "model") -> Any:
+    """Log a trained `.keras` file as the pyfunc serving model in the active run.
+
+    Signature and input example come from tasks/models/serving.py; the `tasks` package travels
+    as code so `mlflow models serve` can load it anywhere, and the requirements name only what
+    the served model imports (see `serving.pip_requirements`). Returns MLflow's ModelInfo.
+    """
+    from tasks.models import serving
+
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=serving.CatsDogsModel(),
+        artifacts={serving.KERAS_ARTIFACT: str(model_path)},
+        signature=serving.model_signature(),
+        input_example=serving.input_example(),
+        code_paths=[serving.tasks_code_path()],
+        pip_requirements=serving.pip_requirements(),
+        model_config=serving.model_config(input_size),
+    )
+
+
+def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str, Any], *, source: str,
+                experiment: str = DEFAULT_EXPERIMENT, prefect_context: Mapping[str, Any] | None = None) -> MlflowRun:
+    """Record one retrain in MLflow: a parent run, a child run per backbone, and the model.
+
+    Parent run: the config as params (plus the backend and precision it ran at), the dataset
+    (fingerprint, layout, counts as params and metrics, one MLflow dataset per split,
+    `data/prepare_summary.json`), the Great Expectations result and Data Docs
+    (`data/validation/`), test metrics (`test_*`, plus the full dict with the confusion matrix
+    as `evaluation/test_metrics.json`), the validation metrics of the shipped model (`val_*`),
+    plots (`plots/`), the comparison table and test predictions (`evaluation/`), tags
+    (`dataset_fingerprint`, `config_hash`, `chosen_backbone`, `prefect.*` links to the flow
+    run) and the pyfunc model (`model`). A failure mid-way marks the run FAILED.
+    """
+    uri, client = use_tracking()
+    experiment_id = ensure_experiment(experiment)
+    chosen = trained.chosen_backbone
+    tags = {TAG_KIND: "retrain", TAG_FINGERPRINT: data.fingerprint, TAG_CONFIG_HASH: trained.config_hash,
+            TAG_BACKBONE: chosen, **prefect_tags(prefect_context)}
+    run_name = tags.get("prefect.flow_run_name") or f"retrain-{data.fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        run_id = run.info.run_id
+        data_params, data_metrics = dataset_logging(data)
+        validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
+        metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
+                   **scalar_metrics(validation, "val_")}
+        params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
+                  "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
+                  "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name}
+        _log_batch(client, run_id, params=params,
+                   metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
+        client.set_tag(run_id, "mlflow.note.content", _run_note(data, trained))
+        log_datasets(data, source)
+        _log_dataset_artifacts(run_id, client, data)
+        _log_training_artifacts(run_id, client, trained)
+        child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
+                                       {key: value for key, value in tags.items() if key != TAG_KIND})
+        model_info = log_pyfunc_model(trained.model_path, trained.input_size)
+    return MlflowRun(run_id=run_id, experiment_id=experiment_id, run_url=run_url(run_id, experiment_id, uri),
+                     tracking_uri=uri, model_uri=model_info.model_uri, child_run_ids=child_ids)
+
+
+def _run_note(data: PrepareSummary, trained: TrainResult) -> str:
+    """A short markdown description shown at the top of the run page."""
+    test = scalar_metrics(trained.test_metrics)
+    lines = [f"Retrain on dataset `{data.fingerprint[:12]}`, chosen backbone **{trained.chosen_backbone}** "
+             f"(Keras/{trained.devices.backend}, {trained.devices.precision}).", "",
+             "| split | cat | dog |", "|---|---|---|"]
+    lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]
+    lines += ["", "Test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))]
+    return "\n".join(lines)
+
+
+def log_skipped_run(reason: str, fingerprint: str, config_hash: str, *, experiment: str = DEFAULT_EXPERIMENT,
+                    prefect_context: Mapping[str, Any] | None = None) -> MlflowRun:
+    """Record a retrain that stopped early ("nothing changed"): a short FINISHED run.
+
+    Tags `catsdogs.kind=skipped`, `skip_reason`, `dataset_fingerprint`, `config_hash` and the
+    Prefect links, so the history of scheduled runs stays complete in the UI.
+    """
+    uri, client = use_tracking()
+    experiment_id = ensure_experiment(experiment)
+    tags = {TAG_KIND: "skipped", TAG_SKIP_REASON: reason, TAG_FINGERPRINT: fingerprint,
+            TAG_CONFIG_HASH: config_hash, "mlflow.note.content": f"Skipped: {reason}",
+            **prefect_tags(prefect_context)}
+    run_name = tags.get("prefect.flow_run_name") or f"skipped-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return MlflowRun(run_id=run.info.run_id, experiment_id=experiment_id,
+                     run_url=run_url(run.info.run_id, experiment_id, uri), tracking_uri=uri)

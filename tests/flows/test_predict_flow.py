@@ -1,0 +1,134 @@
+"""The `predict` flow on a real Prefect server: submission CSV, archives, and inputs that must fail cleanly."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from flows.predict import ERROR_LABEL, main, predict
+from tasks.common.errors import ConfigError, InputError
+from tests.fake_training import promoted_champion
+from tests.imagegen import image_bytes, truncated_jpeg, zip_tree
+
+LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
+
+
+@pytest.fixture(scope="module")
+def champion_store(tmp_path_factory):
+    """A store whose `cats-vs-dogs@champion` separates the generated cats and dogs."""
+    root = tmp_path_factory.mktemp("predict")
+    uri, _ = promoted_champion(root, backbones=("resnet50",), fine_tune=False)
+    return SimpleNamespace(uri=uri, root=root)
+
+
+@pytest.fixture
+def store(champion_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+    return champion_store
+
+
+def _test1_folder(folder):
+    """A Kaggle test1-like folder: numeric names, one corrupt JPEG, one file that is not an image."""
+    folder.mkdir(parents=True)
+    for image_id, label in LABELS.items():
+        (folder / f"{image_id}.jpg").write_bytes(image_bytes(label, 100 + image_id))
+    (folder / "4.jpg").write_bytes(truncated_jpeg())
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _check_submission(csv_path):
+    frame = pd.read_csv(csv_path, keep_default_na=False)
+    assert list(frame.columns) == ["id", "label"]  # exactly Kaggle's columns: its checker rejects any other
+    assert frame["id"].tolist() == [1, 2, 3, 4, 10, 11]  # Kaggle's numeric order
+    scored = frame[frame["id"] != 4].set_index("id")
+    for image_id, label in LABELS.items():
+        assert (scored.loc[image_id, "label"] >= 0.5) == (label == "dog"), image_id
+    assert frame.loc[frame["id"] == 4, "label"].item() == ERROR_LABEL  # a broken image still gets its row
+    errors = pd.read_csv(csv_path.with_name(f"{csv_path.stem}.errors.csv"))
+    assert list(errors.columns) == ["id", "file", "error"] and errors["id"].tolist() == [4]
+    assert errors["file"].item() == "4.jpg" and "cannot be decoded" in errors["error"].item()
+
+
+def test_predict_writes_a_kaggle_submission_with_error_rows(prefect_harness, store, tmp_path):
+    out = tmp_path / "out" / "submission.csv"
+    out.parent.mkdir()
+    summary = predict(str(_test1_folder(tmp_path / "test1")), output_csv=str(out), batch_size=2)
+    assert summary.n_images == 6 and summary.n_errors == 1 and summary.n_skipped == 1
+    assert summary.output_csv == str(out.resolve()) and summary.errors_csv == str(out.with_name("submission.errors.csv"))
+    _check_submission(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv", "submission.errors.csv"]  # no temporary
+
+
+def test_predict_accepts_an_archive(prefect_harness, store, tmp_path):
+    archive = zip_tree(_test1_folder(tmp_path / "test1"), tmp_path / "test1.zip", prefix="test1")
+    out = tmp_path / "from_zip.csv"
+    predict(str(archive), output_csv=str(out), extracted_root=str(tmp_path / "extracted"))
+    _check_submission(out)
+
+
+def test_unknown_alias_fails_in_one_sentence_and_keeps_the_old_csv(prefect_harness, store, tmp_path):
+    out = tmp_path / "submission.csv"
+    out.write_text("id,label\n1,0.5\n")
+    with pytest.raises(ConfigError) as caught:
+        predict(str(_test1_folder(tmp_path / "test1")), model_uri="models:/cats-vs-dogs@staging", output_csv=str(out))
+    assert str(caught.value) == ("No model version has alias 'staging' in registered model 'cats-vs-dogs'; "
+                                 "run a retrain first (python -m flows.retrain) or pass --model-uri.")
+    assert out.read_text() == "id,label\n1,0.5\n"
+    with pytest.raises(ConfigError, match="Registered model 'dogs-only' does not exist"):
+        predict(str(tmp_path / "test1"), model_uri="models:/dogs-only@champion", output_csv=str(out))
+
+
+def test_empty_folder_or_missing_input_write_nothing(prefect_harness, store, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    out = tmp_path / "submission.csv"
+    with pytest.raises(InputError, match="No images found in .*empty"):
+        predict(str(empty), output_csv=str(out))
+    with pytest.raises(InputError, match="do not exist"):
+        predict(str(tmp_path / "nowhere"), output_csv=str(out))
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_cli_prints_the_sentence_and_exits_2(prefect_harness, store, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main([str(tmp_path / "empty"), "--output-csv", str(tmp_path / "s.csv")])
+    assert code == 2
+    assert "No images found in" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_output_path_problems_fail_before_any_image_is_scored(prefect_harness, store, tmp_path, monkeypatch):
+    from tasks.models import scoring
+
+    monkeypatch.setattr(scoring, "score_files", lambda *a, **k: pytest.fail("scored before checking the output"))
+    images = str(_test1_folder(tmp_path / "test1"))
+    with pytest.raises(InputError, match=r"--output-csv .* is a folder"):
+        predict(images, output_csv=str(tmp_path))
+    with pytest.raises(InputError, match=r"folder of --output-csv .* does not exist"):
+        predict(images, output_csv=str(tmp_path / "missing" / "s.csv"))
+    assert not (tmp_path / "missing").exists()  # a missing parent is not silently created
+
+
+def test_a_store_that_does_not_exist_is_an_error_not_a_new_empty_one(prefect_harness, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match="does not exist"):
+        predict(str(_test1_folder(tmp_path / "test1")), output_csv=str(tmp_path / "s.csv"))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_the_submission_is_checked_against_kaggles_sample(prefect_harness, store, tmp_path):
+    folder = _test1_folder(tmp_path / "comp" / "test1")
+    sample = tmp_path / "comp" / "sampleSubmission.csv"
+    sample.write_text("id,label\n" + "".join(f"{i},0\n" for i in (1, 2, 3, 4, 10, 11)))
+    out = tmp_path / "submission.csv"
+    predict(str(folder), output_csv=str(out))
+    assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 10, 11]
+    sample.write_text("id,label\n" + "".join(f"{i},0\n" for i in range(1, 13)))  # the sample wants 12 ids
+    out.unlink()
+    with pytest.raises(InputError, match="ids differ from .*sampleSubmission.csv"):
+        predict(str(folder), output_csv=str(out))
+    assert not out.exists()  # nothing that Kaggle would reject is called done

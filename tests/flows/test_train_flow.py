@@ -1,0 +1,150 @@
+"""The train_model flow end to end on a real (temporary) Prefect server and generated images.
+
+Cats are warm and striped, dogs cool and checkered, so even a randomly initialised
+EfficientNetV2B0 at 32 px plus a trained head separates them: test accuracy well above chance
+proves that labels travel correctly from the manifest through features, head, model and
+evaluation. A random MobileNetV2 is compared alongside: its pooled features vanish (~1e-12),
+so it must lose the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import tasks.learning.preprocess  # noqa: F401  (registers the Preprocess layer for loading)
+from flows.config import TrainConfig
+from flows.train import train_model
+from tasks.common.errors import InputError
+from tasks.data.datafolder import DataFolder
+from tasks.learning.evaluate import PREDICTION_COLUMNS
+from tasks.learning.forward import compiled_forward, to_numpy
+from tasks.learning.pixels import read_image
+from tasks.learning.runs import rank_backbones
+from tests.imagegen import class_pixels
+from tests.prepared import make_prepared_dir
+
+CONFIG = TrainConfig(backbones=["efficientnetv2b0", "mobilenet_v2"], weights=None, input_size=32, batch_size=16,
+                     head_epochs=25, head_batch_size=8, patience=5, fine_tune=False, fine_tune_epochs=1, seed=11)
+BEST = "efficientnetv2b0"
+IMAGES = 2 * (10 + 4 + 5)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tmp_path_factory):
+    """Head-only run comparing two backbones into the default output folder."""
+    data_dir = make_prepared_dir(tmp_path_factory.mktemp("train"), {"train": 10, "validation": 4, "test": 5})
+    return data_dir, train_model(data_dir, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def second_run(first_run, tmp_path_factory):
+    """The same data again, now with fine-tuning, into an explicit output folder."""
+    data_dir, _ = first_run
+    output_dir = tmp_path_factory.mktemp("second") / "run"
+    return output_dir, train_model(data_dir, CONFIG.model_copy(update={"fine_tune": True}), output_dir=output_dir)
+
+
+def test_the_flow_learns_from_the_labels_and_picks_the_better_backbone(first_run):
+    _, result = first_run
+    metrics = result.test_metrics
+    assert metrics["count"] == 10
+    assert metrics["accuracy"] >= 0.8 and metrics["roc_auc"] >= 0.8, metrics
+    assert result.chosen_backbone == BEST and result.backbones[BEST].val_auc >= 0.8
+    assert result.head_agreement < 1e-4  # the saved model is the head that was validated
+    comparison = pd.read_csv(result.comparison_path)
+    assert comparison["backbone"].tolist() == rank_backbones(result.backbones)
+    assert comparison["backbone"].iloc[0] == BEST and comparison["chosen"].tolist() == [True, False]
+
+
+def test_result_follows_the_contract_and_every_path_exists(first_run):
+    data_dir, result = first_run
+    assert result.input_size == 32 and result.config == CONFIG.model_dump(mode="json")
+    sizes = {"train": 10, "validation": 4, "test": 5}
+    assert result.counts == {split: {"cat": n, "dog": n} for split, n in sizes.items()}
+    output_dir = Path(result.output_dir)
+    assert output_dir.parent == data_dir / "training" and output_dir.name.endswith(CONFIG.config_hash()[:8])
+    assert Path(result.model_path) == output_dir / "model.keras"
+    for key in ("model_path", "comparison_path", "predictions_path", "metrics_path"):
+        assert Path(getattr(result, key)).is_file(), key
+    assert set(result.plots) == {"head_curves", "roc_curve", "confusion_matrix", "top_losses"}
+    assert all(Path(p).is_file() and Path(p).read_bytes()[:4] == b"\x89PNG" for p in result.plots.values())
+    assert set(result.history_paths) == {f"head:{name}" for name in CONFIG.backbones}
+    assert set(result.test_metrics) >= {"accuracy", "roc_auc", "log_loss", "precision_cat", "recall_dog",
+                                            "f1_cat", "f1_dog", "confusion_matrix"}
+    assert Path(result.backbones[BEST].head_path).is_file()
+    assert not result.fine_tuned and result.fine_tune is None
+    assert json.loads((output_dir / "train_summary.json").read_text()) == result.model_dump(mode="json")
+    assert not list(output_dir.rglob(".*.tmp*")), "a temporary file was left behind"
+    assert not [p for p in (data_dir / "training").iterdir() if p.name.startswith(".")], "a partial folder was left"
+    assert result.devices.backend == keras.config.backend() and result.devices.precision in ("bfloat16", "float32")
+
+
+def test_cat_is_0_and_dog_is_1_in_every_output(first_run):
+    data_dir, result = first_run
+    predictions = pd.read_csv(result.predictions_path, dtype={"sha256": str})
+    assert tuple(predictions.columns) == PREDICTION_COLUMNS
+    truth = DataFolder(data_dir).labelled_rows("test").set_index("sha256")["label"]
+    assert (predictions["label"] == predictions["sha256"].map(truth).map({"cat": 0, "dog": 1})).all()
+    assert (predictions["predicted"] == (predictions["p_dog"] >= 0.5).astype(int)).all()
+    matrix = result.test_metrics["confusion_matrix"]
+    assert sum(matrix[0]) == result.test_metrics["support_cat"] == (predictions["label"] == 0).sum()
+    assert sum(matrix[1]) == result.test_metrics["support_dog"] == (predictions["label"] == 1).sum()
+    model = keras.saving.load_model(result.model_path, safe_mode=True)
+    clear = np.stack([class_pixels("cat", 4242, (32, 32)), class_pixels("dog", 4242, (32, 32))])
+    p_cat, p_dog = to_numpy(compiled_forward(model)(clear)).reshape(-1)
+    assert p_cat < 0.5 < p_dog
+
+
+def test_second_run_computes_no_features_and_repeats_the_heads(first_run, second_run):
+    _, first = first_run
+    _, second = second_run
+    for name in CONFIG.backbones:
+        assert first.backbones[name].features_computed == IMAGES
+        assert second.backbones[name].features_computed == 0
+        assert second.backbones[name].features_reused == IMAGES
+        assert second.backbones[name].weights == first.backbones[name].weights  # same random draw
+        for key in ("val_auc", "val_loss", "val_accuracy"):  # seeded heads on the same features
+            assert getattr(second.backbones[name], key) == getattr(first.backbones[name], key)
+
+
+def test_fine_tuning_run_is_recorded_and_its_model_reloads_with_the_evaluated_predictions(first_run, second_run):
+    data_dir, _ = first_run
+    output_dir, result = second_run
+    assert result.output_dir == str(output_dir) and result.chosen_backbone == BEST
+    assert result.fine_tune.frozen_batchnorm > 0 and result.fine_tune.trainable_layers > 0
+    assert result.fine_tuned == result.fine_tune.improved
+    assert set(result.history_paths) == {f"head:{name}" for name in CONFIG.backbones} | {"fine_tune"}
+    assert "fine_tune_curves" in result.plots and result.test_metrics["accuracy"] >= 0.8
+    model = keras.saving.load_model(result.model_path, safe_mode=True)
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
+    predictions = pd.read_csv(result.predictions_path)
+    images = np.stack([read_image(data_dir / p, 32) for p in predictions["path"]])
+    np.testing.assert_allclose(to_numpy(compiled_forward(model)(images)).reshape(-1), predictions["p_dog"], atol=1e-5)
+
+
+def test_rank_backbones_prefers_auc_then_loss_then_config_order():
+    summaries = {
+        "a": {"val_auc": 0.90, "val_loss": 0.30}, "b": {"val_auc": 0.95, "val_loss": 0.40},
+        "c": {"val_auc": 0.95, "val_loss": 0.20}, "d": {"val_auc": None, "val_loss": 0.10},
+        "e": {"val_auc": 0.95, "val_loss": 0.20},
+    }
+    assert rank_backbones(summaries) == ["c", "e", "b", "a", "d"]
+
+
+def test_unknown_backbone_fails_before_any_work(prefect_harness, tmp_path):
+    data_dir = make_prepared_dir(tmp_path, {"train": 1, "validation": 1, "test": 1})
+    with pytest.raises(Exception, match="resnet5.*choose from") as error:
+        train_model(data_dir, {"backbones": ["resnet5"], "weights": None})
+    assert "vgg16" in str(error.value)
+    assert not (data_dir / "features").exists() and not (data_dir / "training").exists()
+
+
+def test_a_folder_without_manifest_fails_with_the_fix(prefect_harness, tmp_path):
+    with pytest.raises(InputError, match="prepare_data"):
+        train_model(tmp_path, TrainConfig(backbones=["vgg16"], weights=None, input_size=32))

@@ -1,0 +1,183 @@
+"""The served pyfunc model: decoding, scoring, parity with training, and a real `mlflow models serve`.
+
+The model under test is a real `.keras` file logged by `log_retrain` and promoted by the gate,
+so the in-process checks and the HTTP check exercise exactly what users load with
+`models:/cats-vs-dogs@champion`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.learning.pixels import decode_image, read_image, resize_pixels
+from tasks.models import serving
+from tests.fake_training import promoted_champion
+from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
+from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
+
+CHAMPION_URI = "models:/cats-vs-dogs@champion"
+
+
+@pytest.fixture(scope="module")
+def champion_store(tmp_path_factory):
+    """A store whose `cats-vs-dogs@champion` is the tiny blue-minus-red model."""
+    root = tmp_path_factory.mktemp("serving")
+    uri, result = promoted_champion(root)
+    return SimpleNamespace(uri=uri, root=root, result=result)
+
+
+@pytest.fixture(scope="module")
+def champion(champion_store):
+    """The champion loaded through MLflow, as the predict flow and notebooks load it."""
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+        from tasks.models.registry import load_pyfunc
+
+        yield load_pyfunc(CHAMPION_URI)
+
+
+def _png(pixels: np.ndarray, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ decoding (no model needed)
+
+
+def test_cells_go_through_the_training_pipeline():
+    data = image_bytes("cat", 1, exif_orientation=6)
+    from_text = serving.model_input_pixels("image", base64.b64encode(data).decode(), 32)
+    from_bytes = serving.model_input_pixels("image", data, 32)
+    np.testing.assert_array_equal(from_text, decode_image(data, 32))  # the one decode of training
+    np.testing.assert_array_equal(from_bytes, from_text)
+    pixels = class_pixels("dog", 3)
+    np.testing.assert_array_equal(serving.model_input_pixels("pixels", pixels, 32), resize_pixels(pixels, 32))
+
+
+@pytest.mark.parametrize("value, message", [
+    (b"", "empty"),
+    (b"this is not an image at all", "not an image"),
+    (truncated_jpeg(), "cannot be decoded"),
+    ("%%% not base64 %%%", "not valid base64"),
+    (12345, "base64 text or bytes"),
+])
+def test_bad_cells_are_rejected_with_a_reason(value, message):
+    with pytest.raises(ValueError, match=message):
+        serving.model_input_pixels("image", value, 32)
+
+
+def test_coerce_pixels_accepts_grey_and_rejects_bad_shapes_and_ranges():
+    assert serving.coerce_pixels(np.zeros((5, 6))).shape == (5, 6, 3)
+    assert serving.coerce_pixels(np.full((2, 2, 3), 254.6)).dtype == np.uint8
+    assert serving.coerce_pixels(np.zeros((5, 6, 4), np.uint8)).shape == (5, 6, 3)
+    with pytest.raises(ValueError, match="shape"):
+        serving.coerce_pixels(np.zeros((5, 6, 2)))
+    with pytest.raises(ValueError, match="between 0 and 255"):
+        serving.coerce_pixels(np.full((5, 6, 3), 300.0))
+
+
+def test_signature_declares_optional_image_and_pixels_columns_the_model_decodes_itself():
+    signature = serving.model_signature()
+    inputs = {spec.name: spec for spec in signature.inputs.inputs}
+    assert set(inputs) == {"image", "pixels"}
+    assert not inputs["image"].required and not inputs["pixels"].required
+    assert "binary" not in repr(inputs["image"].type)  # MLflow must not base64-decode the column for us
+    assert signature.outputs.input_names() == list(serving.OUTPUT_COLUMNS)
+
+
+# ------------------------------------------------------------------ the logged model in-process
+
+
+def test_champion_scores_images_and_gives_error_rows(champion):
+    frame = pd.DataFrame({"image": [image_bytes("cat", 10), image_bytes("dog", 11),
+                                    image_bytes("dog", 12, fmt="PNG"), b"garbage", truncated_jpeg()]})
+    out = champion.predict(frame)
+    assert list(out.columns) == list(serving.OUTPUT_COLUMNS)
+    assert out["label"].tolist() == ["cat", "dog", "dog", "", ""]
+    assert out["label_index"].tolist() == [0, 1, 1, -1, -1]
+    assert out["p_dog"][0] < 0.5 < out["p_dog"][1]
+    assert out["error"][:3].tolist() == ["", "", ""]
+    assert "not an image" in out["error"][3] and "cannot be decoded" in out["error"][4]
+    assert out["p_dog"][3] is pd.NA and out["p_dog"][4] is pd.NA  # null in JSON, never NaN
+
+
+def test_champion_accepts_pixels_and_base64_text(champion):
+    batch = np.stack([class_pixels("cat", 20), class_pixels("dog", 21)])
+    by_column = champion.predict(pd.DataFrame({"pixels": list(batch)}))
+    by_dict = champion.predict({"pixels": batch})
+    as_text = champion.predict(pd.DataFrame({"image": [base64.b64encode(image_bytes("dog", 22)).decode()]}))
+    assert by_column["label"].tolist() == ["cat", "dog"] == by_dict["label"].tolist()
+    np.testing.assert_allclose(by_column["p_dog"], by_dict["p_dog"], rtol=1e-6)
+    assert as_text["label"].tolist() == ["dog"]
+
+
+def test_unwrapped_model_accepts_a_bare_pixel_array(champion):
+    model = champion.unwrap_python_model()
+    out = model.predict(None, np.stack([class_pixels("dog", 30), class_pixels("cat", 31)]))
+    assert out["label"].tolist() == ["dog", "cat"]
+
+
+def test_input_without_image_or_pixels_is_refused_clearly(champion):
+    with pytest.raises(Exception, match="needs a column 'image'"):
+        champion.predict(pd.DataFrame({"photo": [b"x"]}))
+
+
+def test_serving_scores_equal_the_training_pipeline(champion_store, champion, tmp_path):
+    """Served p(dog) equals the Keras model on the training pipeline's pixels (same decode and resize)."""
+    import keras
+
+    from tasks.learning.forward import compiled_forward, to_numpy
+
+    paths = []
+    for index, label in enumerate(["cat", "dog", "cat", "dog"]):
+        path = tmp_path / f"{index}.jpg"
+        path.write_bytes(image_bytes(label, 40 + index, size=(61, 47)))
+        paths.append(path)
+    model = keras.saving.load_model(champion_store.result.model_path, safe_mode=True)
+    expected = to_numpy(compiled_forward(model)(np.stack([read_image(path, 32) for path in paths]))).reshape(-1)
+    served = champion.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))["p_dog"].to_numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------ a real `mlflow models serve`
+
+
+def test_mlflow_models_serve_answers_http_with_a_jpeg(champion_store, tmp_path):
+    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` answers a JPEG."""
+    port = free_port()
+    env = base_env(MLFLOW_TRACKING_URI=champion_store.uri,
+                   PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")  # serve runs `uvicorn` from PATH
+    args = [cli("mlflow"), "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
+            "-p", str(port), "-h", "127.0.0.1"]
+    with running(start_process("mlflow models serve", args, env=env, log_path=tmp_path / "serve.log",
+                               cwd=tmp_path)) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/ping", timeout=240, process=process)
+        images = [image_bytes("cat", 50), image_bytes("dog", 51), b"\xff\xd8 corrupt jpeg"]
+        payload = {"dataframe_split": {"columns": ["image"],
+                                       "data": [[base64.b64encode(data).decode("ascii")] for data in images]}}
+        response = httpx.post(f"{url}/invocations", json=payload, timeout=120)
+        assert response.status_code == 200, response.text
+        rows = response.json()["predictions"]
+        assert [row["label"] for row in rows] == ["cat", "dog", ""]
+        assert rows[0]["p_dog"] < 0.5 < rows[1]["p_dog"]
+        assert rows[0]["error"] == "" and rows[2]["error"]
+        strict = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+        assert strict["predictions"][2]["p_dog"] is None
+
+        pixels = {"dataframe_split": {"columns": ["pixels"], "data": [[class_pixels("dog", 52).tolist()]]}}
+        response = httpx.post(f"{url}/invocations", json=pixels, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] == "dog"

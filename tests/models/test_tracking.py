@@ -1,0 +1,166 @@
+"""MLflow tracking: the default store, what one retrain logs, and a real `mlflow server` showing it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import httpx
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.models import store
+from tasks.models.store import local_store_dir, resolve_tracking_uri, use_tracking
+from tasks.models.tracking import log_retrain, log_skipped_run, prefect_tags
+from tests.fake_training import mlflow_store  # noqa: F401 - fixture
+from tests.fake_training import fake_prepare_summary, fake_train_result
+from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of a run, recursively."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+# ------------------------------------------------------------------ the store
+
+
+def test_default_store_is_sqlite_in_cwd_mlruns_created_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    importlib.reload(store)  # importing must not create anything
+    uri = resolve_tracking_uri()
+    assert not (tmp_path / "mlruns").exists()  # nor resolving the URI
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+    assert use_tracking()[0] == uri and (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert store.experiment_artifact_location(uri, "cats-vs-dogs") == (tmp_path / "mlruns" / "cats-vs-dogs").as_uri()
+
+
+def test_environment_uri_wins_and_servers_have_no_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri() == "http://127.0.0.1:5999"
+    assert local_store_dir("http://127.0.0.1:5999") is None
+    assert store.experiment_artifact_location("http://127.0.0.1:5999", "x") is None  # the server decides
+    monkeypatch.chdir(tmp_path)
+    assert local_store_dir("sqlite:///rel/mlflow.db") == tmp_path.resolve() / "rel"
+    assert str(local_store_dir("sqlite:////abs/store/mlflow.db")) == "/abs/store"
+
+
+def test_readers_never_create_a_store(tmp_path, monkeypatch):
+    from tasks.common.errors import ConfigError
+
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    with pytest.raises(ConfigError, match=r"nowhere/mlflow.db does not exist.*MLFLOW_TRACKING_URI"):
+        use_tracking(create=False)
+    assert not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------ one retrain in MLflow
+
+
+def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = fake_train_result(tmp_path / "train")
+    summary = fake_prepare_summary(tmp_path / "data")
+    logged = log_retrain(summary, result, result.config, source="kagglecatsanddogs.zip", prefect_context={
+        "flow_run_id": "abc-123", "flow_run_name": "brave-cat", "flow_run_url": "http://prefect/runs/abc-123"})
+
+    client = MlflowClient()
+    run = client.get_run(logged.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "brave-cat"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["backbones"] == '["resnet50", "mobilenet_v2"]' and params["head_epochs"] == "3"
+    assert params["data.fingerprint"] == "f" * 64 and params["data.train.cat"] == "10"
+    assert metrics["data.test.dog"] == 4 and metrics["data.quarantined.empty_file"] == 1
+    assert metrics["test_roc_auc"] == pytest.approx(0.97) and metrics["val_roc_auc"] == pytest.approx(0.95)
+    assert tags["dataset_fingerprint"] == "f" * 64 and tags["config_hash"] == result.config_hash
+    assert params["resolved.backend"] == result.devices.backend and params["resolved.precision"] == "float32"
+    inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}  # MLflow's lineage
+    assert set(inputs) == {"train", "validation", "test"}
+    assert {dataset.digest for dataset in inputs.values()} == {("f" * 64)[:16]}
+    assert all(dataset.source_type == "local" or "kagglecatsanddogs" in dataset.source for dataset in inputs.values())
+    assert tags["prefect.flow_run_id"] == "abc-123" and tags["prefect.flow_run_url"].endswith("abc-123")
+    assert {"plots/roc_curve.png", "plots/confusion_matrix.png", "evaluation/comparison.csv",
+            "evaluation/predictions.csv", "evaluation/test_metrics.json", "data/prepare_summary.json",
+            "data/validation/result.json", "data/validation/data_docs/index.html"} <= _artifacts(client, run.info.run_id)
+
+    children = client.search_runs([logged.experiment_id], f"tags.mlflow.parentRunId = '{logged.run_id}'")
+    assert {child.data.tags["backbone"] for child in children} == {"resnet50", "mobilenet_v2"}
+    chosen = logged.child_run_ids["resnet50"]
+    head_curve = client.get_metric_history(chosen, "head.val_loss")
+    assert [(m.step, m.value) for m in head_curve] == [(1, 0.6), (2, 0.45), (3, 0.42)]
+    assert [m.step for m in client.get_metric_history(chosen, "fine_tune.val_auc")] == [1, 2]
+    assert client.get_metric_history(logged.child_run_ids["mobilenet_v2"], "fine_tune.loss") == []
+
+    model_info = mlflow.models.get_model_info(logged.model_uri)
+    assert model_info.signature.inputs.input_names() == ["image", "pixels"]
+    assert model_info.saved_input_example_info is not None
+    store = tmp_path / "mlruns"
+    assert any(store.joinpath("cats-vs-dogs").rglob("model.keras"))  # artifacts beside the db
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # no ./mlruns or ./mlartifacts
+    assert logged.run_url.endswith(f"/#/experiments/{logged.experiment_id}/runs/{logged.run_id}")
+
+
+def test_a_failure_while_logging_marks_the_run_failed(mlflow_store, tmp_path):
+    result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
+    result = result.model_copy(update={"model_path": str(tmp_path / "missing" / "model.keras")})
+    with pytest.raises(Exception):
+        log_retrain(fake_prepare_summary(tmp_path / "data"), result, result.config, source="tests")
+    runs = mlflow.search_runs(experiment_names=["cats-vs-dogs"], filter_string="tags.`catsdogs.kind` = 'retrain'")
+    assert runs["status"].tolist() == ["FAILED"]
+    assert mlflow.active_run() is None
+
+
+def test_log_skipped_run_records_why(mlflow_store):
+    logged = log_skipped_run("dataset and config equal the champion's", "fp", "cfg")
+    run = MlflowClient().get_run(logged.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["catsdogs.kind"] == "skipped"
+    assert run.data.tags["skip_reason"] == "dataset and config equal the champion's"
+    assert (run.data.tags["dataset_fingerprint"], run.data.tags["config_hash"]) == ("fp", "cfg")
+
+
+def test_prefect_tags_come_from_the_running_flow(prefect_harness):
+    from prefect import flow
+
+    @flow(name="tagging-probe")
+    def probe() -> dict:
+        return prefect_tags()
+
+    tags = probe()
+    assert tags["prefect.flow_name"] == "tagging-probe"
+    assert len(tags["prefect.flow_run_id"]) == 36 and tags["prefect.flow_run_name"]
+    assert prefect_tags() == {}  # outside a flow run there is nothing to link
+
+
+# ------------------------------------------------------------------ the UI people browse
+
+
+def test_mlflow_server_on_the_sqlite_store_lists_the_run(mlflow_store, tmp_path):
+    result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
+    logged = log_retrain(fake_prepare_summary(tmp_path / "data"), result, result.config, source="tests")
+    port = free_port()
+    env = base_env(PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_TRACKING_URI=None)
+    args = [cli("mlflow"), "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]
+    with running(start_process("mlflow server", args, env=env, log_path=tmp_path / "ui.log", cwd=tmp_path)) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", timeout=240, process=process)
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        found = httpx.post(f"{url}/api/2.0/mlflow/runs/search", timeout=30,
+                           json={"experiment_ids": [logged.experiment_id]}).json()
+        run_ids = {run["info"]["run_id"] for run in found["runs"]}
+        assert logged.run_id in run_ids
+        parent = next(run for run in found["runs"] if run["info"]["run_id"] == logged.run_id)
+        assert parent["info"]["artifact_uri"].startswith((tmp_path / "mlruns").as_uri())
+        artifacts = httpx.get(f"{url}/api/2.0/mlflow/artifacts/list", timeout=30,
+                              params={"run_id": logged.run_id, "path": "plots"}).json()
+        assert "plots/roc_curve.png" in {item["path"] for item in artifacts["files"]}

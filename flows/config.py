@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto",
         description="Backbone compute dtype: auto picks bfloat16 where the hardware has it "
-                    "(Ampere+ GPUs, CPUs with avx512_bf16/AMX), else float32.")
+                    "(Ampere+ GPUs, CPUs with AMX), else float32.")
     batch_size: int | None = Field(
         default=None, ge=1, le=4096,
         description="Images per batch for features and fine-tuning; none picks 32 on CPU and probes a GPU.")

@@ -5,11 +5,28 @@ Nothing here mocks a component users meet; the Prefect harness below is a real l
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+
+class _NoTensorFlow(importlib.abc.MetaPathFinder):
+    """Makes `import tensorflow` fail, as on the GPU hosts that have only JAX and PyTorch."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: KERAS_BACKEND is not tensorflow)", name=name)
+        return None
+
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    # The compute path must not need TensorFlow on another backend: prove it on this CPU by hiding it
+    # (Keras itself would otherwise import it opportunistically, since it is installed here).
+    sys.meta_path.insert(0, _NoTensorFlow())
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="catsdogs-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))

@@ -4,11 +4,13 @@ The compute path runs on any Keras 3 backend (TensorFlow by default, JAX and PyT
 so nothing here imports TensorFlow unless TensorFlow is the backend. CI has no GPU: the GPU
 branches are correct by construction and measured on a lent GPU host (benchmarks/).
 
-Precision follows the hardware: bfloat16 where it has native bf16 arithmetic (NVIDIA Ampere
-and newer, compute capability >= 8.0; x86 CPUs with avx512_bf16 or AMX), float32 elsewhere.
-On this project's 2-core EPYC (avx512_bf16) Keras' mixed_bfloat16 ResNet50 forward runs 1.66x
-the float32 one on TensorFlow. The chosen precision is part of every feature-cache key and
-logged parameter, so features of different precision never mix.
+Precision follows the hardware, as measured: bfloat16 on NVIDIA Ampere and newer (compute
+capability >= 8.0) and on x86 CPUs with AMX tiles (amx_bf16), float32 elsewhere. A CPU with
+avx512_bf16 but no AMX stays float32 under "auto": on this project's build machines (Xeon,
+avx512_bf16, no AMX) Keras' mixed_bfloat16 ResNet50 forward ran at 0.66x the float32 one on
+TensorFlow (1.05x with XLA), so bf16 would only cost precision; `--precision bfloat16` still
+forces it where someone measures otherwise. The chosen precision is part of every
+feature-cache key and logged parameter, so features of different precision never mix.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ logger = logging.getLogger(__name__)
 CPU_BATCH_SIZE = 32
 """Batch size on CPU: larger batches do not make a CPU faster, they only cost memory."""
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-"""/proc/cpuinfo flags of x86 CPUs with native bfloat16 arithmetic."""
+BF16_CPU_FLAGS = ("amx_bf16",)
+"""/proc/cpuinfo flags of x86 CPUs on which bfloat16 pays: AMX tiles (avx512_bf16 alone measured slower)."""
 
 POLICIES = {"bfloat16": "mixed_bfloat16", "float32": "float32"}
 """Keras dtype policy per precision (mixed: bf16 compute, float32 variables)."""
@@ -113,10 +115,13 @@ def choose_precision(requested: str = "auto", *, gpu_list: tuple | None = None,
         if all(capability is not None and tuple(capability) >= (8, 0) for capability in capabilities):
             return "bfloat16", f"GPU {found[0][0]} has bfloat16 (compute capability {found[0][1]})"
         return "float32", f"GPU {found[0][0]} lacks fast bfloat16 (compute capability below 8.0)"
-    present = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    flags = cpu_flags() if flags is None else flags
+    present = sorted(set(BF16_CPU_FLAGS) & flags)
     if present:
         return "bfloat16", f"CPU has {', '.join(present)}"
-    return "float32", "CPU without avx512_bf16/AMX"
+    if "avx512_bf16" in flags:
+        return "float32", "CPU has avx512_bf16 but no AMX, where bfloat16 measured slower (--precision bfloat16 forces it)"
+    return "float32", "CPU without bfloat16 arithmetic (avx512_bf16/AMX)"
 
 
 def configure_devices(precision: str = "auto") -> DeviceSetup:

@@ -4,7 +4,8 @@ Keras' `predict` converts every batch to float32 on the host and adds per-call o
 (measured at under a fifth of the model's own speed on an H200); here a uint8 batch goes to
 the device as it is and one compiled function runs the whole model:
 
-- JAX: `jax.jit` over `model.stateless_call` (the weights are arguments, not constants);
+- JAX: `jax.jit` over `model.stateless_call` (the weights are arguments, not constants), with
+  batches padded to a power of two so that a few compiled shapes serve every batch size;
 - TensorFlow: one `tf.function` traced for any batch size (no retrace for the last batch);
 - PyTorch: the model under `torch.no_grad()`.
 
@@ -27,7 +28,10 @@ Forward = Callable[[np.ndarray], Any]
 
 
 def compiled_forward(model: Any) -> Forward:
-    """The model's inference call as one compiled function of a uint8 batch (outputs float32)."""
+    """The model's inference call as one compiled function of a uint8 batch (outputs float32).
+
+    Build it after the model's last training step: on JAX it holds the weights as they are now.
+    """
     import keras
 
     backend = keras.config.backend()
@@ -42,7 +46,16 @@ def compiled_forward(model: Any) -> Forward:
             outputs, _ = model.stateless_call(trainable, non_trainable, pixels, training=False)
             return keras.ops.cast(outputs, "float32")
 
-        return lambda pixels: run(trainable, non_trainable, pixels)
+        def run_padded(pixels: np.ndarray) -> Any:
+            # XLA compiles once per batch shape (seconds each): pad to a power of two, so a smaller
+            # last batch or an odd-sized request reuses one of a few compiled shapes.
+            count = len(pixels)
+            bucket = 1 << max(count - 1, 0).bit_length()
+            if bucket != count:
+                pixels = np.concatenate([pixels, np.zeros((bucket - count, *pixels.shape[1:]), pixels.dtype)])
+            return run(trainable, non_trainable, pixels)[:count]
+
+        return run_padded
     if backend == "tensorflow":
         import tensorflow as tf
 

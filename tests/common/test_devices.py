@@ -12,6 +12,8 @@ import pytest
 
 from tasks.common import devices
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 
 def test_this_cpu_gets_bfloat16_when_it_has_avx512_bf16_and_float32_when_forced():
     setup = devices.configure_devices("auto")
@@ -26,9 +28,9 @@ def test_this_cpu_gets_bfloat16_when_it_has_avx512_bf16_and_float32_when_forced(
 @pytest.mark.parametrize("gpus, flags, expected, words", [
     ((("NVIDIA H200", (9, 0)),), frozenset(), "bfloat16", "compute capability"),
     ((("NVIDIA A100", (8, 0)), ("NVIDIA A100", (8, 0))), frozenset(), "bfloat16", "A100"),
-    ((("Tesla T4", (7, 5)),), frozenset({"avx512_bf16"}), "float32", "below 8.0"),
-    ((), frozenset({"avx512f", "avx512_bf16"}), "bfloat16", "avx512_bf16"),
-    ((), frozenset({"amx_bf16"}), "bfloat16", "amx_bf16"),
+    ((("Tesla T4", (7, 5)),), frozenset({"amx_bf16"}), "float32", "below 8.0"),
+    ((), frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), "bfloat16", "amx_bf16"),
+    ((), frozenset({"avx512f", "avx512_bf16"}), "float32", "measured slower"),  # as on this project's CPUs
     ((), frozenset({"avx2"}), "float32", "without"),
 ])
 def test_auto_precision_follows_the_hardware(gpus, flags, expected, words):

@@ -19,6 +19,8 @@ from tasks.learning.backbones import (
 from tasks.common.errors import ConfigError, InputError
 from tasks.learning.preprocess import Preprocess
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 
 def _tiny(name: str) -> int:
     return get_backbone(name).min_size

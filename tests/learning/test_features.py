@@ -33,6 +33,8 @@ from tasks.learning.pixels import read_image
 from tests.imagegen import image_bytes
 from tests.prepared import make_prepared_dir
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 BACKBONE = "vgg16"
 SIZE = 32
 

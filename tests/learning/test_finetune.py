@@ -32,6 +32,8 @@ from tasks.learning.pixels import read_image
 from tasks.learning.head import HeadParams, inference_copy, save_model, train_head
 from tests.prepared import make_prepared_dir
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 BACKBONE = "mobilenet_v2"
 SIZE = 32
 

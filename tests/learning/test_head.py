@@ -15,6 +15,8 @@ from tasks.learning.features import write_shard
 from tasks.learning.head import HEAD_LAYER_NAMES, HeadParams, fit_head, train_head
 from tests.prepared import make_prepared_dir
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 PARAMS = HeadParams(dense_units=16, dropout=0.2, learning_rate=1e-2, epochs=15, batch_size=16, patience=3, seed=7)
 
 

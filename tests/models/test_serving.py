@@ -25,6 +25,8 @@ from tests.fake_training import promoted_champion
 from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
+pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
+
 CHAMPION_URI = "models:/cats-vs-dogs@champion"
 
 

@@ -1,0 +1,65 @@
+"""The served model is self-contained: a fresh virtualenv made from its own requirements loads it and predicts.
+
+This is what `mlflow models serve --env-manager virtualenv` and `mlflow models build-docker` do: the
+model's `requirements.txt`, nothing else, no project install, no Prefect. It runs in the JAX job
+of the test command, where those requirements are small (a TensorFlow wheel alone is ~600 MB).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from tests.fake_training import promoted_champion
+from tests.imagegen import image_bytes
+
+pytestmark = [pytest.mark.backends, pytest.mark.slow]
+
+SCRIPT = """
+import json, sys
+import pandas as pd
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame({"image": [line.strip() for line in open(sys.argv[2])]})
+out = model.predict(frame)
+print(json.dumps({"labels": out["label"].tolist(), "errors": out["error"].tolist(),
+                  "modules": sorted(name for name in ("prefect", "tensorflow", "great_expectations", "flows")
+                                    if name in sys.modules)}))
+"""
+
+
+@pytest.mark.skipif(keras.config.backend() == "tensorflow",
+                    reason="run by the JAX job of the test command, whose model requirements are small")
+def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requirements(tmp_path, monkeypatch):
+    import mlflow
+
+    uri, _ = promoted_champion(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/cats-vs-dogs@champion", dst_path=str(tmp_path / "m")))
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert not [r for r in requirements if r.split("==")[0] in ("prefect", "tensorflow", "great-expectations")]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r",
+                              str(model_dir / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    images = tmp_path / "images.txt"
+    images.write_text("\n".join(base64.b64encode(data).decode() for data in
+                                (image_bytes("cat", 7), image_bytes("dog", 8), b"not an image")))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", SCRIPT, str(model_dir), str(images)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["labels"] == ["cat", "dog", ""]
+    assert result["errors"][:2] == ["", ""] and "not an image" in result["errors"][2]
+    assert result["modules"] == []  # nothing outside the model's requirements was imported

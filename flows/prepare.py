@@ -21,11 +21,13 @@ from prefect import flow, get_run_logger
 from tasks.common.labels import SPLITS
 from tasks.common.results import PrepareSummary
 from tasks.data import steps
+from tasks.data.folderlock import holding_data_folder
 from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 
 
 @flow(name="prepare-data")
+@holding_data_folder("prepare_data")
 def prepare_data(
     source: str,
     data_dir: str | Path = "data",

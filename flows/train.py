@@ -24,6 +24,7 @@ from flows.config import TrainConfig
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.results import BackboneResult, TrainResult
 from tasks.data.datafolder import DataFolder
+from tasks.data.folderlock import holding_data_folder
 from tasks.learning import steps
 from tasks.learning.runs import rank_backbones, write_comparison
 
@@ -35,6 +36,7 @@ HEAD_AGREEMENT_TOLERANCE = 1e-3
 
 
 @flow(name="train_model", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@holding_data_folder("train_model", create=False)
 def train_model(data_dir: str | Path, config: TrainConfig | None = None,
                 output_dir: str | Path | None = None) -> TrainResult:
     """Train heads on cached features for each backbone, keep the best, optionally fine-tune, evaluate on test.

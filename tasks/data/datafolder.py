@@ -16,6 +16,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     features/random_init/      the kept random draw of each backbone (weights=None)
     training/<time>-<hash>/    one folder per training run: models, plots, metrics
     logs/<command>-<time>.log  the full log of each command-line run
+    .lock                      held by the run that works in the folder (tasks/data/folderlock.py)
 
 No other module builds these paths: they ask a `DataFolder`.
 """
@@ -26,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import ClassVar
+from typing import Any, ClassVar
 from pathlib import Path
 
 import pandas as pd
@@ -52,6 +53,16 @@ class DataFolder:
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> DataFolder:
         return cls(Path(path).expanduser().absolute())
+
+    # ------------------------------------------------------------------ one run at a time
+    def lock(self, what: str, *, wait_s: float | None = None, create: bool = True) -> Any:
+        """Context manager: hold `.lock` for the block, waiting (and saying for whom) while another run holds it.
+
+        Re-entrant within a run; see tasks/data/folderlock.py.
+        """
+        from tasks.data.folderlock import WAIT_S, hold
+
+        return hold(self.root, what, wait_s=WAIT_S if wait_s is None else wait_s, create=create)
 
     # ------------------------------------------------------------------ prepare
     @property

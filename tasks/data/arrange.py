@@ -4,6 +4,13 @@ Arranging is a mirror, not a copy job: `arrange_files` makes the folder match th
 exactly. Missing links are made (atomically), stale files are removed, and files that are
 already right are not touched, so a second run writes nothing. Hard links cost no space and
 keep the bytes identical to what was hashed; a copy is the fallback across filesystems.
+
+A hard link shares its bytes with its source, so writing an arranged file in place writes
+the extracted (or converted) copy too. `arranged.index.json` records, per arranged file, the
+stat keys of the file and its source and the sha256 of the bytes placed: an unchanged key is
+trusted, a changed one is looked at, and a damaged source is repaired (extraction repairs
+archive members before this step; a damaged conversion is converted again here) before the
+file is linked again.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel
 
-from tasks.common.files import write_if_changed
+from tasks.common.files import sha256_file, write_if_changed
 from tasks.common.labels import CLASS_DIRS, CLASSES, SPLITS, UNLABELLED
+from tasks.common.logs import run_logger
 from tasks.common.results import PreparePaths, PrepareSummary
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
@@ -76,20 +84,57 @@ def arranged_paths(frame: pd.DataFrame) -> pd.Series:
     return paths.astype(str)
 
 
-def _is_current(source: Path, target: Path) -> bool:
-    """True when `target` already holds `source`'s bytes: the same inode, or an equal copy.
+CURRENT, PLACE, REPAIR = "current", "place", "repair"
 
-    Copies are made with `copy2`, which keeps the mtime, so size + mtime_ns identifies our own
-    copy without reading it (the rsync rule).
+
+def _key(st: os.stat_result) -> list[int]:
+    """(size, mtime_ns, inode), as tasks/data/extract.py keys its members."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _state(source: Path, target: Path, entry: dict | None) -> str:
+    """Whether `target` still holds what was arranged from `source`: CURRENT, PLACE (again) or REPAIR.
+
+    `entry` is what the last arrange recorded for this target (stat keys of target and source,
+    sha256 of the bytes placed). Unchanged keys mean unchanged bytes, without reading a byte.
+    A changed key on a target that shares the source's inode (a hard link) means the bytes
+    were touched or rewritten in place: they are hashed, and REPAIR means they were rewritten,
+    so the source itself is damaged. A target that no longer shares the source's inode (the
+    source was repaired, or replaced) is placed again. Without an entry (a folder arranged
+    before entries were kept) the old rule decides: the same inode, or an equal-looking copy
+    (copies keep the mtime: the rsync rule).
     """
     try:
         target_stat = target.stat()
     except FileNotFoundError:
-        return False
+        return PLACE
     source_stat = source.stat()
-    if (target_stat.st_dev, target_stat.st_ino) == (source_stat.st_dev, source_stat.st_ino):
-        return True
-    return (target_stat.st_size, target_stat.st_mtime_ns) == (source_stat.st_size, source_stat.st_mtime_ns)
+    same = (target_stat.st_dev, target_stat.st_ino) == (source_stat.st_dev, source_stat.st_ino)
+    if entry is None:
+        if same or (target_stat.st_size, target_stat.st_mtime_ns) == (source_stat.st_size, source_stat.st_mtime_ns):
+            return CURRENT
+        return PLACE
+    if entry.get("target") == _key(target_stat) and entry.get("source") == _key(source_stat):
+        return CURRENT
+    if same:
+        return CURRENT if sha256_file(target) == entry.get("sha256") else REPAIR
+    return PLACE
+
+
+def _read_entries(path: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remake_conversion(original: Path, converted: Path, folder: DataFolder) -> None:
+    """Convert `original` again into `converted` (its content-addressed name), replacing damaged bytes."""
+    from tasks.data.images import inspect_and_store
+
+    converted.unlink(missing_ok=True)
+    inspect_and_store((str(original), str(folder.converted), 1, 10**12))
 
 
 def _place(source: Path, target: Path) -> str:
@@ -136,18 +181,36 @@ def link_arranged(manifest: pd.DataFrame, folder: DataFolder) -> tuple[pd.DataFr
     todo = frame[frame["arranged_path"] != ""]
     stats = ArrangeStats()
     wanted: set[Path] = set()
-    for arranged, converted, original in zip(todo["arranged_path"], todo["converted_path"], todo["source_path"]):
+    recorded = _read_entries(folder.arranged_index)
+    entries: dict[str, dict] = {}
+    log = run_logger(__name__)
+    for arranged, converted, original, sha in zip(todo["arranged_path"], todo["converted_path"],
+                                                  todo["source_path"], todo["sha256"]):
         # the bytes to arrange: the converted RGB JPEG where the manifest step made one
         source, target = Path(converted or original), folder.file(arranged)
         wanted.add(target)
-        if _is_current(source, target):
+        entry = recorded.get(arranged)
+        state = _state(source, target, entry)
+        if state == REPAIR:
+            if converted:
+                log.warning("%s (and the conversion %s it is linked to) was changed in place; converting %s "
+                            "again", target, source, original)
+                _remake_conversion(Path(original), source, folder)
+            else:
+                log.warning("%s was changed in place, and so was its source %s, which cannot be repaired "
+                            "(it is not from an archive); check that file", target, source)
+        if state == CURRENT:
             stats.unchanged += 1
         elif _place(source, target) == "linked":
             stats.linked += 1
         else:
             stats.copied += 1
+        placed = entry.get("sha256") if entry and state == CURRENT else None
+        entries[arranged] = {"target": _key(target.stat()), "source": _key(source.stat()),
+                             "sha256": placed or (sha256_file(source) if converted else sha)}
     _remove_stale(folder.arranged, wanted, stats)
     _remove_stale(folder.unlabelled, wanted, stats)
+    write_if_changed(folder.arranged_index, (json.dumps(entries, sort_keys=True) + "\n").encode("utf-8"))
     return frame, stats
 
 

@@ -11,6 +11,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     validation/                GX result.json and Data Docs
     arranged/<split>/<cats|dogs>/   the images to learn from (links or copies)
     unlabelled/                Kaggle's test1/ pool, never trained on
+    arranged.index.json        what arrange placed (stat keys, sha256), to notice writes through links
     prepare_summary.json       what prepare_data returned
     features/<cache key>/      bottleneck feature shards, one folder per feature space
     features/random_init/      the kept random draw of each backbone (weights=None)
@@ -112,6 +113,11 @@ class DataFolder:
     @property
     def unlabelled(self) -> Path:
         return self.root / self.UNLABELLED
+
+    @property
+    def arranged_index(self) -> Path:
+        """Stat keys and sha256 of every arranged file and its source, as the last arrange left them."""
+        return self.root / "arranged.index.json"
 
     @property
     def summary(self) -> Path:

@@ -8,7 +8,11 @@ because headers can lie.
 
 The result is content-addressed, `extracted_root/<archive sha256[:16]>`, built in a temporary
 folder and renamed into place only when complete: an existing folder is always a complete one,
-so a second run reuses it and writes nothing.
+so a second run reuses it and writes nothing. The folder records the sha256 and stat key of
+every member (`.catsdogs-members.json`); arranged images are hard links to these files, so a
+write through an arranged file changes the extracted copy too. A reuse therefore checks every
+member's stat (and hashes only the changed ones); a member that no longer holds the archive's
+bytes is repaired by extracting the archive again, swapped in whole, with a warning naming it.
 
 Nested archives are unpacked one level deep, in place of themselves: Kaggle's competition zip
 holds `train.zip` and `test1.zip`, which become the folders `train/` and `test1/`.
@@ -17,6 +21,8 @@ holds `train.zip` and `test1.zip`, which become the folders `train/` and `test1/
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import lzma
 import os
 import re
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.common.errors import AcquireError, UnsafeArchiveError
-from tasks.common.files import atomic_directory, sha256_file_cached
+from tasks.common.files import atomic_directory, atomic_write_text, sha256_file, sha256_file_cached
 from tasks.common.logs import run_logger
 
 NESTED_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -129,6 +135,7 @@ class _Run:
         self.limits = limits
         self.written = 0
         self.members = 0
+        self.digests: dict[str, str] = {}  # relative path -> sha256 of every file written
         self._claims: dict[tuple[str, ...], tuple[bool, str]] = {}
 
     def count_member(self, label: str, name: str) -> None:
@@ -297,8 +304,10 @@ class _Writer:
             return
         self._folder(target.parent)
         copied = 0
+        digest = hashlib.sha256()
         with open(target, "xb") as out:  # "x": never replace or follow anything already there
             while chunk := source.read(_CHUNK):
+                digest.update(chunk)
                 copied += len(chunk)
                 if copied > entry.size:
                     raise _refuse(self.label, entry.name, "holds more bytes than its header declares")
@@ -310,6 +319,7 @@ class _Writer:
                           "download the archive again")
         if entry.mtime is not None:
             os.utime(target, (entry.mtime, entry.mtime))  # deterministic mtimes keep manifest reuse working
+        self.run.digests["/".join(entry.parts)] = digest.hexdigest()
 
 
 def _unpack_zip(archive: Path, label: str, root: Path, prefix: tuple[str, ...], depth: int, run: _Run) -> list[_Entry]:
@@ -369,6 +379,7 @@ def _unpack(archive: Path, label: str, root: Path, prefix: tuple[str, ...], dept
         assert stem is not None
         _unpack(inner, f"{label} > {entry.name}", root, entry.parts[:-1] + (stem,), depth + 1, run)
         inner.unlink()
+        run.digests.pop("/".join(entry.parts), None)
 
 
 def extract_archive(source_path: Path, extracted_root: Path, *, limits: ExtractLimits | None = None) -> Path:
@@ -394,11 +405,77 @@ def extract_archive(source_path: Path, extracted_root: Path, *, limits: ExtractL
     target = extracted_root / digest[:16]
     log = run_logger(__name__)
     if target.is_dir():
-        log.info("Reusing %s, already extracted from %s", target, source_path.name)
-        return target
+        damaged = damaged_members(target)
+        if not damaged:
+            log.info("Reusing %s, already extracted from %s", target, source_path.name)
+            return target
+        if damaged == [INDEX_NAME]:
+            log.info("Extracting %s again into %s: the folder has no member index yet, so its files "
+                     "cannot be checked against the archive", source_path.name, target)
+        else:
+            shown = ", ".join(str(target / name) for name in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+            log.warning("%d extracted file(s) no longer hold what %s holds (%s), changed in place (an arranged "
+                        "hard link written to?) or lost; extracting the archive again", len(damaged),
+                        source_path.name, shown)
     log.info("Extracting %s into %s", source_path, target)
     run = _Run(limits or ExtractLimits())
     with atomic_directory(target) as tmp:
         _unpack(source_path, label, tmp, (), 0, run)
+        write_index(tmp, run.digests)
     log.info("Extracted %d members (%d bytes) from %s", run.members, run.written, source_path.name)
     return target
+
+
+# ---------------------------------------------------------------- the member index: what the archive holds
+
+INDEX_NAME = ".catsdogs-members.json"
+"""Hidden file in each extracted folder: sha256 and stat key of every member (layouts skip hidden files)."""
+
+
+def stat_key(path: Path) -> list[int]:
+    """(size, mtime_ns, inode): rewriting or replacing a file changes it.
+
+    ctime is left out on purpose: arranging hard-links every member, which changes its ctime
+    but not its bytes, and a second run must not re-hash 25,000 files for that.
+    """
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def write_index(folder: Path, digests: dict[str, str]) -> None:
+    """Record every member's sha256 and stat key, in the folder itself (it is built and renamed whole)."""
+    members = {name: {"sha256": sha, "stat": stat_key(folder / name)} for name, sha in sorted(digests.items())}
+    atomic_write_text(folder / INDEX_NAME, json.dumps({"version": 1, "members": members}, sort_keys=True) + "\n")
+
+
+def damaged_members(folder: Path) -> list[str]:
+    """Members of an extracted folder whose bytes are no longer the archive's; [INDEX_NAME] if unknown.
+
+    A member whose stat key is unchanged is trusted without reading it (a second run stays a
+    walk of stats); one whose key changed is hashed again, and counts as damaged only when its
+    bytes differ (a touched but intact file gets its new key recorded). Missing members are damaged.
+    """
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        members = index["members"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [INDEX_NAME]
+    damaged: list[str] = []
+    touched = False
+    for name, entry in members.items():
+        path = folder / name
+        try:
+            key = stat_key(path)
+        except OSError:
+            damaged.append(name)
+            continue
+        if key == entry.get("stat"):
+            continue
+        if sha256_file(path) == entry.get("sha256"):
+            entry["stat"] = stat_key(path)
+            touched = True
+        else:
+            damaged.append(name)
+    if touched and not damaged:
+        atomic_write_text(folder / INDEX_NAME, json.dumps(index, sort_keys=True) + "\n")
+    return sorted(damaged)

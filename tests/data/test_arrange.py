@@ -64,7 +64,7 @@ def test_arrange_links_each_kept_file_once_under_its_split_and_class(sources):
     assert (data_dir / out.set_index("relative_path").loc["Dog/png.jpg", "arranged_path"]).read_bytes() == b"converted bytes"
     assert "odd_name_1_" in out.set_index("relative_path").loc["Dog/odd name (1).jpg", "arranged_path"]
     assert out.set_index("relative_path").loc["Cat/bad.jpg", "arranged_path"] == ""
-    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    files = [p for p in data_dir.rglob("*") if p.is_file() and p != DataFolder(data_dir).arranged_index]
     assert len(files) == 6
 
 
@@ -87,7 +87,8 @@ def test_stale_files_are_removed_and_moved_images_relinked(sources):
     smaller = manifest[manifest["relative_path"] != "Cat/2.jpg"]
     out, stats = link_arranged(smaller, DataFolder(data_dir))
     assert stats.removed == 3 and stats.linked == 0
-    on_disk = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
+    on_disk = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
+               if p.is_file() and p != DataFolder(data_dir).arranged_index}
     assert on_disk == set(out.loc[out["arranged_path"] != "", "arranged_path"])
 
 

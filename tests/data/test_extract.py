@@ -32,7 +32,9 @@ def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The extracted members and their bytes (the folder's own member index left out)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ex.INDEX_NAME}
 
 
 def _zip(path: Path, members: dict[str, bytes], *, attrs: dict[str, int] | None = None) -> Path:

@@ -20,10 +20,13 @@ Output: one row per input row: ``p_dog`` (nullable float: NA on error, null in J
 sentence). A corrupt image, an oversized one, or a row past the request's row limit yields
 an error row, never a failed request.
 
-Memory stays bounded whatever arrives: an image over the pixel limit is refused from its
-header, a large JPEG is decoded at 1/2..1/8 scale in the DCT domain, rows beyond
+Memory stays bounded whatever arrives: under `mlflow models serve` a request body over
+`max_request_bytes` is refused with HTTP 413 before it is read, an image over the pixel limit
+(training's 25 MP) is refused from its header, an encoded image over `MAX_IMAGE_BYTES` before
+it is decoded, a large JPEG is decoded at 1/2..1/8 scale in the DCT domain, rows beyond
 `max_rows` are refused, and at most `max_concurrent` requests per process decode and score
-at a time (the rest wait), each in batches of `batch_size`.
+at a time (the rest wait), each in batches of `batch_size`. All but the image limits can be
+set where the model is served (`MLFLOW_PYFUNC_INFERENCE_CONFIG`, see `model_config`).
 
 What the server imports: this module, tasks.learning.pixels and .forward and .preprocess,
 tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras and MLflow only, all in the
@@ -71,6 +74,12 @@ MAX_IMAGE_BYTES = 20 * 2**20
 
 MAX_CONCURRENT = 2
 """Requests decoding and scoring at once per server process; others wait their turn."""
+
+MAX_REQUEST_BYTES = 32 * 2**20
+"""Largest `/invocations` body `mlflow models serve` reads for this model (32 MiB); larger ones get HTTP 413."""
+
+SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
+"""Set by `mlflow models serve` for its scoring app: this process is the model server."""
 
 THRESHOLD = 0.5
 """p(dog) at or above which the label is "dog" (dog = 1, the Kaggle convention)."""
@@ -242,6 +251,11 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         if config.get("keras_backend"):
             os.environ.setdefault("KERAS_BACKEND", str(config["keras_backend"]))
         self.max_rows = int(config.get("max_rows", self.max_rows))
+        if int(config.get("max_concurrent", self.max_concurrent)) != self.max_concurrent:
+            self.max_concurrent = int(config["max_concurrent"])
+            self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        if os.environ.get(SERVER_MODEL_PATH_ENV):
+            limit_request_bytes(int(config.get("max_request_bytes", MAX_REQUEST_BYTES)))
         self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"))
 
     def attach(self, keras_model: Any, input_size: int | None = None) -> CatsDogsModel:
@@ -289,6 +303,49 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                     for offset, p_dog in zip(good, outputs):
                         scores[rows[offset]] = float(p_dog)
         return predictions_frame(scores, errors)
+
+
+def limit_request_bytes(max_bytes: int) -> bool:
+    """In `mlflow models serve`: refuse an `/invocations` body over `max_bytes` with HTTP 413, unread.
+
+    MLflow's scoring app reads the whole body, then parses the JSON, before the model sees a
+    row, and offers no limit of its own; a 2 GB request would be held (and parsed) in full.
+    The model is loaded before that app is built, so it can bound what the app reads: the
+    app's request body is read here, refused from its Content-Length when that is too large,
+    and counted while streaming otherwise. Only the scoring app's process does this (see
+    `load_context`); True when the limit is in place.
+    """
+    try:
+        from starlette.exceptions import HTTPException
+        from starlette.requests import Request
+    except ImportError:  # pragma: no cover - MLflow's scoring server is built on starlette
+        return False
+    current = Request.body
+    if getattr(current, "catsdogs_limit", None) is not None:
+        current.catsdogs_limit = max_bytes  # type: ignore[attr-defined]
+        return True
+
+    async def body(self: Any) -> bytes:
+        limit = body.catsdogs_limit  # type: ignore[attr-defined]
+        if hasattr(self, "_body") or self.url.path != "/invocations":
+            return await current(self)
+        too_large = (f"the request is larger than {limit:,} bytes; send fewer or smaller images per "
+                     "request (or raise max_request_bytes in MLFLOW_PYFUNC_INFERENCE_CONFIG)")
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(status_code=413, detail=too_large)
+        chunks, total = [], 0
+        async for chunk in self.stream():
+            total += len(chunk)
+            if total > limit:
+                raise HTTPException(status_code=413, detail=too_large)
+            chunks.append(chunk)
+        self._body = b"".join(chunks)
+        return self._body
+
+    body.catsdogs_limit = max_bytes  # type: ignore[attr-defined]
+    Request.body = body  # type: ignore[method-assign]
+    return True
 
 
 def model_signature() -> Any:
@@ -356,10 +413,15 @@ def pip_requirements(backend: str | None = None) -> list[str]:
 
 
 def model_config(input_size: int) -> dict[str, Any]:
-    """Settings stored with the logged model: input size, and the backend to load it on."""
+    """Settings stored with the logged model: input size, the backend to load it on, and the limits.
+
+    Each can be changed where the model is served, without logging it again, through MLflow's
+    `MLFLOW_PYFUNC_INFERENCE_CONFIG` (e.g. `'{"max_request_bytes": 8388608, "max_rows": 128}'`).
+    """
     import keras
 
-    return {"input_size": int(input_size), "keras_backend": keras.config.backend(), "max_rows": MAX_ROWS}
+    return {"input_size": int(input_size), "keras_backend": keras.config.backend(), "max_rows": MAX_ROWS,
+            "max_request_bytes": MAX_REQUEST_BYTES, "max_concurrent": MAX_CONCURRENT}
 
 
 def tasks_code_path() -> str:

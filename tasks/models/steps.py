@@ -24,6 +24,15 @@ SUMMARY_ARTIFACT_KEY = "retrain-summary"
 """Prefect artifact key: every run adds a version, so the UI shows the history under one key."""
 
 
+@task(name="reconcile", **IO_RETRIES)
+def reconcile(data_dir: str, experiment: str) -> Any:
+    """Set straight what killed runs left: stuck runs and flow runs, pending models, half-registered
+    versions, half-written folders. Returns tasks.models.reconcile.Reconciled; see that module."""
+    from tasks.models.reconcile import reconcile as run
+
+    return run(data_dir, experiment)
+
+
 @task(name="read-champion", **IO_RETRIES)
 def read_champion() -> ChampionInfo | None:
     """The current champion's version, dataset fingerprint, config hash and logged metrics."""

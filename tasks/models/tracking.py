@@ -19,6 +19,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks.common.processes import ProcessId
 from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
 from tasks.models.naming import (
     DEFAULT_EXPERIMENT,
@@ -88,6 +89,15 @@ def prefect_tags(prefect_context: Mapping[str, Any] | None = None) -> dict[str, 
             continue
         tags[f"prefect.{key}"] = str(value)
     return tags
+
+
+def owner_tags() -> dict[str, str]:
+    """`catsdogs.owner.*`: the process that writes the run, set when the run starts.
+
+    A run whose process is killed stays RUNNING; with its owner recorded the next retrain can
+    prove that process dead and mark the run FAILED (tasks/models/reconcile.py).
+    """
+    return ProcessId.current().labels()
 
 
 def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
@@ -271,13 +281,14 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
     as `evaluation/test_metrics.json`), the validation metrics of the shipped model (`val_*`),
     plots (`plots/`), the comparison table and test predictions (`evaluation/`), tags
     (`dataset_fingerprint`, `config_hash`, `chosen_backbone`, `prefect.*` links to the flow
-    run) and the pyfunc model (`model`). A failure mid-way marks the run FAILED.
+    run, `catsdogs.owner.*` the process) and the pyfunc model (`model`). A failure mid-way
+    marks the run FAILED; a killed process leaves it RUNNING for the next retrain to reconcile.
     """
     uri, client = use_tracking()
     experiment_id = ensure_experiment(experiment)
     chosen = trained.chosen_backbone
     tags = {TAG_KIND: "retrain", TAG_FINGERPRINT: data.fingerprint, TAG_CONFIG_HASH: trained.config_hash,
-            TAG_BACKBONE: chosen, **prefect_tags(prefect_context)}
+            TAG_BACKBONE: chosen, **prefect_tags(prefect_context), **owner_tags()}
     run_name = tags.get("prefect.flow_run_name") or f"retrain-{data.fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
@@ -324,7 +335,7 @@ def log_skipped_run(reason: str, fingerprint: str, config_hash: str, *, experime
     experiment_id = ensure_experiment(experiment)
     tags = {TAG_KIND: "skipped", TAG_SKIP_REASON: reason, TAG_FINGERPRINT: fingerprint,
             TAG_CONFIG_HASH: config_hash, "mlflow.note.content": f"Skipped: {reason}",
-            **prefect_tags(prefect_context)}
+            **prefect_tags(prefect_context), **owner_tags()}
     run_name = tags.get("prefect.flow_run_name") or f"skipped-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")

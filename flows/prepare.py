@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from tasks.common.labels import SPLITS
+from tasks.common.logs import run_logger
 from tasks.common.results import PrepareSummary
 from tasks.data import steps
 from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
@@ -48,7 +49,7 @@ def prepare_data(
     `thresholds`: dataset-level limits; the defaults suit the real 25,000-image dataset.
     Raises DatasetValidationError, before anything is arranged, when they fail.
     """
-    log = get_run_logger()
+    log = run_logger(__name__)
     data_dir = str(Path(data_dir).expanduser().absolute())
     fractions = check_fractions(split_fractions)
     thresholds = thresholds or ValidationThresholds(min_side=min_side)
@@ -89,7 +90,7 @@ def prepare_data(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.prepare --source ...`: the same data options as `python -m flows.retrain`."""
-    from flows.cli import build_parser, model_from_args, one_sentence, run_main
+    from flows.cli import build_parser, log_path_for, model_from_args, one_sentence, run_main
     from flows.config import DataConfig
     from pydantic import ValidationError
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary.paths.summary)
         return 0
 
-    return run_main(work)
+    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose)
 
 
 if __name__ == "__main__":

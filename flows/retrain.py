@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.config import RetrainConfig
 from flows.prepare import prepare_data
 from flows.train import train_model
+from tasks.common.logs import run_logger
 from tasks.common.results import RetrainSummary
 from tasks.learning import steps as learning
 from tasks.models import steps as models
@@ -46,7 +47,7 @@ TRAINED = "trained"
 @flow(name="retrain")
 def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
     """Prepare, skip if nothing changed, train, log, register and gate; returns the run summary."""
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     data_dir = str(Path(config.data_dir).expanduser().resolve())
     config_hash = config.config_hash()
     for backbone in config.backbones:
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from pydantic import ValidationError
 
-    from flows.cli import one_sentence, run_main
+    from flows.cli import log_path_for, one_sentence, run_main
     from tasks.models.report import summary_markdown
 
     parser = build_parser()
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0
 
-    return run_main(work)
+    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,10 @@ def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: 
 
     train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
     val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
-    model, history = fit_head(train_x, train_y, val_x, val_y, params, callbacks)
+    from tasks.learning.callbacks import training_progress
+
+    progress = training_progress(f"Training the {backbone} head", params.epochs)
+    model, history = fit_head(train_x, train_y, val_x, val_y, params, [progress, *(callbacks or [])])
     p_dog = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0)).reshape(-1)
     metrics = binary_metrics(val_y, p_dog)
     heads_dir = Path(output_dir) / "heads"

@@ -93,6 +93,18 @@ def acquire_source(source: str, downloads_dir: Path, *, expected_sha256: str | N
     return local_source(source, downloads_dir, expected_sha256=expected)
 
 
+def source_uri(source: str) -> str:
+    """Where a source's bytes come from, as a URI people can follow (for lineage records)."""
+    keyword = str(source).strip().lower()
+    if keyword == "petimages":
+        return os.environ.get(PETIMAGES_URL_ENV) or PETIMAGES_URL
+    if keyword == "kaggle":
+        return f"https://www.kaggle.com/competitions/{KAGGLE_COMPETITION}/data"
+    if "://" in str(source):
+        return str(source)
+    return Path(source).expanduser().absolute().as_uri()
+
+
 def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
     """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
     expected_sha256 = _normalise_digest(expected_sha256)

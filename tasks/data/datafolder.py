@@ -1,0 +1,213 @@
+"""The data folder's contract: every path under `data_dir`, and the one reader of labelled rows.
+
+Everything the pipeline keeps for a dataset lives under one folder (default `data/`):
+
+    downloads/                 verified archives, digests.json (trusted sha256s)
+    extracted/<sha256[:16]>/   safely extracted archives (content-addressed)
+    converted/<sha256>.jpg     RGB baseline JPEGs made from oddities (PNG-as-jpg, CMYK, rotated)
+    inspected.parquet          one row per source file, inspected (input of dedupe and split)
+    splits.parquet             after dedupe and split (what Great Expectations validates)
+    manifest.parquet           the final manifest, with `arranged_path`
+    validation/                GX result.json and Data Docs
+    arranged/<split>/<cats|dogs>/   the images to learn from (links or copies)
+    unlabelled/                Kaggle's test1/ pool, never trained on
+    prepare_summary.json       what prepare_data returned
+    features/<cache key>/      bottleneck feature shards, one folder per feature space
+    features/random_init/      the kept random draw of each backbone (weights=None)
+    training/<time>-<hash>/    one folder per training run: models, plots, metrics
+    logs/<command>-<time>.log  the full log of each command-line run
+
+No other module builds these paths: they ask a `DataFolder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import ClassVar
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.common.errors import DatasetValidationError
+from tasks.common.files import partial_path
+from tasks.common.labels import CLASSES, LABEL_INDEX, SPLITS
+
+_ROW_COLUMNS = ["sha256", "label", "status", "split", "arranged_path"]
+
+
+@dataclass(frozen=True)
+class DataFolder:
+    """The folder of one dataset; `DataFolder.at("data")` resolves it against the working directory."""
+
+    root: Path
+
+    ARRANGED: ClassVar[str] = "arranged"
+    """Folder name of the labelled images (manifest `arranged_path` values start with it)."""
+    UNLABELLED: ClassVar[str] = "unlabelled"
+    """Folder name of the unlabelled pool."""
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> DataFolder:
+        return cls(Path(path).expanduser().absolute())
+
+    # ------------------------------------------------------------------ prepare
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def extracted(self) -> Path:
+        return self.root / "extracted"
+
+    @property
+    def converted(self) -> Path:
+        return self.root / "converted"
+
+    def converted_file(self, sha256: str) -> Path:
+        """Where the RGB JPEG made from the source image with this sha256 is kept."""
+        return self.converted / f"{sha256}.jpg"
+
+    @property
+    def inspected(self) -> Path:
+        return self.root / "inspected.parquet"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    @property
+    def validation_result(self) -> Path:
+        return self.validation / "result.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.validation / "data_docs" / "index.html"
+
+    @property
+    def arranged(self) -> Path:
+        return self.root / self.ARRANGED
+
+    @property
+    def unlabelled(self) -> Path:
+        return self.root / self.UNLABELLED
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "prepare_summary.json"
+
+    def summary_fingerprint(self) -> str | None:
+        """The dataset fingerprint prepare_data recorded in prepare_summary.json, if it did."""
+        try:
+            return json.loads(self.summary.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def file(self, relative: str) -> Path:
+        """An arranged image from its manifest `arranged_path` (relative to the folder)."""
+        return self.root / relative
+
+    # ------------------------------------------------------------------ learn
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    def feature_cache(self, key: str) -> Path:
+        """The shard folder of one feature space (see tasks.learning.features.cache_key)."""
+        return self.features / key
+
+    def random_weights(self, backbone: str) -> Path:
+        """The weights=None draw of a backbone, kept so every step sees the same random backbone."""
+        return self.features / "random_init" / f"{backbone}.weights.h5"
+
+    @property
+    def training(self) -> Path:
+        return self.root / "training"
+
+    @property
+    def logs(self) -> Path:
+        """Full logs of command-line runs (the terminal shows only the pipeline's own lines)."""
+        return self.root / "logs"
+
+    def new_training_run(self, config_hash: str, now: datetime | None = None) -> tuple[Path, Path]:
+        """(partial, final) folders of a new training run: training/<UTC time>-<config hash[:8]>.
+
+        The run writes into the hidden `partial` folder, created here, and `commit_directory`
+        renames it to `final` when the run succeeds: a failed or killed run leaves nothing that
+        looks like a result. Names sort by time, group by config, and are never shared: the
+        partial folder is made with an atomic mkdir, so two runs in one second get two names.
+        """
+        stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        base = f"{stamp}-{config_hash[:8]}"
+        self.training.mkdir(parents=True, exist_ok=True)
+        for counter in range(1, 1000):
+            name = base if counter == 1 else f"{base}-{counter}"
+            final = self.training / name
+            partial = partial_path(final)
+            if final.exists():
+                continue
+            try:
+                partial.mkdir()
+            except FileExistsError:
+                continue
+            return partial, final
+        raise RuntimeError(f"no free training folder name under {self.training}")
+
+    # ------------------------------------------------------------------ the labelled rows
+    def labelled_rows(self, split: str | None = None) -> pd.DataFrame:
+        """The images to learn from: ok rows of labelled splits, one per sha256, in sha256 order.
+
+        Columns: sha256, label ("cat"/"dog"), y (0/1), split, arranged_path (relative) and path
+        (absolute). The order depends on content only, so every step (features, head,
+        fine-tuning, evaluation, the gate) sees the same rows in the same order on every run.
+        """
+        if split is not None and split not in SPLITS:
+            raise DatasetValidationError(f"Split {split!r} is not a labelled split; use one of {', '.join(SPLITS)}.")
+        if not self.manifest.is_file():
+            raise DatasetValidationError(f"Data folder {self.root} has no manifest.parquet; "
+                                         "run prepare_data (python -m flows.prepare) on it first.")
+        try:
+            frame = pd.read_parquet(self.manifest, columns=_ROW_COLUMNS)
+        except Exception as error:  # noqa: BLE001 - a damaged file shows up as many pyarrow errors
+            raise DatasetValidationError(
+                f"{self.manifest} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+                "delete it and run prepare_data again to rebuild it.") from None
+        keep = (frame["status"] == "ok") & frame["split"].isin([split] if split else SPLITS) \
+            & (frame["arranged_path"] != "")
+        rows = frame[keep].drop_duplicates(subset="sha256").sort_values("sha256", kind="stable")
+        unknown = sorted(set(rows["label"]) - set(LABEL_INDEX))
+        if unknown:
+            raise DatasetValidationError(f"{self.manifest} has labels {unknown}; only {list(CLASSES)} are allowed, "
+                                         "run prepare_data again.")
+        rows = rows.reset_index(drop=True).drop(columns="status")
+        rows["y"] = rows["label"].map(LABEL_INDEX).astype("int64")
+        rows["path"] = [str(self.root / relative) for relative in rows["arranged_path"]]
+        return rows
+
+    def split_rows(self, split: str) -> pd.DataFrame:
+        """`labelled_rows(split)`, refused when a class is missing: learning and testing need both."""
+        rows = self.labelled_rows(split)
+        missing = [name for name in CLASSES if not (rows["label"] == name).any()]
+        if missing:
+            raise DatasetValidationError(
+                f"split {split!r} of {self.manifest} has no {' or '.join(missing)} images; "
+                "add images of every class and run prepare_data again.")
+        return rows
+
+    def labelled_counts(self) -> dict[str, dict[str, int]]:
+        """{split: {"cat": n, "dog": n}}; fails unless every labelled split has both classes."""
+        counts = {}
+        for split in SPLITS:
+            rows = self.split_rows(split)
+            counts[split] = {name: int((rows["label"] == name).sum()) for name in CLASSES}
+        return counts

@@ -311,6 +311,19 @@ def _profile_api_url() -> str | None:
     return str(value) if value else None
 
 
+def parse(model: type[BaseModel], parser: argparse.ArgumentParser,
+          argv: Sequence[str] | None) -> tuple[argparse.Namespace, Any] | None:
+    """(options, config) from the command line, or None after printing the one sentence that names the option."""
+    from pydantic import ValidationError
+
+    args = parser.parse_args(argv)
+    try:
+        return args, model_from_args(model, args)
+    except ValidationError as error:
+        print(f"error: {one_sentence(model, error)}", file=sys.stderr)
+        return None
+
+
 def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) -> int:
     """Run an entry point's work with a quiet console: its exit code, or one `error:` line.
 
@@ -322,9 +335,10 @@ def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) 
         return _run_quietly(work, log_path, verbose)
     finally:
         if not verbose:
-            # The process ends after this: Prefect's temporary server says goodbye from an exit hook,
-            # after the terminal was given back, and people need not read it.
-            logging.getLogger("prefect").setLevel(logging.WARNING)
+            # The process ends after this: Prefect's temporary server and its event worker say goodbye
+            # from exit hooks, after the terminal was given back, and people need not read it.
+            for name in ("prefect", "EventsWorker", "APILogWorker"):
+                logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:

@@ -12,7 +12,6 @@ cannot be scored get 0.5 and their reason in `<name>.errors.csv` (tasks/models/p
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from prefect import flow
@@ -50,19 +49,15 @@ def predict(images: str, model_uri: str = DEFAULT_MODEL_URI, output_csv: str | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flows.predict IMAGES [--model-uri URI] [--output-csv PATH] [--batch-size N]`."""
-    from pydantic import ValidationError
-
-    from flows.cli import build_parser, log_path_for, model_from_args, one_sentence, run_main
+    from flows.cli import build_parser, log_path_for, parse, run_main
     from flows.config import PredictConfig
 
-    parser = build_parser(PredictConfig, "python -m flows.predict",
-                          "Write a Kaggle submission (id,label = p(dog)) for a folder or archive of images.")
-    args = parser.parse_args(argv)
-    try:
-        config = model_from_args(PredictConfig, args)
-    except ValidationError as error:
-        print(f"error: {one_sentence(PredictConfig, error)}", file=sys.stderr)
+    parsed = parse(PredictConfig, build_parser(PredictConfig, "python -m flows.predict",
+                                               "Write a Kaggle submission (id,label = p(dog)) for a folder or "
+                                               "archive of images."), argv)
+    if parsed is None:
         return 2
+    args, config = parsed
 
     def work() -> int:
         summary = predict(config.images, config.model_uri, config.output_csv, config.batch_size)

@@ -90,17 +90,15 @@ def prepare_data(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.prepare --source ...`: the same data options as `python -m flows.retrain`."""
-    from flows.cli import build_parser, log_path_for, model_from_args, one_sentence, run_main
+    from flows.cli import build_parser, log_path_for, parse, run_main
     from flows.config import DataConfig
-    from pydantic import ValidationError
 
-    parser = build_parser(DataConfig, "python -m flows.prepare",
-                          "Acquire, check and arrange the Dogs vs. Cats images into a data folder.")
-    args = parser.parse_args(argv)
-    try:
-        config = model_from_args(DataConfig, args)
-    except ValidationError as error:
-        parser.exit(2, f"error: {one_sentence(DataConfig, error)}\n")
+    parsed = parse(DataConfig, build_parser(DataConfig, "python -m flows.prepare",
+                                            "Acquire, check and arrange the Dogs vs. Cats images into a data folder."),
+                   argv)
+    if parsed is None:
+        return 2
+    args, config = parsed
 
     def work() -> int:
         summary = prepare_data(config.source, config.data_dir, expected_sha256=config.expected_sha256,

@@ -135,18 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit codes: 0 done (trained or nothing changed), 2 bad input (one sentence on stderr).
     """
-    from pydantic import ValidationError
-
-    from flows.cli import log_path_for, one_sentence, run_main
+    from flows.cli import log_path_for, parse, run_main
     from tasks.models.report import summary_markdown
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValidationError as error:
-        print(f"error: {one_sentence(RetrainConfig, error)}", file=sys.stderr)
+    parsed = parse(RetrainConfig, build_parser(), argv)
+    if parsed is None:
         return 2
+    args, config = parsed
 
     def work() -> int:
         if args.serve:

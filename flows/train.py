@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import TrainConfig
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.logs import run_logger
-from tasks.common.results import BackboneResult, TrainResult
+from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning import steps
 from tasks.learning.runs import rank_backbones, write_comparison
@@ -73,11 +73,9 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
         features = steps.feature_summary(plan, shards)
         head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config))
         backbones[name] = BackboneResult(
-            backbone=name, weights=weights, input_size=input_size, feature_dim=head.feature_dim,
-            feature_cache_dir=features.cache_dir, features_computed=features.computed,
-            features_reused=features.reused, head_path=head.head_path, history_path=head.history_path,
-            val_accuracy=head.val_accuracy, val_loss=head.val_loss, val_auc=head.val_auc,
-            epochs_run=head.epochs_run, best_epoch=head.best_epoch)
+            **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
+            input_size=input_size, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
+            features_computed=features.computed, features_reused=features.reused)
         logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %.4f", name,
                     features.computed, features.reused, features.failed, head.val_auc, head.val_loss)
 

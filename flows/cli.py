@@ -8,18 +8,24 @@ form can never disagree. pydantic-settings has a CLI too, but it wants repeated 
 for lists (`--backbones a --backbones b`) and dotted names for nested models, which would break
 the documented `--backbones resnet50 vgg16` and `--min-per-class 10`.
 
-`run_main` gives every entry point the same ending: exit 0 with the result, or exit 2 with
-one `error:` line that names the option or command to fix; details go to the log file.
+`run_main` gives every entry point the same ending and the same quiet terminal: the steps,
+their counts, progress and the result; on bad input one `error:` line that names the option or
+command to fix and the log file that holds every detail (`--verbose` shows them instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, ValidationError
 
@@ -149,27 +155,215 @@ def one_sentence(model: type[BaseModel], error: ValidationError) -> str:
 
 def build_parser(model: type[BaseModel], prog: str, description: str,
                  extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    """A parser with one option per field of `model`, plus the entry point's own options."""
+    """A parser with one option per field of `model`, plus `--verbose` and the entry point's own options."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_model_options(parser, model)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything libraries print (start-up lines, engine logs, tracebacks); "
+                             "by default they go to the run's log file")
     if extra is not None:
         extra(parser)
+    add_model_options(parser, model)
     return parser
 
 
-def run_main(work: Callable[[], int], *, on_error: Callable[[BaseException], None] | None = None) -> int:
-    """Run an entry point's work: its exit code, or 2 with one `error:` line for bad input.
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s %(threadName)s: %(message)s"
 
-    Input errors (the project's `InputError`) and invalid options are what a person fixes, so
-    they get their one sentence and no traceback; anything else is a bug or an outage and is
-    raised as usual.
+
+class _OursOnly(logging.Filter):
+    """Lines the pipeline wrote for people (tasks.common.logs.OURS), and anything of WARNING or worse of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.common.logs import OURS
+
+        return bool(getattr(record, OURS, False))
+
+
+class _Terminal(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%H:%M:%S")
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"{stamp}  {level}{record.getMessage()}"
+
+
+def quiet_environment() -> None:
+    """Settings that keep libraries from talking: set before they start (TensorFlow, Prefect's server)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@contextlib.contextmanager
+def patient_prefect() -> Iterator[None]:
+    """A first run creates Prefect's database; on a small machine that outlasts the default 20 s wait."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+    from prefect.settings import temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        yield
+        return
+    with temporary_settings({TIMEOUT: max(TIMEOUT.value(), 120)}):
+        yield
+
+
+@contextlib.contextmanager
+def console(log_path: Path, *, verbose: bool = False) -> Iterator[TextIO]:
+    """The terminal shows the pipeline's own lines; everything else goes to `log_path`.
+
+    Libraries write a lot to stderr: TensorFlow's C++ start-up lines, CUDA probes, Prefect's
+    engine chatter and one traceback per flow level for a handled error, MLflow's progress
+    bars and warnings. Without `verbose`, file descriptor 2 and `sys.stderr` point at the log
+    file for the duration (so C/C++ writers and child processes are caught too), and a handler
+    on the terminal shows only records marked as ours (steps, counts, progress, warnings).
+    Yields the terminal stream, for the final result or error line. With `verbose` nothing
+    is redirected and everything is shown, as Prefect and the libraries print it.
     """
-    from tasks.common.errors import InputError
+    quiet_environment()
+    terminal = sys.stderr
+    if verbose:
+        yield terminal
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below
+    own_terminal = None
+    if _fileno(terminal) == 2:  # the real stderr: keep a handle on the terminal before fd 2 is redirected
+        own_terminal = terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    ours = logging.StreamHandler(terminal)
+    ours.setLevel(logging.INFO)
+    ours.addFilter(_OursOnly())
+    ours.setFormatter(_Terminal())
+    everything = logging.StreamHandler(log_file)
+    everything.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    previous_level = root.level
+    moved = [handler for logger in (root, logging.getLogger("prefect")) for handler in logger.handlers
+             if isinstance(handler, logging.StreamHandler) and handler not in (ours, everything)]
+    streams = {handler: handler.setStream(log_file) for handler in moved}
+    for name in ("tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    root.addHandler(ours)
+    root.addHandler(everything)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    os.dup2(log_file.fileno(), 2)
+    sys.stderr = log_file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            logging.captureWarnings(True)
+            yield terminal
+    finally:
+        logging.captureWarnings(False)
+        sys.stderr = terminal
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        for handler, stream in streams.items():
+            handler.setStream(stream)
+        root.removeHandler(ours)
+        root.removeHandler(everything)
+        root.setLevel(previous_level)
+        log_file.close()
+        if own_terminal is not None:
+            own_terminal.close()
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def log_path_for(data_dir: str | os.PathLike[str], command: str) -> Path:
+    """data_dir/logs/<command>-<UTC time>.log: beside the data it speaks of, never shared between runs."""
+    from datetime import datetime, timezone
+
+    from tasks.data.datafolder import DataFolder
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return DataFolder.at(data_dir).logs / f"{command}-{stamp}.log"
+
+
+def check_prefect_api() -> None:
+    """One sentence instead of a retry storm when PREFECT_API_URL points at a server that is not running."""
+    url = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    if not url:
+        return
+    import httpx
+
+    from tasks.common.errors import ConfigError
 
     try:
-        return work()
-    except InputError as error:
-        if on_error is not None:
-            on_error(error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError:
+        raise ConfigError(f"PREFECT_API_URL is {url}, which does not answer; start that server "
+                          "(prefect server start), or run without it: unset PREFECT_API_URL, or "
+                          "prefect config unset PREFECT_API_URL if it is set in your Prefect profile.") from None
+
+
+def _profile_api_url() -> str | None:
+    try:
+        from prefect.settings import get_current_settings
+
+        value = get_current_settings().api.url
+    except Exception:  # noqa: BLE001 - no usable profile means no server to check
+        return None
+    return str(value) if value else None
+
+
+def parse(model: type[BaseModel], parser: argparse.ArgumentParser,
+          argv: Sequence[str] | None) -> tuple[argparse.Namespace, Any] | None:
+    """(options, config) from the command line, or None after printing the one sentence that names the option."""
+    from pydantic import ValidationError
+
+    args = parser.parse_args(argv)
+    try:
+        return args, model_from_args(model, args)
+    except ValidationError as error:
+        print(f"error: {one_sentence(model, error)}", file=sys.stderr)
+        return None
+
+
+def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) -> int:
+    """Run an entry point's work with a quiet console: its exit code, or one `error:` line.
+
+    Input errors (the project's `InputError`) are what a person fixes: one sentence, exit 2.
+    Anything else is a bug or an outage: one line naming it and the log file holding the
+    traceback, exit 1. With `verbose`, tracebacks are printed as usual.
+    """
+    try:
+        return _run_quietly(work, log_path, verbose)
+    finally:
+        if not verbose:
+            # The process ends after this: Prefect's temporary server and its event worker say goodbye
+            # from exit hooks, after the terminal was given back, and people need not read it.
+            for name in ("prefect", "EventsWorker", "APILogWorker"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
+    from tasks.common.errors import InputError
+
+    with console(log_path, verbose=verbose) as terminal, patient_prefect():
+        try:
+            check_prefect_api()
+            return work()
+        except InputError as error:
+            logging.getLogger("flows").info("Stopped on bad input: %s", error, exc_info=True)
+            first, *details = str(error).splitlines()  # details (e.g. each failed expectation) are in the log
+            if verbose:
+                print(f"error: {error}", file=terminal)
+            else:
+                more = f"; {len(details)} more line(s) of detail" if details else ""
+                print(f"error: {first} (full log{more}: {log_path})", file=terminal)
+            return 2
+        except KeyboardInterrupt:
+            print(f"error: interrupted (full log: {log_path})", file=terminal)
+            return 130
+        except Exception as error:
+            if verbose:
+                raise
+            logging.getLogger("flows").error("Unexpected failure", exc_info=True)
+            print(f"error: unexpected {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                  f"(traceback in {log_path}; --verbose shows it here)", file=terminal)
+            return 1

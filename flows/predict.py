@@ -12,12 +12,12 @@ cannot be scored get 0.5 and their reason in `<name>.errors.csv` (tasks/models/p
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from tasks.common.errors import InputError
+from tasks.common.logs import run_logger
 from tasks.common.results import PredictSummary
 from tasks.models import steps
 from tasks.models.naming import DEFAULT_MODEL_URI
@@ -35,7 +35,7 @@ def predict(images: str, model_uri: str = DEFAULT_MODEL_URI, output_csv: str | N
     cannot be written, a missing input, a folder without images, or a model URI or MLflow
     store that points nowhere; all of them are checked before any image is scored.
     """
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     if batch_size < 1:
         raise InputError(f"batch_size {batch_size} must be at least 1 (--batch-size).")
     target = str(check_output_path(output_csv or DEFAULT_OUTPUT))
@@ -49,19 +49,15 @@ def predict(images: str, model_uri: str = DEFAULT_MODEL_URI, output_csv: str | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flows.predict IMAGES [--model-uri URI] [--output-csv PATH] [--batch-size N]`."""
-    from pydantic import ValidationError
-
-    from flows.cli import build_parser, model_from_args, one_sentence, run_main
+    from flows.cli import build_parser, log_path_for, parse, run_main
     from flows.config import PredictConfig
 
-    parser = build_parser(PredictConfig, "python -m flows.predict",
-                          "Write a Kaggle submission (id,label = p(dog)) for a folder or archive of images.")
-    args = parser.parse_args(argv)
-    try:
-        config = model_from_args(PredictConfig, args)
-    except ValidationError as error:
-        print(f"error: {one_sentence(PredictConfig, error)}", file=sys.stderr)
+    parsed = parse(PredictConfig, build_parser(PredictConfig, "python -m flows.predict",
+                                               "Write a Kaggle submission (id,label = p(dog)) for a folder or "
+                                               "archive of images."), argv)
+    if parsed is None:
         return 2
+    args, config = parsed
 
     def work() -> int:
         summary = predict(config.images, config.model_uri, config.output_csv, config.batch_size)
@@ -69,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{errors}.")
         return 0
 
-    return run_main(work)
+    return run_main(work, log_path=log_path_for("data", "predict"), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from tasks.common.labels import SPLITS
+from tasks.common.logs import run_logger
 from tasks.common.results import PrepareSummary
 from tasks.data import steps
 from tasks.data.folderlock import holding_data_folder
@@ -50,7 +51,7 @@ def prepare_data(
     `thresholds`: dataset-level limits; the defaults suit the real 25,000-image dataset.
     Raises DatasetValidationError, before anything is arranged, when they fail.
     """
-    log = get_run_logger()
+    log = run_logger(__name__)
     data_dir = str(Path(data_dir).expanduser().absolute())
     fractions = check_fractions(split_fractions)
     thresholds = thresholds or ValidationThresholds(min_side=min_side)
@@ -91,17 +92,15 @@ def prepare_data(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.prepare --source ...`: the same data options as `python -m flows.retrain`."""
-    from flows.cli import build_parser, model_from_args, one_sentence, run_main
+    from flows.cli import build_parser, log_path_for, parse, run_main
     from flows.config import DataConfig
-    from pydantic import ValidationError
 
-    parser = build_parser(DataConfig, "python -m flows.prepare",
-                          "Acquire, check and arrange the Dogs vs. Cats images into a data folder.")
-    args = parser.parse_args(argv)
-    try:
-        config = model_from_args(DataConfig, args)
-    except ValidationError as error:
-        parser.exit(2, f"error: {one_sentence(DataConfig, error)}\n")
+    parsed = parse(DataConfig, build_parser(DataConfig, "python -m flows.prepare",
+                                            "Acquire, check and arrange the Dogs vs. Cats images into a data folder."),
+                   argv)
+    if parsed is None:
+        return 2
+    args, config = parsed
 
     def work() -> int:
         summary = prepare_data(config.source, config.data_dir, expected_sha256=config.expected_sha256,
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary.paths.summary)
         return 0
 
-    return run_main(work)
+    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose)
 
 
 if __name__ == "__main__":

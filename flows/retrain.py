@@ -26,12 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.config import RetrainConfig
 from flows.prepare import prepare_data
 from flows.train import train_model
+from tasks.common.logs import run_logger
 from tasks.common.results import RetrainSummary
 from tasks.data.folderlock import holding_data_folder
 from tasks.learning import steps as learning
@@ -50,7 +51,7 @@ TRAINED = "trained"
 @holding_data_folder("retrain")
 def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
     """Prepare, skip if nothing changed, train, log, register and gate; returns the run summary."""
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     data_dir = str(Path(config.data_dir).expanduser().resolve())
     config_hash = config.config_hash()
     logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
@@ -139,18 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit codes: 0 done (trained or nothing changed), 2 bad input (one sentence on stderr).
     """
-    from pydantic import ValidationError
-
-    from flows.cli import one_sentence, run_main
+    from flows.cli import log_path_for, parse, run_main
     from tasks.models.report import summary_markdown
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValidationError as error:
-        print(f"error: {one_sentence(RetrainConfig, error)}", file=sys.stderr)
+    parsed = parse(RetrainConfig, build_parser(), argv)
+    if parsed is None:
         return 2
+    args, config = parsed
 
     def work() -> int:
         if args.serve:
@@ -163,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0
 
-    return run_main(work)
+    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose)
 
 
 if __name__ == "__main__":

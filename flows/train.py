@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import TrainConfig
 from tasks.common.devices import CPU_BATCH_SIZE
-from tasks.common.results import BackboneResult, TrainResult
+from tasks.common.logs import run_logger
+from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.data.folderlock import holding_data_folder
 from tasks.learning import steps
@@ -47,7 +48,7 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
     data_dir/training/<UTC time>-<config hash[:8]> unless `output_dir` is given; it appears
     only when the run has succeeded.
     """
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     config = config or TrainConfig()
     folder = DataFolder.at(Path(data_dir).expanduser().resolve())
     data_dir = str(folder.root)
@@ -70,15 +71,13 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
         input_size = config.input_size_for(name)
         weights = steps.resolve_weights(data_dir, name, config.weights, config.seed)
         plan = steps.plan_features(data_dir, name, weights, input_size, precision)
-        shards = steps.extract_shard.map(plan.plan_path, range(plan.shards), config.batch_size).result()
+        shards = steps.extract_all_shards(plan, config.batch_size, name)
         features = steps.feature_summary(plan, shards)
         head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config))
         backbones[name] = BackboneResult(
-            backbone=name, weights=weights, input_size=input_size, feature_dim=head.feature_dim,
-            feature_cache_dir=features.cache_dir, features_computed=features.computed,
-            features_reused=features.reused, head_path=head.head_path, history_path=head.history_path,
-            val_accuracy=head.val_accuracy, val_loss=head.val_loss, val_auc=head.val_auc,
-            epochs_run=head.epochs_run, best_epoch=head.best_epoch)
+            **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
+            input_size=input_size, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
+            features_computed=features.computed, features_reused=features.reused)
         logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %.4f", name,
                     features.computed, features.reused, features.failed, head.val_auc, head.val_loss)
 

@@ -67,7 +67,19 @@ class DeviceSetup(_Result):
     """Why this precision (the hardware found, or the config's choice)."""
 
 
-class BackboneResult(_Result):
+class HeadScores(_Result):
+    """A trained head: where it is saved and how it did on the validation split."""
+
+    head_path: str
+    history_path: str
+    val_accuracy: float
+    val_loss: float
+    val_auc: float | None
+    epochs_run: int
+    best_epoch: int
+
+
+class BackboneResult(HeadScores):
     """One backbone of a training run: its cached features and the head trained on them."""
 
     backbone: str
@@ -78,13 +90,6 @@ class BackboneResult(_Result):
     feature_cache_dir: str
     features_computed: int
     features_reused: int
-    head_path: str
-    history_path: str
-    val_accuracy: float
-    val_loss: float
-    val_auc: float | None
-    epochs_run: int
-    best_epoch: int
 
 
 class FineTuneReport(_Result):

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +35,7 @@ import requests
 from tasks.common.errors import AcquireError
 from tasks.common.files import atomic_write_json, sha256_file, sha256_file_cached, write_if_changed
 from tasks.common.logs import run_logger
+from tasks.common.progress import Progress
 from tasks.data.extract import archive_kind
 
 KAGGLE_COMPETITION = "dogs-vs-cats"
@@ -54,7 +54,7 @@ RETRY_BACKOFF_S = 1.0
 TIMEOUT_S = (15.0, 120.0)  # connect, read (per chunk)
 _CHUNK = 1 << 20
 _NET_CHUNK = 1 << 16  # bytes read but not yet yielded are lost when a connection breaks: keep it small
-_SOURCES_HINT = ("pass an existing .zip/.tar/.tar.gz/.tgz archive or an extracted folder, "
+_SOURCES_HINT = ("pass --source with an existing .zip/.tar/.tar.gz/.tgz archive or an extracted folder, "
                  "an https:// URL, 'kaggle' or 'petimages'")
 
 
@@ -93,6 +93,18 @@ def acquire_source(source: str, downloads_dir: Path, *, expected_sha256: str | N
     return local_source(source, downloads_dir, expected_sha256=expected)
 
 
+def source_uri(source: str) -> str:
+    """Where a source's bytes come from, as a URI people can follow (for lineage records)."""
+    keyword = str(source).strip().lower()
+    if keyword == "petimages":
+        return os.environ.get(PETIMAGES_URL_ENV) or PETIMAGES_URL
+    if keyword == "kaggle":
+        return f"https://www.kaggle.com/competitions/{KAGGLE_COMPETITION}/data"
+    if "://" in str(source):
+        return str(source)
+    return Path(source).expanduser().absolute().as_uri()
+
+
 def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
     """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
     expected_sha256 = _normalise_digest(expected_sha256)
@@ -102,8 +114,8 @@ def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | Non
     path = path.resolve()
     if path.is_dir():
         if expected_sha256:
-            raise AcquireError(f"Source {path} is a folder, which has no sha256; drop expected_sha256 "
-                               "or pass the archive it came from.")
+            raise AcquireError(f"Source {path} is a folder, which has no sha256; drop --sha256 "
+                               "or pass the archive it came from as --source.")
         return path
     if archive_kind(path) is None:
         raise AcquireError(f"Source {path} is not a zip or tar archive; {_SOURCES_HINT}.")
@@ -111,7 +123,7 @@ def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | Non
         digest = sha256_file_cached(path, downloads_dir)
         if digest != expected_sha256:
             raise AcquireError(f"Checksum mismatch for {path}: expected sha256 {expected_sha256} but the file has "
-                               f"{digest}; check expected_sha256 or replace the file.")
+                               f"{digest}; check --sha256 or replace the file.")
     return path
 
 
@@ -122,7 +134,7 @@ def _normalise_digest(value: str | None) -> str | None:
         return None
     digest = value.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise AcquireError(f"expected_sha256 {value!r} is not a sha256 hex digest; pass 64 hex characters or nothing.")
+        raise AcquireError(f"--sha256 {value!r} is not a sha256 hex digest; pass 64 hex characters or leave it out.")
     return digest
 
 
@@ -172,7 +184,7 @@ def _use_cached(final: Path, key: str, downloads_dir: Path, expected_sha256: str
     trusted = expected_sha256 or recorded
     if expected_sha256 and digest != expected_sha256 and digest == recorded:
         raise AcquireError(f"{final} holds sha256 {digest}, verified when it was downloaded, but "
-                           f"expected_sha256 is {expected_sha256}; check expected_sha256, or delete "
+                           f"--sha256 is {expected_sha256}; check --sha256, or delete "
                            "the file to download it again.")
     if trusted is None:
         ok = archive_kind(final) is not None
@@ -247,7 +259,7 @@ def check_url_policy(url: str, expected_sha256: str | None) -> None:
             run_logger(__name__).warning("Downloading %s over plain http; expected_sha256 guards its integrity", url)
             return
         raise AcquireError(f"Refusing the plain http:// download {url}: without TLS its first download cannot be "
-                           "trusted; use an https:// URL or pass expected_sha256.")
+                           "trusted; use an https:// URL or pass --sha256.")
     raise AcquireError(f"Source {url!r} uses an unsupported scheme; {_SOURCES_HINT}.")
 
 
@@ -269,41 +281,13 @@ def _raise_for_status(url: str, response: requests.Response) -> None:
         return
     if code in (401, 403):
         raise AcquireError(f"{url} answered HTTP {code} (access denied); check that the URL is public, or "
-                           "download the archive yourself and pass its path.")
+                           "download the archive yourself and pass it with --source PATH.")
     if code in (404, 410):
         raise AcquireError(f"{url} answered HTTP {code} (not found); check the URL, or pass a local archive "
-                           "or folder instead.")
+                           "or folder with --source instead.")
     if 400 <= code < 500 and code not in (408, 429):
-        raise AcquireError(f"{url} answered HTTP {code}; check the URL, or pass a local archive or folder instead.")
+        raise AcquireError(f"{url} answered HTTP {code}; check the URL, or pass a local archive or folder with --source instead.")
     raise TransientDownloadError(f"{url} answered HTTP {code}, usually temporary")
-
-
-@dataclass
-class _Progress:
-    """Logs a line per 10% (or per 64 MiB when the size is unknown): visible, never flooding."""
-
-    log: Any
-    name: str
-    total: int | None
-    done: int
-    _next: int = 0
-
-    def __post_init__(self) -> None:
-        self._next = self._step_after(self.done)
-
-    def _step_after(self, done: int) -> int:
-        step = max(self.total // 10, 1) if self.total else 64 << 20
-        return (done // step + 1) * step
-
-    def add(self, n: int) -> None:
-        self.done += n
-        if self.done >= self._next:
-            if self.total:
-                self.log.info("Downloading %s: %d%% (%d of %d bytes)", self.name,
-                              100 * self.done // self.total, self.done, self.total)
-            else:
-                self.log.info("Downloading %s: %d bytes", self.name, self.done)
-            self._next = self._step_after(self.done)
 
 
 def _read_meta(meta: Path) -> dict[str, Any]:
@@ -363,12 +347,14 @@ def _fetch(url: str, part: Path, meta: Path, session: requests.Session, expected
             with open(part, "rb") as existing:
                 for chunk in iter(lambda: existing.read(_CHUNK), b""):
                     hasher.update(chunk)
-        progress = _Progress(log, part.name[: -len(".part")], total, offset)
+        progress = Progress(f"Downloading {part.name[: -len('.part')]}", total, "MB", scale=1e6, done=offset,
+                            logger_name=__name__)
         with open(part, mode) as out:
             for chunk in response.iter_content(_NET_CHUNK):
                 out.write(chunk)
                 hasher.update(chunk)
-                progress.add(len(chunk))
+                progress.advance(len(chunk))
+        progress.finish()
     if total is not None and part.stat().st_size != total:
         raise TransientDownloadError(f"{url} ended after {part.stat().st_size} of {total} bytes")
     return hasher.hexdigest()
@@ -442,7 +428,7 @@ def _kaggle_api(competition: str) -> Any:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as err:
         raise AcquireError("The Kaggle client is not installed; run pip install 'catsdogs-pipeline[kaggle]', "
-                           "or use source='petimages' or a local archive.") from err
+                           "or use --source petimages or a local archive.") from err
     api = KaggleApi()
     try:
         api.authenticate()
@@ -484,7 +470,7 @@ def acquire_kaggle(downloads_dir: Path, *, expected_sha256: str | None = None,
     if not kaggle_credentials_present():
         raise AcquireError("Kaggle credentials not found: save your API token as ~/.kaggle/kaggle.json "
                            "(Kaggle > Settings > API > Create New Token) or set KAGGLE_USERNAME and KAGGLE_KEY, "
-                           "or pass source='petimages' or a local archive instead.")
+                           "or pass --source petimages or a local archive instead.")
     api = _kaggle_api(competition)
     staging = downloads_dir / f".{competition}.kaggle-part"
     staging.mkdir(parents=True, exist_ok=True)

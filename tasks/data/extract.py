@@ -45,7 +45,7 @@ NESTED_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar", ".zip")
 
 _CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_FIX = "rebuild the archive without it, or unpack it yourself after checking it and pass the folder"
+_FIX = "rebuild the archive without it, or unpack it yourself after checking it and pass the folder with --source"
 _CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
             gzip.BadGzipFile, lzma.LZMAError, NotImplementedError)
 
@@ -366,7 +366,7 @@ def _unpack(archive: Path, label: str, root: Path, prefix: tuple[str, ...], dept
     kind = archive_kind(archive)
     if kind is None:
         raise UnsafeArchiveError(f"Refusing to extract {label}: it is neither a zip nor a tar archive; "
-                                 "pass a .zip, .tar, .tar.gz or .tgz archive or a folder.")
+                                 "pass a .zip, .tar, .tar.gz or .tgz archive or a folder with --source.")
     unpack = _unpack_zip if kind == "zip" else _unpack_tar
     try:
         nested = unpack(archive, label, root, prefix, depth, run)
@@ -394,12 +394,12 @@ def extract_archive(source_path: Path, extracted_root: Path, *, limits: ExtractL
     if source_path.is_dir():
         return source_path.resolve()
     if not source_path.is_file():
-        raise AcquireError(f"Cannot extract {source_path}: it does not exist; pass an existing archive or folder.")
+        raise AcquireError(f"Cannot extract {source_path}: it does not exist; pass an existing archive or folder with --source.")
     source_path = source_path.resolve()
     label = str(source_path)
     if archive_kind(source_path) is None:
         raise UnsafeArchiveError(f"Refusing to extract {label}: it is neither a zip nor a tar archive; "
-                                 "pass a .zip, .tar, .tar.gz or .tgz archive or a folder.")
+                                 "pass a .zip, .tar, .tar.gz or .tgz archive or a folder with --source.")
     extracted_root = Path(extracted_root).resolve()  # callers record absolute source paths
     digest = sha256_file_cached(source_path, extracted_root)
     target = extracted_root / digest[:16]

@@ -86,7 +86,7 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise ConfigError(
-            f"Backbone {name!r} is unknown; choose one of: {', '.join(sorted(BACKBONES))}."
+            f"Backbone {name!r} is unknown; choose one of: {', '.join(sorted(BACKBONES))} (--backbones)."
         ) from None
 
 
@@ -97,7 +97,7 @@ def resolve_input_size(name: str, input_size: int | None) -> int:
         return spec.native_size
     if int(input_size) < spec.min_size:
         raise ConfigError(
-            f"Input size {input_size} is too small for backbone {name!r}; use at least {spec.min_size}."
+            f"Input size {input_size} is too small for backbone {name!r}; use --input-size {spec.min_size} or more."
         )
     return int(input_size)
 
@@ -111,7 +111,7 @@ def _check_weights_file(weights: str | os.PathLike[str]) -> Path:
     if not path.is_file():
         raise ConfigError(
             f"Weights {str(weights)!r} is neither 'imagenet', None nor an existing weights file; "
-            "pass a path to a Keras .weights.h5/.h5 file."
+            "pass --weights with a Keras .weights.h5/.h5 file, imagenet, or none."
         )
     return path
 

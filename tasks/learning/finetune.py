@@ -239,10 +239,13 @@ def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_si
     counts = unfreeze_top(model, backbone_name)
     compile_binary(model, params.learning_rate)
     before = model.get_weights()
+    from tasks.learning.callbacks import training_progress
+
+    progress = training_progress(f"Fine-tuning {backbone_name}", params.epochs, len(train), params.batch_size)
     try:
         history = history_to_json(model.fit(train, validation_data=validation, epochs=params.epochs,
-                                            callbacks=[early_stopping(params.patience), *(callbacks or [])],
-                                            verbose=0).history)
+                                            callbacks=[early_stopping(params.patience), progress,
+                                                       *(callbacks or [])], verbose=0).history)
     finally:
         train.decoder.close()
         validation.decoder.close()

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from tasks.common.files import atomic_path, atomic_write_json
+from tasks.common.results import HeadScores
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import binary_metrics
 
@@ -145,17 +145,10 @@ def save_model(model: Any, target: Path) -> Path:
     return Path(target)
 
 
-class HeadResult(BaseModel):
-    """One trained head: where it is saved and how it did on the validation split."""
+class HeadResult(HeadScores):
+    """One trained head, with what it was trained on."""
 
     backbone: str
-    head_path: str
-    history_path: str
-    val_accuracy: float
-    val_loss: float
-    val_auc: float | None
-    epochs_run: int
-    best_epoch: int
     train_count: int
     val_count: int
     feature_dim: int
@@ -174,7 +167,10 @@ def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: 
 
     train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
     val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
-    model, history = fit_head(train_x, train_y, val_x, val_y, params, callbacks)
+    from tasks.learning.callbacks import training_progress
+
+    progress = training_progress(f"Training the {backbone} head", params.epochs)
+    model, history = fit_head(train_x, train_y, val_x, val_y, params, [progress, *(callbacks or [])])
     p_dog = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0)).reshape(-1)
     metrics = binary_metrics(val_y, p_dog)
     heads_dir = Path(output_dir) / "heads"

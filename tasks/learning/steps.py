@@ -88,6 +88,29 @@ def extract_shard(plan_path: str, index: int, batch_size: int | None) -> ShardRe
     return extract(load_plan(plan_path), index, batch_size)
 
 
+def extract_all_shards(plan: PlanRef, batch_size: int | None, backbone: str) -> list[ShardResult]:
+    """Map `extract_shard` over the plan on the flow's task runner, reporting progress as shards land.
+
+    In-process (the default runner, one shard at a time) or on Dask workers, the shards finish
+    in any order; the count of images done is what people need to see.
+    """
+    from prefect.futures import as_completed
+
+    from tasks.common.progress import Progress
+
+    if not plan.shards:
+        return []
+    progress = Progress(f"Extracting {backbone} features", plan.todo, "images", logger_name=__name__)
+    futures = extract_shard.map(plan.plan_path, range(plan.shards), batch_size)
+    results = []
+    for future in as_completed(futures):
+        result = future.result()
+        results.append(result)
+        progress.advance(result.images)
+    progress.finish()
+    return results
+
+
 def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
     """The features of one backbone: what the plan reused plus what the shards computed."""
     from tasks.common.devices import backend

@@ -135,8 +135,7 @@ def write_submission(target: Path, ids: list[int | str], scores: list[float], fi
     return target, errors_path if failed else None
 
 
-def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int,
-                   on_progress=None) -> PredictSummary:
+def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int) -> PredictSummary:
     """Score every image of `folder` with the model and write the submission."""
     import numpy as np
 
@@ -144,8 +143,12 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     if not images:
         raise InputError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                          "pass a folder or archive that contains images.")
+    from tasks.common.progress import Progress
+
     model = load_pyfunc(model_uri)
-    scores, errors = score_files(model, images, batch_size, on_progress)
+    progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
+    scores, errors = score_files(model, images, batch_size, progress.advance)
+    progress.finish()
     labels = [ERROR_LABEL if error else float(score) for score, error in zip(np.asarray(scores), errors)]
     target, errors_path = write_submission(output_csv, csv_ids(images, folder), labels,
                                            [path.name for path in images], errors, find_sample_submission(folder))

@@ -67,8 +67,12 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
     rows = folder.labelled_rows(split)
     if rows.empty:
         raise InputError(f"No arranged {split} images in {folder.manifest}; run prepare_data on it first.")
+    from tasks.common.progress import Progress
+
     model = load_pyfunc(model_uri)
-    scores, errors = score_files(model, [Path(path) for path in rows["path"]], batch_size)
+    progress = Progress(f"Scoring {model_uri} on the {split} split", len(rows), "images", logger_name=__name__)
+    scores, errors = score_files(model, [Path(path) for path in rows["path"]], batch_size, progress.advance)
+    progress.finish()
     ok = np.array([not error for error in errors], dtype=bool)
     if not ok.any():
         raise InputError(f"None of the {len(rows)} {split} images in {folder.root} could be scored by {model_uri}.")

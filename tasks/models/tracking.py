@@ -190,13 +190,20 @@ def log_datasets(data: PrepareSummary, source: str) -> None:
     The run page's *Datasets* section then names the data it trained and was tested on, and
     the logged model inherits that lineage.
     """
+    import warnings
+
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
+    from tasks.data.acquire import source_uri
+
+    uri = source_uri(source)
     manifest = pd.read_parquet(data.paths.manifest, columns=["sha256", "label", "split", "status", "arranged_path"])
     for split in data.counts:
         rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")].reset_index(drop=True)
-        dataset = from_pandas(rows, source=source, name=f"dogs-vs-cats-{split}", digest=data.fingerprint[:16])
+        with warnings.catch_warnings():  # MLflow registers two equal local-file source types and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = from_pandas(rows, source=uri, name=f"dogs-vs-cats-{split}", digest=data.fingerprint[:16])
         mlflow.log_input(dataset, context=split)
 
 

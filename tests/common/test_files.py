@@ -49,3 +49,24 @@ def test_atomic_directory_swaps_a_whole_folder_or_nothing(tmp_path):
         (tmp / "index.html").write_text("v2")
     assert (target / "index.html").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["docs"]  # no temporary or old folder left
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_honour_the_umask_like_an_ordinary_write(tmp_path, mask):
+    """mkstemp/mkdtemp make private temporaries; renamed into place they would lock the team out."""
+    import os
+
+    from tasks.common.files import atomic_write_text, current_umask
+
+    previous = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        ordinary = tmp_path / "ordinary.txt"
+        ordinary.write_text("x")
+        atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "index.html").write_text("v1")
+    finally:
+        os.umask(previous)
+    assert atomic.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~mask

@@ -53,10 +53,12 @@ def _names(folder: Path) -> set[str]:
 
 # ---------------------------------------------------------------- HTTPS/loopback downloads
 
-def test_download_verifies_records_digest_and_second_call_makes_no_request(server, archive_bytes, tmp_path, caplog):
+def test_download_verifies_records_digest_and_second_call_makes_no_request(server, archive_bytes, tmp_path, caplog,
+                                                                        monkeypatch):
     url = server.serve("/files/pets.zip", archive_bytes)
     downloads = tmp_path / "downloads"
     caplog.set_level("INFO", logger="tasks.data.acquire")
+    monkeypatch.setenv("CATSDOGS_PROGRESS_SECONDS", "0")
 
     path = acq.acquire_source(url, downloads)
 
@@ -108,7 +110,7 @@ def test_expected_sha256_that_contradicts_the_verified_cache_is_an_error(server,
     url = server.serve("/pets.zip", archive_bytes)
     downloads = tmp_path / "downloads"
     path = acq.acquire_source(url, downloads)
-    with pytest.raises(AcquireError, match="expected_sha256 is"):
+    with pytest.raises(AcquireError, match="--sha256 is"):
         acq.acquire_source(url, downloads, expected_sha256="a" * 64)
     assert path.read_bytes() == archive_bytes and len(server.hits) == 1  # kept, not re-downloaded
 

@@ -45,7 +45,7 @@ def test_unknown_backbone_is_a_config_error_listing_the_choices():
 
 
 def test_input_size_below_the_backbone_minimum_is_rejected():
-    with pytest.raises(ConfigError, match="at least 75"):
+    with pytest.raises(ConfigError, match="--input-size 75 or more"):
         resolve_input_size("inception_v3", 32)
     assert resolve_input_size("inception_v3", None) == 299
     assert resolve_input_size("resnet50", 48) == 48

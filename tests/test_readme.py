@@ -1,0 +1,214 @@
+"""A walk through the README in its order, with its own commands, on small generated data.
+
+    main job -> rerun -> the small-sample command -> MLflow UI -> serve + curl -> predict
+    -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run -> and back
+
+The commands are read from the README's fenced blocks (the main command and the blocks marked
+`<!-- walk: ... -->`) and run in a scratch copy of the repository, as a user runs them from its
+root. What differs from a user's machine: `.venv/bin/` is this interpreter's folder, the fixed
+ports are free ones, the PetImages URL points at a loopback server holding a small archive
+(the internet is the one thing faked), and the main job gets the small-sample options the README
+gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests import servers
+from tests.httpserver import FileServer
+from tests.imagegen import image_bytes, write_kaggle_tree, zip_tree
+
+README = servers.REPO_ROOT / "README.md"
+NOISE = ("I0000", "W0000", "E0000", "cuInit", "oneDNN", "absl", "Traceback", "telemetry", "CloudPickle",
+         "Downloading artifacts", "retracing", "Finished in state", "Beginning flow run")
+
+
+def blocks() -> dict[str, list[str]]:
+    """Commands of each marked README block (backslash continuations joined, comments dropped)."""
+    text = README.read_text()
+    found = {}
+    pattern = r"<!-- (walk: [\w-]+|main-command) -->\s*```bash\n(.*?)```"
+    for marker, body in re.findall(pattern, text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", body)
+        found[marker.removeprefix("walk: ")] = [line.strip() for line in joined.splitlines()
+                                                 if line.strip() and not line.strip().startswith("#")]
+    return found
+
+
+def test_the_readme_marks_every_step_of_the_walk():
+    assert set(blocks()) == {"main-command", "small", "mlflow-ui", "serve", "curl", "predict", "prefect-server",
+                             "prefect-env", "worker", "deploy", "run"}
+    main = blocks()["main-command"][0]
+    assert "/path/to" not in main and main.endswith(".venv/bin/python -m flows.retrain")  # runnable as pasted
+
+
+class Walk:
+    """Runs README commands in the scratch checkout with one environment, like a user's terminals."""
+
+    def __init__(self, root: Path, env: dict[str, str], ports: dict[str, int]) -> None:
+        self.root, self.env, self.ports, self.background = root, env, ports, []
+
+    def command(self, line: str) -> str:
+        line = line.replace(".venv/bin/", f"{servers.BIN_DIR}/").replace("PATH=.venv/bin:", f"PATH={servers.BIN_DIR}:")
+        for default, port in self.ports.items():
+            line = line.replace(default, str(port))
+        return line
+
+    def run(self, line: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", "-c", self.command(line)], cwd=self.root, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        return done
+
+    def start(self, name: str, line: str) -> servers.ManagedProcess:
+        process = servers.start_process(name, ["bash", "-c", self.command(line)], env=self.env,
+                                        log_path=self.root / f"{name}.log", cwd=self.root)
+        self.background.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.background:
+            process.stop()
+
+
+def promised_paths(root: Path) -> list[str]:
+    """The paths of the README's "Where results appear" table, as globs under the checkout."""
+    table = README.read_text().split("## Where results appear", 1)[1].split("## ", 1)[0]
+    paths = []
+    for cell in re.findall(r"^\| [^|]+ \| (.+) \|$", table, flags=re.M):
+        for path in re.findall(r"`([^`]+)`", cell):
+            if path.startswith(("data/", "mlruns/")) and "e.g." not in path:
+                paths.append(re.sub(r"<[^>]+>|\{[^}]+\}", "*", path).replace("**", "*"))
+    return paths
+
+
+@pytest.mark.slow
+def test_walk_through_the_readme_in_its_order(tmp_path):
+    root = tmp_path / "checkout"
+    shutil.copytree(servers.REPO_ROOT, root, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "data", "mlruns", "__pycache__", ".pytest_cache", ".whl", "*.egg-info"))
+    (root / "mlruns").mkdir()
+    write_kaggle_tree(tmp_path / "tree", per_class=24, unlabelled=6)
+    (tmp_path / "tree" / "train" / "cat.900.jpg").write_bytes(image_bytes("cat", 900, fmt="PNG"))  # converted
+    (tmp_path / "tree" / "train" / "dog.901.jpg").write_bytes(image_bytes("dog", 901, mode="CMYK"))
+    (tmp_path / "tree" / "sampleSubmission.csv").write_text("id,label\n" + "".join(f"{i},0\n" for i in range(1, 7)))
+    archive = zip_tree(tmp_path / "tree", root / "pets.zip")
+    (root / "cat.jpg").write_bytes(image_bytes("cat", 4242))
+    steps = blocks()
+    options = shlex.split(steps["small"][0])[3:]  # the options after `python -m flows.retrain`
+    at = options.index("--source")
+    small = options[:at] + options[at + 2:]  # the main job keeps its default source
+    ports = {"5000": servers.free_port(), "5001": servers.free_port(), "4200": servers.free_port()}
+    with FileServer() as files:
+        url = files.serve("/kagglecatsanddogs_5340.zip", archive.read_bytes())
+        env = servers.base_env(PREFECT_HOME=tmp_path / "prefect", PREFECT_PROFILES_PATH=tmp_path / "profiles.toml",
+                               MLFLOW_TRACKING_URI=None, PREFECT_API_URL=None, TF_CPP_MIN_LOG_LEVEL=None,
+                               PREFECT_LOGGING_LEVEL=None, CATSDOGS_PETIMAGES_URL=url, CATSDOGS_PROGRESS_SECONDS="0",
+                               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
+                               KERAS_HOME=tmp_path / "keras")
+        walk = Walk(root, env, ports)
+        try:
+            _main_job_and_rerun(walk, steps, small, root)
+            _mlflow_ui(walk, steps)
+            _serve_and_curl(walk, steps)
+            _predict(walk, steps, root)
+            for process in walk.background:  # leave the cores to Prefect
+                process.stop()
+            _prefect_deployment(walk, steps, small, root)
+        finally:
+            walk.stop_all()
+
+
+def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
+    main = steps["main-command"][0].split("&&")[-1].strip()  # the venv was made: the part after it
+    first = walk.run(f"{main} {shlex.join(small)}")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("# Retrain: version 1 promoted to champion")
+    noisy = [line for line in first.stderr.splitlines() if any(word in line for word in NOISE)]
+    assert not noisy, noisy  # the terminal carries the pipeline's lines only
+    lines = first.stderr.strip().splitlines()
+    assert all(re.match(r"^\d\d:\d\d:\d\d  ", line) for line in lines), lines
+    for step in ("Acquire:", "Build manifest:", "Validate: passed", "Arrange:", "Chosen backbone:", "Version 1"):
+        assert any(step in line for line in lines), step
+    for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting mobilenet_v2 features:",
+                      "Training the mobilenet_v2 head:", "Scoring models:/"):  # the default source, downloaded
+        assert any(long_step in line and "/s" in line for line in lines), long_step  # count, rate, time left
+    [log] = (root / "data" / "logs").glob("retrain-*.log")
+    assert "Beginning flow run" in log.read_text()  # the details are kept, in the log file
+    for promised in promised_paths(root):
+        assert glob.glob(str(root / promised)), f"the README promises {promised}"
+    second = walk.run(f"{main} {shlex.join(small)}")
+    assert second.returncode == 0 and "nothing changed" in second.stdout, second.stderr
+    again = walk.run(steps["small"][0])  # the same images from a local copy, the same config
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stderr
+
+
+def _mlflow_ui(walk: Walk, steps: dict) -> None:
+    ui = walk.start("mlflow-ui", steps["mlflow-ui"][0])
+    base = f"http://127.0.0.1:{walk.ports['5000']}"
+    servers.wait_for_http(f"{base}/health", timeout=240, process=ui)
+    found = httpx.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=30).json()
+    assert "cats-vs-dogs" in {experiment["name"] for experiment in found["experiments"]}
+    ui.stop()
+
+
+def _serve_and_curl(walk: Walk, steps: dict) -> None:
+    serve = walk.start("serve", steps["serve"][0])
+    servers.wait_for_http(f"http://127.0.0.1:{walk.ports['5001']}/ping", timeout=300, process=serve)
+    answer = walk.run(steps["curl"][0], timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    [row] = json.loads(answer.stdout)["predictions"]
+    assert set(row) == {"p_dog", "label", "label_index", "error"} and row["error"] == ""
+    serve.stop()
+
+
+def _predict(walk: Walk, steps: dict, root: Path) -> None:
+    done = walk.run(steps["predict"][0])
+    assert done.returncode == 0, done.stderr
+    submission = pd.read_csv(root / "submission.csv")
+    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
+
+
+def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
+    server = walk.start("prefect-server", steps["prefect-server"][0] + f" --port {walk.ports['4200']}")
+    servers.wait_for_http(f"http://127.0.0.1:{walk.ports['4200']}/api/health", timeout=240, process=server)
+    [export] = steps["prefect-env"]
+    name, value = walk.command(export).removeprefix("export ").split("=", 1)
+    walk.env[name] = value
+    create_pool, start_worker = steps["worker"]
+    assert walk.run(create_pool).returncode == 0
+    worker = walk.start("worker", start_worker)
+    deployed = walk.run(steps["deploy"][0])
+    assert deployed.returncode == 0 and "retrain/weekly" in deployed.stdout, deployed.stdout + deployed.stderr
+    config = {"weights": None, "backbones": ["mobilenet_v2"], "input_size": 32, "floor": 0.0,
+              "thresholds": {"min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0,
+                             "max_quarantined_share": 0.3}}
+    run = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": config})), timeout=600)
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + worker.log_tail()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "cats-vs-dogs"]
+    runs = client.search_runs([experiment.experiment_id], "tags.`prefect.deployment_name` = 'weekly'")
+    assert runs and runs[0].data.tags["catsdogs.kind"] == "skipped"  # same data and config: nothing changed
+
+    # Back to a terminal without the server: the README says how, and it works.
+    worker.stop()
+    server.stop()
+    stale = walk.run(steps["predict"][0])
+    assert stale.returncode == 2 and "unset PREFECT_API_URL" in stale.stderr, stale.stderr
+    del walk.env["PREFECT_API_URL"]
+    assert walk.run(steps["predict"][0]).returncode == 0

@@ -80,12 +80,16 @@ def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, p
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
-def extract_shard(plan_path: str, index: int, batch_size: int | None) -> ShardResult:
-    """Features of one shard of images, written atomically (wherever the task runner runs it)."""
+def extract_shard(plan_path: str, index: int, batch_size: int | None, decode_workers: int | None = None) -> ShardResult:
+    """Features of one shard of images, written atomically, wherever the task runner runs it.
+
+    On a Dask cluster the plan and the images are read, and the shard written, on storage
+    every worker sees; the shard's lease keeps two live workers off the same shard.
+    """
     from tasks.learning.features import extract_shard as extract
     from tasks.learning.features import load_plan
 
-    return extract(load_plan(plan_path), index, batch_size)
+    return extract(load_plan(plan_path), index, batch_size, decode_workers=decode_workers)
 
 
 def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:

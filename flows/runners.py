@@ -15,9 +15,10 @@ Why it is built this way:
   `workers`/`gpus` lives as long as the flow run; an existing cluster is only connected to.
 - Each local worker runs one shard at a time (`nthreads=1`): its model and decoder are per
   process, and a second shard in the same process would only fight the first for the cores.
-  Its model and decoder get `threads_per_worker` cores instead (thread-pool variables, the
-  decoder's worker count and, where the cores allow, CPU affinity), so N workers on one
-  machine split it instead of each assuming it has all of it.
+  Its model and decoder get `threads_per_worker` threads instead (thread-pool variables and
+  the decoder's worker count), so N workers on one machine split it instead of each assuming
+  it has all of it. Workers are not pinned to cores: on a machine shared with other work,
+  pinning measured slower (benchmarks/scaling.md), as a pinned worker cannot move off a busy core.
 - One worker per GPU: worker i sees only GPU i (CUDA_VISIBLE_DEVICES), the layout
   dask-cuda's LocalCUDACluster uses, without its extra dependency.
 - Dask workers run Prefect tasks, so they need the Prefect API of the flow run. With a
@@ -44,9 +45,6 @@ from flows.config import ComputeConfig
 from tasks.common.errors import ConfigError
 
 F = TypeVar("F")
-
-CPUS_ENV = "CATSDOGS_WORKER_CPUS"
-"""Cores (comma-separated) a local Dask worker pins itself to at start (see `dask_setup`)."""
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
 
@@ -126,12 +124,10 @@ def worker_devices(compute: ComputeConfig) -> list[str | None]:
     return [None] * compute.workers
 
 
-def worker_env(threads: int, cpus: list[int] | None, gpu: str | None) -> dict[str, str]:
-    """The environment of one local worker: its cores' thread pools, pinned cores, and its one GPU."""
+def worker_env(threads: int, gpu: str | None) -> dict[str, str]:
+    """The environment of one local worker: the size of its thread pools, and its one GPU."""
     env = {"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
            "TF_NUM_INTEROP_THREADS": "2", "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-    if cpus:
-        env[CPUS_ENV] = ",".join(str(cpu) for cpu in cpus)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
@@ -141,37 +137,20 @@ def cluster_spec(compute: ComputeConfig) -> dict[str, Any]:
     """SpecCluster arguments: a scheduler in this process and one single-threaded Nanny worker per device.
 
     Workers are named `<host>-cpu<i>` or `<host>-gpu<id>`: that name is what each shard
-    records as its `worker`. Cores are split into disjoint sets when there are enough of
-    them; otherwise the workers share the cores, with their thread counts still set.
+    records as its `worker`.
     """
     from distributed import Nanny, Scheduler
 
     devices = worker_devices(compute)
-    cpus = usable_cpus()
-    threads = threads_for(compute, len(devices), len(cpus))
-    pin = threads * len(devices) <= len(cpus)
+    threads = threads_for(compute, len(devices))
     host = socket.gethostname().split(".")[0]
     workers = {}
     for index, gpu in enumerate(devices):
         name = f"{host}-gpu{gpu}" if gpu is not None else f"{host}-cpu{index}"
-        cores = cpus[index * threads:(index + 1) * threads] if pin else None
         workers[name] = {"cls": Nanny, "options": {
-            "nthreads": 1, "name": name, "env": worker_env(threads, cores, gpu),
-            "preload": ["flows.runners"], "host": "127.0.0.1", "silence_logs": 40}}
+            "nthreads": 1, "name": name, "env": worker_env(threads, gpu), "host": "127.0.0.1", "silence_logs": 40}}
     return {"scheduler": {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}},
             "workers": workers, "silence_logs": 40}
-
-
-def dask_setup(worker: Any) -> None:
-    """Dask preload, run in each local worker process at start: pin it to its cores.
-
-    Thread pools created afterwards (TensorFlow's, XLA's, the decoder's) inherit the
-    affinity, and XLA sizes its pool from it, so workers sharing a machine do not fight.
-    """
-    cpus = os.environ.get(CPUS_ENV)
-    if cpus and hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError, ValueError):
-            os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
 
 
 # ---------------------------------------------------------------- the Prefect API the workers report to

@@ -121,7 +121,8 @@ def test_dask_workers_report_to_the_flows_own_ephemeral_server(tmp_path):
     script.write_text(EPHEMERAL)
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=base_env(PREFECT_API_URL=None, PREFECT_HOME=tmp_path / "prefect",
-                                       PYTHONPATH=str(REPO)))
+                                       PYTHONPATH=str(REPO),  # a busy CI core starts the server slowly:
+                                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180"))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["api"].startswith("http://127.0.0.1:") and result["after"] is None  # pinned for the run only

@@ -123,7 +123,7 @@ def feature_model(backbone: str, weights: str | os.PathLike[str] | None, input_s
 
 
 @functools.lru_cache(maxsize=1)
-def _extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str) -> tuple[Any, Any]:
+def cached_extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str) -> tuple[Any, Any]:
     """(model, compiled forward), built once per process and feature space (Dask workers reuse it)."""
     from tasks.learning.forward import compiled_forward
 
@@ -560,7 +560,7 @@ def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLik
         if missing:
             raise InputError(f"{len(missing)} arranged image(s) are missing, e.g. {missing[0]!r}; "
                              "run prepare_data (python -m flows.prepare) again to restore the arranged folders.")
-        _extractor(spec.name, weights, size, precision, weights_fingerprint(weights))  # a bad weights file fails here
+        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights))  # a bad weights file fails here
         cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(cache_dir)
         write_if_changed(cache_dir / "meta.json",
@@ -618,7 +618,7 @@ def _compute_shard(plan: ExtractionPlan, pairs: list[tuple[str, str]], target: P
     from tasks.learning.forward import run_ahead
 
     cache_dir, name = target.parent, target.name
-    _, forward = _extractor(plan.backbone, plan.weights, plan.input_size, plan.precision,
+    _, forward = cached_extractor(plan.backbone, plan.weights, plan.input_size, plan.precision,
                             weights_fingerprint(plan.weights))
     if batch_size is None:
         batch_size = pick_batch_size(forward, plan.input_size)

@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.photos import prepared_folder, write_photos  # noqa: E402
 from tasks.data.datafolder import DataFolder  # noqa: E402
 from tasks.learning.backbones import build_backbone, resolve_input_size  # noqa: E402
-from tasks.learning.features import _extractor, close_decoders, extract_features, load_features  # noqa: E402
+from tasks.learning.features import cached_extractor, close_decoders, extract_features, load_features  # noqa: E402
 from tasks.learning.backbones import weights_fingerprint  # noqa: E402
 from tasks.learning.forward import to_numpy  # noqa: E402
 from tasks.learning.pixels import Decoder  # noqa: E402
@@ -58,7 +58,7 @@ def naive_loop(model, paths: list[str], size: int, batch_size: int) -> None:
 def bench(root: Path, photos: list[Path], backbone: str, precision: str, weights: Path, batch_size: int,
           repeats: int, naive: bool) -> dict:
     size = resolve_input_size(backbone, None)
-    model, forward = _extractor(backbone, str(weights), size, precision, weights_fingerprint(weights))
+    model, forward = cached_extractor(backbone, str(weights), size, precision, weights_fingerprint(weights))
     with Decoder(size, batch_size) as decoder:
         batches = [batch.pixels.copy() for batch in decoder.batches(photos)]
     for batch in (batches[0], batches[-1]):

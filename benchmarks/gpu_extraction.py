@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.common.devices import configure_devices, pick_batch_size
     from tasks.data.datafolder import DataFolder
     from tasks.learning.backbones import build_backbone, weights_fingerprint
-    from tasks.learning.features import _extractor, close_decoders, extract_features
+    from tasks.learning.features import cached_extractor, close_decoders, extract_features
     from tasks.learning.pixels import default_workers
 
     setup = configure_devices(args.precision)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             weights = args.work / f"{backbone}.weights.h5"
             if not weights.exists():
                 build_backbone(backbone, None, size).save_weights(str(weights))
-            _, forward = _extractor(backbone, str(weights), size, setup.precision, weights_fingerprint(weights))
+            _, forward = cached_extractor(backbone, str(weights), size, setup.precision, weights_fingerprint(weights))
             batch = args.batch_size or pick_batch_size(forward, size, on_gpu=setup.device == "GPU")
             decode = decode_only(photos, size, batch, workers)
             model = model_only(forward, size, batch, args.model_steps)

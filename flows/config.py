@@ -9,7 +9,8 @@ instead of a feature-extraction pass.
     DataConfig     where the data comes from and what the dataset must satisfy  (prepare)
     TrainConfig    what to train and how; its fields alone make `config_hash()`  (train)
     GateConfig     when a trained model may become the champion
-    RetrainConfig  all three, plus run options                                  (retrain)
+    ComputeConfig  where feature shards are computed (never changes the model)
+    RetrainConfig  all four, plus run options                                   (retrain)
     PredictConfig  what to score with which model                               (predict)
 """
 
@@ -171,7 +172,92 @@ class GateConfig(BaseModel):
                           description="How much a candidate must beat the champion by, on the same test split.")
 
 
-class RetrainConfig(GateConfig, TrainConfig, DataConfig):
+DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+"""Address schemes of a Dask scheduler (`tcp://host:8786` is what `dask scheduler` prints)."""
+
+
+class ComputeConfig(BaseModel):
+    """Where feature shards are computed: in this process, or on Dask workers (same features, faster).
+
+    None of these fields changes a model (the feature cache is keyed by image content, not by
+    who computed it), so they stay out of TrainConfig and out of `config_hash()`.
+    flows/runners.py turns them into the flow's task runner.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    workers: int = Field(
+        default=0, ge=0, le=1024,
+        description="Dask workers of a local cluster that compute feature shards; 0 computes them in this process.")
+    dask_address: str | None = Field(
+        default=None,
+        description="An existing Dask scheduler (tcp://host:8786) to compute feature shards on; its workers "
+                    "must see data_dir at the same path.")
+    gpus: str | None = Field(
+        default=None,
+        description='GPUs of a local Dask cluster, one worker each: "auto" (each CUDA_VISIBLE_DEVICES entry, else '
+                    'every GPU nvidia-smi lists) or ids such as "0,1".')
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="CPU threads each Dask worker gives its model and image decoder; none divides this "
+                    "machine's cores among a local cluster's workers.")
+    shard_size: int = Field(
+        default=512, ge=1, le=1_000_000,
+        description="Images per feature shard: the unit a worker computes, and all a dying worker loses.")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, address: str | None) -> str | None:
+        """A scheduler address with its scheme, as `dask scheduler` prints it; empty means none."""
+        if address is None or not address.strip() or address.strip().lower() == "none":
+            return None
+        address = address.strip()
+        scheme, sep, rest = address.partition("://")
+        if not sep or scheme not in DASK_SCHEMES or not rest:
+            raise ValueError(f"dask_address {address!r} is not a Dask scheduler address; "
+                             "use the one `dask scheduler` prints, e.g. tcp://scheduler-host:8786")
+        return address
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, gpus: str | None) -> str | None:
+        """"auto", or a comma-separated list of CUDA device ids or UUIDs, each named once."""
+        if gpus is None or not gpus.strip() or gpus.strip().lower() == "none":
+            return None
+        if gpus.strip().lower() == "auto":
+            return "auto"
+        ids = [part.strip() for part in gpus.split(",") if part.strip()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"gpus {gpus!r} names a GPU twice; list each once (one Dask worker per GPU)")
+        return ",".join(ids)
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> ComputeConfig:
+        """An existing cluster or a local one, never both; with GPUs, one worker per GPU."""
+        if self.dask_address and (self.workers or self.gpus):
+            raise ValueError("dask_address names an existing cluster, so workers and gpus cannot also start a "
+                             "local one; give one or the other")
+        if self.gpus and self.gpus != "auto" and self.workers not in (0, len(self.gpus.split(","))):
+            raise ValueError(f"gpus {self.gpus!r} starts one Dask worker per GPU, but workers is {self.workers}; "
+                             "leave workers out")
+        return self
+
+    @property
+    def uses_dask(self) -> bool:
+        """True when feature shards go to Dask workers rather than being computed in this process."""
+        return bool(self.dask_address or self.workers or self.gpus)
+
+    def compute_fields(self) -> dict[str, Any]:
+        """The ComputeConfig fields only, JSON-ready."""
+        dumped = self.model_dump(mode="json")
+        return {name: dumped[name] for name in ComputeConfig.model_fields}
+
+    def compute_config(self) -> ComputeConfig:
+        """The ComputeConfig part alone (train_model's `compute` parameter)."""
+        return ComputeConfig.model_validate(self.compute_fields())
+
+
+class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
     """A retrain's own options, on top of its data, training and gate settings.
 
     Everything a retrain needs: where the data comes from, how to train, when to promote. The TrainConfig fields decide the model (they alone make up `config_hash()`); the others

@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 
 from flows.config import RetrainConfig
 from flows.prepare import prepare_data
+from flows.runners import on_compute, workers_reach_the_api
 from flows.train import train_model
 from tasks.common.logs import run_logger
 from tasks.common.results import RetrainSummary
@@ -75,7 +76,10 @@ def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
         models.publish_summary(summary)
         return summary
 
-    trained = train_model(data_dir=data_dir, config=config.train_config(), output_dir=config.output_dir)
+    compute = config.compute_config()  # where shards are computed: in-process by default, else Dask (flows/runners.py)
+    with workers_reach_the_api(compute):
+        trained = on_compute(train_model, compute)(data_dir=data_dir, config=config.train_config(),
+                                                   output_dir=config.output_dir, compute=compute)
     logged = models.log_to_mlflow(prepared, trained, config.model_dump(mode="json"), config.source, config.experiment)
     candidate = models.score_on_test_split(logged.model_uri, data_dir)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,

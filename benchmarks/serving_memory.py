@@ -1,16 +1,16 @@
 """Peak memory of `mlflow models serve` under a bounded concurrent load of large-image requests.
 
-    python benchmarks/serving_memory.py [--code-root PATH] [--side 12000] [--images 3]
-                                        [--clients 4] [--requests 2]
+    python benchmarks/serving_memory.py [--before 1f90b46] [--side 12000] [--images 3]
+                                        [--clients 2] [--requests 2]
 
-Logs the tiny end-to-end test model (tests/fake_training.py) with the serving code of
-`--code-root` (this checkout by default; pass an old checkout, e.g. `git archive 1f90b46 | tar
--x -C /tmp/old`, to measure the code before the limits), serves it with `mlflow models serve
---env-manager local`, and sends `clients` concurrent clients x `requests` requests, each holding
-`images` flat-colour JPEGs of `side` x `side` pixels (a 12000 x 12000 one is about 2 MB on the
-wire and 432 MB once decoded). The server's process tree is sampled every 20 ms with psutil; the
-printout is its resident memory at rest, at its peak, and the peak over rest, with what the
-requests got back. A measurement, not a test: nothing here passes or fails.
+For the serving code of commit `--before` (by default 1f90b46, before any serving limit) and
+of this working tree, in turn: logs the tiny end-to-end test model (tests/fake_training.py)
+with that code, serves it with `mlflow models serve --env-manager local`, and sends `clients`
+concurrent clients x `requests` requests, each holding `images` flat-colour JPEGs of `side` x
+`side` pixels (a 12000 x 12000 one is about 2 MB on the wire and 432 MB once decoded). The
+server's process tree is sampled every 20 ms (tests/memory.py); the printout is its resident
+memory at rest and at its peak, and what the requests got back. A measurement, not a test:
+nothing here passes or fails. The figures measured are in benchmarks/serving_memory.md.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import collections
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-import psutil  # noqa: E402
 
+from tests.memory import PeakRss, tree_rss  # noqa: E402
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http  # noqa: E402
 
 _LOG_MODEL = textwrap.dedent("""
@@ -46,25 +46,17 @@ _LOG_MODEL = textwrap.dedent("""
     mlflow.set_tracking_uri(sys.argv[1])
     path = tiny_model(Path(sys.argv[2]) / "model.keras")
     with mlflow.start_run():
-        try:                                   # the layout since the three wings
+        # by file, not by trying imports: the project's editable install would supply new modules
+        if Path("tasks/models/tracking.py").is_file():   # the layout since the three wings
             from tasks.models.tracking import log_pyfunc_model
             info = log_pyfunc_model(path, 32)
-        except ImportError:                    # the flat layout before them
+        else:                                          # the flat layout before them
             from tasks.tracking import log_pyfunc_model
             info = log_pyfunc_model({"model_path": str(path), "input_size": 32})
+    import tasks
+    print(tasks.__file__, flush=True)
     print(info.model_uri)
 """)
-
-
-def tree_rss(pid: int) -> int:
-    root = psutil.Process(pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def flat_jpeg(side: int, colour: tuple[int, int, int] = (90, 60, 200)) -> bytes:
@@ -83,26 +75,24 @@ def log_model(code_root: Path, work: Path) -> tuple[str, str]:
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"logging the model with {code_root} failed:\n{done.stderr[-3000:]}")
-    return uri, done.stdout.strip().splitlines()[-1]
+    *_, package, model_uri = done.stdout.strip().splitlines()
+    if not Path(package).is_relative_to(code_root):
+        raise SystemExit(f"the model was logged with {package}, not the code of {code_root}")
+    return uri, model_uri
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--code-root", type=Path, default=REPO, help="checkout whose serving code is measured")
-    parser.add_argument("--side", type=int, default=12_000, help="pixels per side of each image")
-    parser.add_argument("--images", type=int, default=3, help="images per request")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client")
-    args = parser.parse_args()
+def checkout(rev: str, work: Path) -> Path:
+    """The tree of commit `rev`, unpacked under `work` (the code is all that is needed, not its history)."""
+    root = work / f"code-{rev}"
+    root.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
 
-    code_root = args.code_root.resolve()
-    work = Path(tempfile.mkdtemp(prefix="serving-memory-"))
-    commit = subprocess.run(["git", "-C", str(code_root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "not a git checkout"
+
+def measure(code_root: Path, work: Path, body: bytes, clients: int, requests: int) -> dict:
+    """Serve the model logged with `code_root`'s code, put the load on it; RSS at rest and peak, outcomes."""
     uri, model_uri = log_model(code_root, work)
-    image = base64.b64encode(flat_jpeg(args.side)).decode("ascii")
-    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]] * args.images}}).encode()
-
     port = free_port()
     env = base_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(code_root),
                    PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -117,16 +107,10 @@ def main() -> None:
         httpx.post(url, content=small, headers={"content-type": "application/json"}, timeout=300)  # warm up
         time.sleep(1.0)
         rest = tree_rss(server.pid)
-        peak, stop = [rest], threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], tree_rss(server.pid))
-                time.sleep(0.02)
 
         def client(_: int) -> list[str]:
             outcomes = []
-            for _ in range(args.requests):
+            for _ in range(requests):
                 try:
                     response = httpx.post(url, content=body, headers={"content-type": "application/json"},
                                           timeout=900)
@@ -140,25 +124,44 @@ def main() -> None:
                     outcomes.append("error row: " + row["error"][:70] if row.get("error") else "scored")
             return outcomes
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            outcomes = [outcome for outcomes in pool.map(client, range(args.clients)) for outcome in outcomes]
-        seconds = time.perf_counter() - started
-        stop.set()
-        sampler.join()
-        alive = server.alive()
+        with PeakRss(server.pid) as rss, ThreadPoolExecutor(clients) as pool:
+            outcomes = [outcome for outcomes in pool.map(client, range(clients)) for outcome in outcomes]
+        return {"rest": rest, "peak": rss.peak, "seconds": time.perf_counter() - started,
+                "alive": server.alive(), "outcomes": collections.Counter(outcomes)}
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="1f90b46", help="commit whose serving code is the baseline")
+    parser.add_argument("--side", type=int, default=12_000, help="pixels per side of each image")
+    parser.add_argument("--images", type=int, default=3, help="images per request")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent clients")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="serving-memory-"))
+    image = base64.b64encode(flat_jpeg(args.side)).decode("ascii")
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]] * args.images}}).encode()
     mib = 2**20
-    print(f"serving code: {code_root} ({commit})")
     print(f"load: {args.clients} concurrent clients x {args.requests} requests x {args.images} JPEGs of "
           f"{args.side}x{args.side} ({len(image) / mib:.1f} MiB base64 each, {len(body) / mib:.1f} MiB per request)")
-    print(f"server RSS at rest {rest / mib:,.0f} MiB, peak {peak[0] / mib:,.0f} MiB, "
-          f"peak over rest {(peak[0] - rest) / mib:+,.0f} MiB ({peak[0] / rest:.2f}x); "
-          f"load took {seconds:.1f} s; server alive after: {alive}")
-    for outcome, count in collections.Counter(outcomes).most_common():
-        print(f"  {count:3d} x {outcome}")
+    results = {}
+    try:
+        for label, root in ((f"before ({args.before})", checkout(args.before, work)), ("after (this tree)", REPO)):
+            (work / label.split()[0]).mkdir()
+            result = results[label] = measure(root, work / label.split()[0], body, args.clients, args.requests)
+            print(f"{label}: server RSS at rest {result['rest'] / mib:,.0f} MiB, peak {result['peak'] / mib:,.0f} "
+                  f"MiB ({result['peak'] / result['rest']:.2f}x rest); load took {result['seconds']:.1f} s; "
+                  f"server alive after: {result['alive']}", flush=True)
+            for outcome, count in result["outcomes"].most_common():
+                print(f"  {count:3d} x {outcome}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    before, after = results.values()
+    print(f"peak over rest: before {(before['peak'] - before['rest']) / mib:+,.0f} MiB, "
+          f"after {(after['peak'] - after['rest']) / mib:+,.0f} MiB; peak after / before "
+          f"{after['peak'] / before['peak']:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ import base64
 import io
 import json
 import os
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
-import psutil
 import pytest
 from PIL import Image
 
 from tests.fake_training import promoted_champion
 from tests.imagegen import image_bytes
+from tests.memory import PeakRss, tree_rss
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -40,39 +38,6 @@ def _b64(data: bytes) -> str:
 
 def _payload(cells: list[str]) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[cell] for cell in cells]}}
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
-    root = psutil.Process(pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
-class PeakRss:
-    """Samples a process tree's RSS every 20 ms in a thread; `.peak` once stopped."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, tree_rss(pid), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
-            time.sleep(0.02)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,37 @@ def file_stat_key(path: str | os.PathLike[str]) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object (a cache or an index:
+    losing one only costs work done again)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def link_stat_key(st: os.stat_result) -> list[int]:
+    """Size, mtime and inode from a stat: rewriting or replacing a file changes it, linking it does not.
+
+    Unlike `file_stat_key` it leaves ctime out on purpose: arranging hard-links every
+    extracted file, which changes its ctime but not its bytes, and a second run must not
+    re-hash 25,000 files for that.
+    """
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def is_unfinished_write(name: str) -> bool:
+    """Whether `name` is one the writers here give unfinished work: `.x.partial`, `.x.<rand>.tmp[.ext]`,
+    `.x.<rand>.old` (and arrange's `.x.<hex>.tmp`); what a killed run leaves of them is garbage."""
+    if not name.startswith(".") or name in (".", ".."):
+        return False
+    if name.endswith(".partial") or name.endswith(".old"):
+        return True
+    stem = name.rsplit(".", 1)[0] if not name.endswith(".tmp") else name
+    return stem.endswith(".tmp")
+
+
 def sha256_file_cached(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
                       known: str | None = None) -> str:
     """sha256 of a file, reused from `cache_dir/DIGEST_CACHE_NAME` while the file's stat key is unchanged.
@@ -177,12 +208,7 @@ def sha256_file_cached(path: str | os.PathLike[str], cache_dir: str | os.PathLik
     """
     path = Path(path).resolve()
     cache_file = Path(cache_dir) / DIGEST_CACHE_NAME
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = read_json_object(cache_file)
     key = file_stat_key(path)
     entry = cache.get(str(path))
     if isinstance(entry, dict) and entry.get("stat") == key and isinstance(entry.get("sha256"), str):

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 
 from tasks.common.errors import AcquireError
-from tasks.common.files import atomic_write_json, sha256_file, sha256_file_cached, write_if_changed
+from tasks.common.files import atomic_write_json, read_json_object, sha256_file, sha256_file_cached, write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
 from tasks.data.extract import archive_kind
@@ -290,14 +290,6 @@ def _raise_for_status(url: str, response: requests.Response) -> None:
     raise TransientDownloadError(f"{url} answered HTTP {code}, usually temporary")
 
 
-def _read_meta(meta: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(meta.read_text(encoding="utf-8"))
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _discard(*paths: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
@@ -310,7 +302,7 @@ def _fetch(url: str, part: Path, meta: Path, session: requests.Session, expected
     the partial bytes belong to, so a partial is only ever continued with bytes of the same file.
     """
     log = run_logger(__name__)
-    state = _read_meta(meta)
+    state = read_json_object(meta)
     offset = part.stat().st_size if part.is_file() and state.get("url") == url else 0
     if offset == 0:
         _discard(part, meta)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel
 
-from tasks.common.files import sha256_file, write_if_changed
+from tasks.common.files import link_stat_key, read_json_object, sha256_file, write_if_changed
 from tasks.common.labels import CLASS_DIRS, CLASSES, SPLITS, UNLABELLED
 from tasks.common.logs import run_logger
 from tasks.common.results import PreparePaths, PrepareSummary
@@ -87,11 +87,6 @@ def arranged_paths(frame: pd.DataFrame) -> pd.Series:
 CURRENT, PLACE, REPAIR = "current", "place", "repair"
 
 
-def _key(st: os.stat_result) -> list[int]:
-    """(size, mtime_ns, inode), as tasks/data/extract.py keys its members."""
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
 def _state(source: Path, target: Path, entry: dict | None) -> str:
     """Whether `target` still holds what was arranged from `source`: CURRENT, PLACE (again) or REPAIR.
 
@@ -114,19 +109,11 @@ def _state(source: Path, target: Path, entry: dict | None) -> str:
         if same or (target_stat.st_size, target_stat.st_mtime_ns) == (source_stat.st_size, source_stat.st_mtime_ns):
             return CURRENT
         return PLACE
-    if entry.get("target") == _key(target_stat) and entry.get("source") == _key(source_stat):
+    if entry.get("target") == link_stat_key(target_stat) and entry.get("source") == link_stat_key(source_stat):
         return CURRENT
     if same:
         return CURRENT if sha256_file(target) == entry.get("sha256") else REPAIR
     return PLACE
-
-
-def _read_entries(path: Path) -> dict[str, dict]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _remake_conversion(original: Path, converted: Path, folder: DataFolder) -> None:
@@ -181,7 +168,7 @@ def link_arranged(manifest: pd.DataFrame, folder: DataFolder) -> tuple[pd.DataFr
     todo = frame[frame["arranged_path"] != ""]
     stats = ArrangeStats()
     wanted: set[Path] = set()
-    recorded = _read_entries(folder.arranged_index)
+    recorded = read_json_object(folder.arranged_index)
     entries: dict[str, dict] = {}
     log = run_logger(__name__)
     for arranged, converted, original, sha in zip(todo["arranged_path"], todo["converted_path"],
@@ -206,7 +193,7 @@ def link_arranged(manifest: pd.DataFrame, folder: DataFolder) -> tuple[pd.DataFr
         else:
             stats.copied += 1
         placed = entry.get("sha256") if entry and state == CURRENT else None
-        entries[arranged] = {"target": _key(target.stat()), "source": _key(source.stat()),
+        entries[arranged] = {"target": link_stat_key(target.stat()), "source": link_stat_key(source.stat()),
                              "sha256": placed or (sha256_file(source) if converted else sha)}
     _remove_stale(folder.arranged, wanted, stats)
     _remove_stale(folder.unlabelled, wanted, stats)

@@ -56,6 +56,10 @@ class DataFolder:
         return cls(Path(path).expanduser().absolute())
 
     # ------------------------------------------------------------------ one run at a time
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
     def lock(self, what: str, *, wait_s: float | None = None, create: bool = True) -> Any:
         """Context manager: hold `.lock` for the block, waiting (and saying for whom) while another run holds it.
 
@@ -64,6 +68,15 @@ class DataFolder:
         from tasks.data.folderlock import WAIT_S, hold
 
         return hold(self.root, what, wait_s=WAIT_S if wait_s is None else wait_s, create=create)
+
+    def leftover_places(self) -> list[tuple[Path, bool]]:
+        """(folder, recursive?) where a killed run's hidden half-written entries can be left.
+
+        Never inside `extracted/<digest>/` or `arranged/`: those hold the archive's own names
+        (an archive may well contain a file called `.x.tmp`), and arrange removes its own strays.
+        """
+        return [(self.root, False), (self.training, False), (self.extracted, False), (self.converted, False),
+                (self.features, True), (self.validation, False)]
 
     # ------------------------------------------------------------------ prepare
     @property

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.common.errors import AcquireError, UnsafeArchiveError
-from tasks.common.files import atomic_directory, atomic_write_text, sha256_file, sha256_file_cached
+from tasks.common.files import atomic_directory, atomic_write_text, link_stat_key, sha256_file, sha256_file_cached
 from tasks.common.logs import run_logger
 
 NESTED_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -432,19 +432,9 @@ INDEX_NAME = ".catsdogs-members.json"
 """Hidden file in each extracted folder: sha256 and stat key of every member (layouts skip hidden files)."""
 
 
-def stat_key(path: Path) -> list[int]:
-    """(size, mtime_ns, inode): rewriting or replacing a file changes it.
-
-    ctime is left out on purpose: arranging hard-links every member, which changes its ctime
-    but not its bytes, and a second run must not re-hash 25,000 files for that.
-    """
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
 def write_index(folder: Path, digests: dict[str, str]) -> None:
     """Record every member's sha256 and stat key, in the folder itself (it is built and renamed whole)."""
-    members = {name: {"sha256": sha, "stat": stat_key(folder / name)} for name, sha in sorted(digests.items())}
+    members = {name: {"sha256": sha, "stat": link_stat_key((folder / name).stat())} for name, sha in sorted(digests.items())}
     atomic_write_text(folder / INDEX_NAME, json.dumps({"version": 1, "members": members}, sort_keys=True) + "\n")
 
 
@@ -465,14 +455,14 @@ def damaged_members(folder: Path) -> list[str]:
     for name, entry in members.items():
         path = folder / name
         try:
-            key = stat_key(path)
+            key = link_stat_key(path.stat())
         except OSError:
             damaged.append(name)
             continue
         if key == entry.get("stat"):
             continue
         if sha256_file(path) == entry.get("sha256"):
-            entry["stat"] = stat_key(path)
+            entry["stat"] = link_stat_key(path.stat())
             touched = True
         else:
             damaged.append(name)

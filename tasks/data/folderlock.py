@@ -31,10 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tasks.common.errors import InputError
+from tasks.common.files import is_unfinished_write
 from tasks.common.logs import run_logger
-
-LOCK_NAME = ".lock"
-"""The lock file, directly under data_dir."""
 
 WAIT_S = 24 * 3600.0
 """How long a run waits for another run of the same data folder before giving up."""
@@ -100,13 +98,15 @@ def hold(root: Path, what: str, *, wait_s: float = WAIT_S, create: bool = True) 
     `create` is False and the folder does not exist (there is nothing to protect, and the
     caller's own checks will say so). Raises DataFolderBusy after `wait_s`.
     """
+    from tasks.data.datafolder import DataFolder
+
     root = Path(root)
     if not root.is_dir():
         if not create:
             yield False
             return
         root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_NAME
+    path = DataFolder(root).lock_file
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # an existing file is opened as is, never touched
     try:
         st = os.fstat(fd)
@@ -156,8 +156,10 @@ def _acquire(fd: int, path: Path, what: str, wait_s: float) -> None:
 
 def holds_lock(root: Path) -> bool:
     """Whether this run holds the lock of the data folder `root`."""
+    from tasks.data.datafolder import DataFolder
+
     try:
-        st = (Path(root) / LOCK_NAME).stat()
+        st = DataFolder(Path(root)).lock_file.stat()
     except OSError:
         return False
     return (st.st_dev, st.st_ino) in _HELD.get()
@@ -203,25 +205,6 @@ def holding_data_folder(what: str, *, create: bool = True) -> Callable[[F], F]:
 
 # --------------------------------------------------------------------------- leftovers of dead runs
 
-_SWEPT = (("", False), ("training", False), ("extracted", False), ("converted", False), ("features", True),
-          ("validation", False))
-"""(folder under data_dir, recursive?) where a killed run's half-written entries can be left.
-
-Never inside `extracted/<digest>/` or `arranged/`: those hold the archive's own names (an
-archive may well contain a file called `.x.tmp`), and arrange removes its own strays anyway.
-"""
-
-
-def _is_leftover(name: str) -> bool:
-    """Names only this project's atomic writers make: `.x.partial`, `.x.<rand>.tmp[.ext]`, `.x.<rand>.old`."""
-    if not name.startswith(".") or name in (".", "..", LOCK_NAME):
-        return False
-    if name.endswith(".partial") or name.endswith(".old"):
-        return True
-    stem = name.rsplit(".", 1)[0] if not name.endswith(".tmp") else name
-    return stem.endswith(".tmp")
-
-
 def remove_leftovers(root: Path) -> list[str]:
     """Remove what killed runs left half-written under `root` (only while holding its lock); their paths.
 
@@ -230,21 +213,22 @@ def remove_leftovers(root: Path) -> list[str]:
     """
     import shutil
 
+    from tasks.data.datafolder import DataFolder
+
     root = Path(root)
     if not holds_lock(root):
         raise RuntimeError(f"remove_leftovers needs the lock of {root}; call it inside DataFolder.lock()")
     removed: list[str] = []
-    for folder, recursive in _SWEPT:
-        base = root / folder if folder else root
+    for base, recursive in DataFolder(root).leftover_places():
         if not base.is_dir():
             continue
         for current, dirs, files in os.walk(base):
-            for name in [d for d in dirs if _is_leftover(d)]:
+            for name in [d for d in dirs if is_unfinished_write(d)]:
                 shutil.rmtree(Path(current) / name, ignore_errors=True)
                 removed.append(str((Path(current) / name).relative_to(root)))
                 dirs.remove(name)
             for name in files:
-                if _is_leftover(name):
+                if is_unfinished_write(name):
                     (Path(current) / name).unlink(missing_ok=True)
                     removed.append(str((Path(current) / name).relative_to(root)))
             if not recursive:

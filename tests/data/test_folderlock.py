@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.data.datafolder import DataFolder
-from tasks.data.folderlock import DataFolderBusy, LOCK_NAME, hold, holds_lock, remove_leftovers
+from tasks.data.folderlock import DataFolderBusy, hold, holds_lock, remove_leftovers
 from tests.servers import REPO_ROOT
 
 _HOLDER = textwrap.dedent("""
@@ -84,7 +84,7 @@ def test_a_killed_holder_frees_the_folder_and_its_half_written_run_is_removed(tm
         assert time.monotonic() - started < 5  # the kernel dropped the dead holder's lock
         removed = remove_leftovers(folder.root)
     assert removed == sorted([".inspected.parquet.abc123.tmp.parquet", f"training/{partial.name}"])
-    assert not partial.exists() and keep.is_dir() and (folder.root / LOCK_NAME).is_file()
+    assert not partial.exists() and keep.is_dir() and folder.lock_file.is_file()
 
 
 def test_the_lock_is_reentrant_within_a_run_and_cleaning_needs_it(tmp_path):

@@ -133,24 +133,32 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseMod
     return model.model_validate(values)
 
 
-def field_option(model: type[BaseModel], location: Sequence[Any]) -> str:
-    """The option a pydantic error location belongs to (`("thresholds", "min_per_class")` -> --min-per-class)."""
+def field_option(model: type[BaseModel], location: Sequence[Any], typed: Sequence[str] = ()) -> str:
+    """The option a pydantic error location belongs to (`("thresholds", "min_per_class")` -> --min-per-class).
+
+    Of a field's spellings (`--head-epochs`, `--epochs`) the one in `typed` (the command line) wins,
+    so the sentence names what the person wrote.
+    """
+    written = {argument.split("=", 1)[0] for argument in typed}
     names = [str(part) for part in location if isinstance(part, str)]
     for name in reversed(names):
         for field_name, field in model.model_fields.items():
             nested = _nested_model(field.annotation)
             if field_name == name:
-                return option_names(name, field)[0]
-            if nested is not None and name in nested.model_fields:
-                return option_names(name, nested.model_fields[name])[0]
+                spellings = option_names(name, field)
+            elif nested is not None and name in nested.model_fields:
+                spellings = option_names(name, nested.model_fields[name])
+            else:
+                continue
+            return next((spelling for spelling in spellings if spelling in written), spellings[0])
     return "the options"
 
 
-def one_sentence(model: type[BaseModel], error: ValidationError) -> str:
-    """The first pydantic error as one sentence naming the option to fix."""
+def one_sentence(model: type[BaseModel], error: ValidationError, typed: Sequence[str] = ()) -> str:
+    """The first pydantic error as one sentence naming the option to fix, as it was typed."""
     first = error.errors()[0]
     message = str(first["msg"]).removeprefix("Value error, ")
-    return f"invalid {field_option(model, first['loc'])}: {message}."
+    return f"invalid {field_option(model, first['loc'], typed)}: {message}."
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str,
@@ -320,7 +328,8 @@ def parse(model: type[BaseModel], parser: argparse.ArgumentParser,
     try:
         return args, model_from_args(model, args)
     except ValidationError as error:
-        print(f"error: {one_sentence(model, error)}", file=sys.stderr)
+        typed = sys.argv[1:] if argv is None else list(argv)
+        print(f"error: {one_sentence(model, error, typed)}", file=sys.stderr)
         return None
 
 

@@ -2,8 +2,8 @@
 
 Real components throughout: the Prefect test server (`prefect_harness`), prepare_data on a zip,
 train_model with a random-weights backbone at 32 px, a fresh sqlite MLflow store per test.
-The stateful story (first run -> nothing changed -> forced run) is one test so that parallel
-test workers never split it.
+The stateful story (first run -> nothing changed -> a challenger -> nothing changed -> forced
+run) is one test so that parallel test workers never split it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def summary_artifacts(flow_run_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_retrain_registers_champion_then_skips_unchanged_then_force_trains(
+def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_same_then_force_trains(
         prefect_harness, mlflow_uri, petimages_zip, tmp_path):
     data_dir = tmp_path / "data"
 
@@ -96,12 +96,26 @@ def test_retrain_registers_champion_then_skips_unchanged_then_force_trains(
     [artifact] = summary_artifacts(second.flow_run_id)
     assert "Training skipped" in artifact.data
 
-    # force trains again; a margin no model can beat keeps the new version a challenger.
-    third = retrain(tiny_config(petimages_zip, data_dir, force=True, margin=1.0))
+    # Another model config, and a margin no model can beat: trained, kept as challenger.
+    third = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0))
     assert third.status == TRAINED
     assert third.decision.version == "2" and third.decision.alias == "challenger"
     assert any("does not beat" in reason for reason in third.decision.reasons)
     assert versions_by_alias(client) == {"champion": "1", "challenger": "2"}
+    trainings = sorted((data_dir / "training").iterdir())
+
+    # The same again: the champion was built from another config, but version 2 from this one,
+    # so nothing is trained and no identical twin of version 2 is registered.
+    fourth = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0))
+    assert fourth.status == UNCHANGED and "registered version(s) 2" in fourth.reason, fourth.headline
+    assert third.config_hash[:12] in fourth.reason
+    assert sorted((data_dir / "training").iterdir()) == trainings
+    assert len(client.search_model_versions("name='cats-vs-dogs'")) == 2
+
+    # force trains although nothing changed.
+    fifth = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0, force=True))
+    assert fifth.status == TRAINED and fifth.decision.version == "3" and fifth.decision.alias == "challenger"
+    assert versions_by_alias(client) == {"champion": "1", "challenger": "3"}
     assert len(sorted((data_dir / "training").iterdir())) == len(trainings) + 1
 
 

@@ -10,7 +10,9 @@ the documented `--backbones resnet50 vgg16` and `--min-per-class 10`.
 
 `run_main` gives every entry point the same ending and the same quiet terminal: the steps,
 their counts, progress and the result; on bad input one `error:` line that names the option or
-command to fix and the log file that holds every detail (`--verbose` shows them instead).
+command to fix and the log file that holds every detail (`--verbose` shows them instead). It
+also runs the flows against a temporary Prefect server that dies with the command
+(flows/prefect_server.py), unless a Prefect API is configured.
 """
 
 from __future__ import annotations
@@ -351,11 +353,13 @@ def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) 
 
 
 def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
+    from flows.prefect_server import tie_temporary_server
     from tasks.common.errors import InputError
 
     with console(log_path, verbose=verbose) as terminal, patient_prefect():
         try:
             check_prefect_api()
+            tie_temporary_server()  # a command killed with kill -9 leaves no Prefect server behind
             return work()
         except InputError as error:
             logging.getLogger("flows").info("Stopped on bad input: %s", error, exc_info=True)

@@ -20,6 +20,7 @@ from prefect import flow
 
 from tasks.common.labels import SPLITS
 from tasks.common.logs import run_logger
+from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import PrepareSummary
 from tasks.data import steps
 from tasks.data.folderlock import holding_data_folder
@@ -27,7 +28,7 @@ from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 
 
-@flow(name="prepare-data")
+@flow(name="prepare-data", on_running=[label_flow_run_owner])
 @holding_data_folder("prepare_data")
 def prepare_data(
     source: str,

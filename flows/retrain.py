@@ -1,7 +1,7 @@
 """The `retrain` flow: the product's main job, from a data source to a gated champion.
 
-    hold the data folder (a second run waits) -> set straight what killed runs left
-    -> check weights files -> prepare the data (subflow prepare_data)
+    hold the data folder (a second run waits) -> check weights files
+    -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
     -> train (subflow train_model)
@@ -34,11 +34,11 @@ from flows.prepare import prepare_data
 from flows.runners import on_compute, workers_reach_the_api
 from flows.train import train_model
 from tasks.common.logs import run_logger
+from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import RetrainSummary
 from tasks.data.folderlock import holding_data_folder
 from tasks.learning import steps as learning
 from tasks.models import steps as models
-from tasks.models.reconcile import label_owner
 from tasks.models.report import unchanged_reason
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
@@ -48,16 +48,16 @@ UNCHANGED = "unchanged"
 TRAINED = "trained"
 
 
-@flow(name="retrain", on_running=[label_owner])
+@flow(name="retrain", on_running=[label_flow_run_owner])
 @holding_data_folder("retrain")
 def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
     """Prepare, skip if nothing changed, train, log, register and gate; returns the run summary."""
     logger = run_logger(__name__)
     data_dir = str(Path(config.data_dir).expanduser().resolve())
     config_hash = config.config_hash()
-    logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
     for backbone in config.backbones:
         learning.check_weights(backbone, config.weights)
+    logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
 
     prepared = prepare_data(source=config.source, data_dir=data_dir, expected_sha256=config.expected_sha256,
                             split_fractions=config.split_fractions, thresholds=config.thresholds)
@@ -156,10 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             serve_weekly(config)
             return 0
-        from tasks.models.prefect_server import tied_temporary_server
-
-        with tied_temporary_server():  # a killed command leaves no orphaned Prefect server
-            summary = retrain(config)
+        summary = retrain(config)
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0
 

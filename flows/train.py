@@ -26,6 +26,7 @@ from flows.config import ComputeConfig, TrainConfig
 from flows.runners import decode_workers
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.logs import run_logger
+from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.data.folderlock import holding_data_folder
@@ -39,7 +40,8 @@ HEAD_AGREEMENT_TOLERANCE = 1e-3
 """Largest p(dog) gap between the end-to-end model and the head on cached features before the flow warns."""
 
 
-@flow(name="train_model", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="train_model", task_runner=ThreadPoolTaskRunner(max_workers=1),
+      on_running=[label_flow_run_owner])
 @holding_data_folder("train_model", create=False)
 def train_model(data_dir: str | Path, config: TrainConfig | None = None,
                 output_dir: str | Path | None = None, compute: ComputeConfig | None = None) -> TrainResult:

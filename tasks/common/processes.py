@@ -9,6 +9,9 @@ rebooted since (another boot id), or no process has that pid, or the process wit
 started at another time (a reused pid), or it is a zombie waiting to be reaped.
 
 A record from another host can never be proven dead from here, and is left alone.
+
+MLflow runs get the identity as tags when they start (tasks/models/tracking.py); Prefect flow
+runs as labels, from `label_flow_run_owner`, an `on_running` hook of every project flow.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 OWNER_PREFIX = "catsdogs.owner."
 """Prefix of the tag (MLflow) or label (Prefect) keys that record a run's owning process."""
@@ -119,3 +122,23 @@ class ProcessId:
     def alive(self) -> bool:
         """Not provably dead (the safe reading: a process elsewhere counts as alive)."""
         return self.death() is None
+
+
+def label_flow_run_owner(flow: Any, flow_run: Any, state: Any) -> None:
+    """A flow's `on_running` hook: record this process as the flow run's owner (labels `catsdogs.owner.*`).
+
+    A run killed later can then be proven dead and marked CRASHED by the next retrain
+    (tasks/models/reconcile.py). A failure here (a server without labels) only costs that
+    proof, never the run.
+    """
+    import logging
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run.id, ProcessId.current().labels())
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("Could not record this process as the owner of flow run %s (%s); "
+                                            "if it is killed, the next retrain cannot mark it crashed.",
+                                            getattr(flow_run, "name", "?"), error)

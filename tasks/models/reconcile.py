@@ -16,8 +16,8 @@ half-written folders in the data folder. Each next retrain starts by reconciling
   moved the alias, only its record was cut off); any other gets `gate.decision=incomplete`,
   which the "nothing changed" check ignores, so the data is trained and gated again.
 - Prefect flow runs of the project's flows that are RUNNING while their owner (recorded as
-  flow-run labels by `label_owner`, a flow `on_running` hook) is dead become CRASHED, their
-  subflow runs with them.
+  flow-run labels by `tasks.common.processes.label_flow_run_owner`, an `on_running` hook of
+  each of these flows) is dead become CRASHED, their subflow runs with them.
 - Hidden `.partial`/temporary folders and files in the data folder are removed: the caller
   holds the data folder's lock, so no live run can be writing them (tasks/data/folderlock.py).
 
@@ -199,31 +199,6 @@ def reconcile_mlflow(experiment: str = DEFAULT_EXPERIMENT, model_name: str = MOD
 
 
 # --------------------------------------------------------------------------- Prefect
-
-
-def label_owner(flow: Any = None, flow_run: Any = None, state: Any = None) -> None:
-    """Flow `on_running` hook: record this process as the flow run's owner (labels `catsdogs.owner.*`).
-
-    A run killed later can then be proven dead by the next retrain and marked CRASHED. A
-    failure here (an old server without labels) only costs that provability, never the run.
-    """
-    import logging
-
-    from prefect.client.orchestration import get_client
-
-    try:
-        run_id = getattr(flow_run, "id", None)
-        if run_id is None:
-            from prefect.runtime import flow_run as runtime
-
-            run_id = runtime.id
-        if run_id is None:
-            return
-        with get_client(sync_client=True) as client:
-            client.update_flow_run_labels(run_id, ProcessId.current().labels())
-    except Exception as error:  # noqa: BLE001 - see the docstring
-        logging.getLogger(__name__).warning("Could not record this process as the owner of the flow run (%s); "
-                                            "if it is killed, the next retrain cannot mark it crashed.", error)
 
 
 def reconcile_prefect(flow_names: tuple[str, ...] = FLOW_NAMES) -> Reconciled:

@@ -7,7 +7,7 @@ server restarting, a locked database) and never bad input; none is cached by Pre
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -15,6 +15,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common.errors import retry_unless_input_error
 from tasks.common.results import ChampionInfo, MlflowRun, PredictSummary, PrepareSummary, Promotion, RetrainSummary, TrainResult
+
+if TYPE_CHECKING:
+    from tasks.models.reconcile import Reconciled
 
 IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_input_error,
                               "cache_policy": NO_CACHE}
@@ -25,9 +28,9 @@ SUMMARY_ARTIFACT_KEY = "retrain-summary"
 
 
 @task(name="reconcile", **IO_RETRIES)
-def reconcile(data_dir: str, experiment: str) -> Any:
+def reconcile(data_dir: str, experiment: str) -> Reconciled:
     """Set straight what killed runs left: stuck runs and flow runs, pending models, half-registered
-    versions, half-written folders. Returns tasks.models.reconcile.Reconciled; see that module."""
+    versions, half-written folders (see tasks/models/reconcile.py); what was done, in a summary."""
     from tasks.models.reconcile import reconcile as run
 
     return run(data_dir, experiment)

@@ -2,8 +2,8 @@
 
 A killed run leaves records that say RUNNING (an MLflow run, a Prefect flow run). Marking one
 failed is only safe when its process is provably gone, so every such record carries the
-identity of the process that owns it: host, pid, the process's start time and the host's boot
-id. A pid alone is not enough, because pids are reused; a pid with its start time names one
+identity of the process that owns it: host (and PID namespace), pid, the process's start time
+and the host's boot id. A pid alone is not enough, because pids are reused; a pid with its start time names one
 process for ever. The owner is provably dead when it ran on this host and either the host has
 rebooted since (another boot id), or no process has that pid, or the process with that pid
 started at another time (a reused pid), or it is a zombie waiting to be reaped.
@@ -26,6 +26,16 @@ OWNER_PREFIX = "catsdogs.owner."
 """Prefix of the tag (MLflow) or label (Prefect) keys that record a run's owning process."""
 
 _FIELDS = ("host", "pid", "started", "boot")
+
+
+def host_id() -> str:
+    """This host and PID namespace: two containers on one host may share a hostname, never a namespace,
+    and a pid means something only inside its namespace."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
 
 
 def boot_id() -> str:
@@ -75,12 +85,12 @@ class ProcessId:
     @classmethod
     def current(cls) -> ProcessId:
         pid = os.getpid()
-        return cls(host=socket.gethostname(), pid=pid, started=start_time(pid), boot=boot_id())
+        return cls(host=host_id(), pid=pid, started=start_time(pid), boot=boot_id())
 
     @classmethod
     def of(cls, pid: int) -> ProcessId:
         """Another process of this host (its start time read now)."""
-        return cls(host=socket.gethostname(), pid=pid, started=start_time(pid), boot=boot_id())
+        return cls(host=host_id(), pid=pid, started=start_time(pid), boot=boot_id())
 
     def labels(self, prefix: str = OWNER_PREFIX) -> dict[str, str]:
         """As tags or labels: {"catsdogs.owner.host": ..., "catsdogs.owner.pid": ..., ...}."""
@@ -101,7 +111,7 @@ class ProcessId:
 
     def death(self) -> str | None:
         """Why this process is provably gone, or None when it may still run (or runs elsewhere)."""
-        if self.host != socket.gethostname():
+        if self.host != host_id():
             return None
         current_boot = boot_id()
         if self.boot and current_boot and self.boot != current_boot:

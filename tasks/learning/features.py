@@ -47,6 +47,7 @@ from pydantic import BaseModel
 from tasks.common.errors import ConfigError, InputError
 from tasks.common.files import atomic_path, atomic_write_json, sha256_bytes, write_if_changed
 from tasks.common.logs import run_logger
+from tasks.common.processes import ProcessId, host_id
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import (
     build_backbone,
@@ -294,15 +295,6 @@ def write_shard(cache_dir: Path, sha256s: Sequence[str], features: np.ndarray,
 # ---------------------------------------------------------------- leases: one live worker per shard
 
 
-def _host_id() -> str:
-    """This host and PID namespace: two containers on one host may share a hostname, never a namespace."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
-
-
 def lease_path(shard: Path) -> Path:
     """The lease file of a shard: hidden (no shard glob sees it), beside the shard on the shared storage."""
     return shard.with_name(f".lease-{shard.stem}.json")
@@ -333,13 +325,9 @@ def lease_is_stale(path: Path, stale_s: float = LEASE_STALE_S) -> str | None:
     except FileNotFoundError:
         return None
     holder = read_lease(path)
-    if holder is not None and holder.host == _host_id():
-        try:
-            os.kill(holder.pid, 0)
-        except ProcessLookupError:
-            return f"its holder {holder.worker} (pid {holder.pid}) is dead"
-        except PermissionError:
-            pass  # alive, another user's
+    death = ProcessId(host=holder.host, pid=holder.pid, started="", boot="").death() if holder else None
+    if death:
+        return f"its holder {holder.worker} is dead ({death})"
     if age > stale_s:
         who = holder.worker if holder else "a worker that never wrote its name"
         return f"{who} has not renewed it for {age:.0f} s"
@@ -363,7 +351,7 @@ class ShardLease:
 
     @classmethod
     def acquire(cls, path: Path, worker: str, heartbeat_s: float = LEASE_HEARTBEAT_S) -> ShardLease | None:
-        holder = LeaseHolder(host=_host_id(), pid=os.getpid(), worker=worker, token=uuid.uuid4().hex,
+        holder = LeaseHolder(host=host_id(), pid=os.getpid(), worker=worker, token=uuid.uuid4().hex,
                              since=time.time())
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)

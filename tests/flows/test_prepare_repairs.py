@@ -40,11 +40,16 @@ def warnings_logged():
 
     handler = Collect(logging.WARNING)
     loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs", "tasks")]
+    # A command line run in this process before (flows.cli.run_main) leaves the `prefect` logger at
+    # ERROR for the process's exit: let warnings through here whatever ran before.
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     yield messages
-    for logger in loggers:
+    for logger, level in zip(loggers, levels):
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def prepare(source: Path, data_dir: Path):

@@ -45,9 +45,10 @@ _LOG_MODEL = textwrap.dedent("""
     from tests.fake_training import tiny_model
     mlflow.set_tracking_uri(sys.argv[1])
     path = tiny_model(Path(sys.argv[2]) / "model.keras")
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment("serving-memory", artifact_location=(Path(sys.argv[2]) / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         # by file, not by trying imports: the project's editable install would supply new modules
-        if Path("tasks/models/tracking.py").is_file():   # the layout since the three wings
+        if (Path(sys.argv[3]) / "tasks/models/tracking.py").is_file():   # the layout since the three wings
             from tasks.models.tracking import log_pyfunc_model
             info = log_pyfunc_model(path, 32)
         else:                                          # the flat layout before them
@@ -70,7 +71,7 @@ def flat_jpeg(side: int, colour: tuple[int, int, int] = (90, 60, 200)) -> bytes:
 def log_model(code_root: Path, work: Path) -> tuple[str, str]:
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     (work / "mlruns").mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-c", _LOG_MODEL, uri, str(work)], cwd=code_root,
+    done = subprocess.run([sys.executable, "-c", _LOG_MODEL, uri, str(work), str(code_root)], cwd=work,
                           env=base_env(PYTHONPATH=str(code_root), MLFLOW_TRACKING_URI=uri),
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:

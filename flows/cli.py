@@ -354,15 +354,15 @@ def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) 
 
 def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
     from flows.prefect_server import tie_temporary_server
-    from tasks.common.errors import InputError
+    from tasks.common.errors import InputError, UnreachableError
 
     with console(log_path, verbose=verbose) as terminal, patient_prefect():
         try:
             check_prefect_api()
             tie_temporary_server()  # a command killed with kill -9 leaves no Prefect server behind
             return work()
-        except InputError as error:
-            logging.getLogger("flows").info("Stopped on bad input: %s", error, exc_info=True)
+        except (InputError, UnreachableError) as error:
+            logging.getLogger("flows").info("Stopped: %s", error, exc_info=True)
             first, *details = str(error).splitlines()  # details (e.g. each failed expectation) are in the log
             if verbose:
                 print(f"error: {error}", file=terminal)

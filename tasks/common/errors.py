@@ -33,6 +33,14 @@ class ConfigError(InputError):
     """A configuration value (backbone name, weights file, model alias) is not usable."""
 
 
+class UnreachableError(OSError):
+    """Something the run needs over the network stayed unreachable through every retry.
+
+    Unlike an input error it is worth retrying (tasks do), but once the retries are spent a
+    person must act, so the command line reports its sentence as it reports bad input.
+    """
+
+
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError."""
     try:

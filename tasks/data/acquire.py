@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from tasks.common.errors import AcquireError
+from tasks.common.errors import AcquireError, UnreachableError
 from tasks.common.files import atomic_write_json, read_json_object, sha256_file, sha256_file_cached, write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
@@ -60,6 +60,10 @@ _SOURCES_HINT = ("pass --source with an existing .zip/.tar/.tar.gz/.tgz archive 
 
 class TransientDownloadError(OSError):
     """A download failed in a way that retrying can fix (cut connection, 5xx, changed partial)."""
+
+
+class DownloadFailedError(TransientDownloadError, UnreachableError):
+    """A download that stayed broken through every attempt here: says what to check and the way around it."""
 
 
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -386,14 +390,23 @@ def download_url(url: str, downloads_dir: Path, *, expected_sha256: str | None =
                 break
             except _TRANSIENT as err:
                 if attempt == attempts:
-                    raise
-                run_logger(__name__).warning("Download of %s interrupted (%s); retrying (%d/%d)", url, err, attempt, attempts)
+                    raise DownloadFailedError(
+                        f"Could not download {url} after {attempts} attempt(s) ({_short_reason(err)}); check this "
+                        "machine's internet connection and run the command again (the download resumes), or pass "
+                        "a local copy of the archive with --source PATH.") from err
+                run_logger(__name__).warning("Download of %s interrupted (%s); retrying (%d/%d)", url, _short_reason(err), attempt, attempts)
                 time.sleep(RETRY_BACKOFF_S * attempt)
     try:
         return _promote(part, final, url, downloads_dir, expected_sha256=expected_sha256,
                         expected_size=expected_size, digest=digest, origin=url)
     finally:
         _discard(meta)
+
+
+def _short_reason(err: Exception) -> str:
+    """The operating system's words for a failed connection ("Name or service not known"), not requests' whole chain."""
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(err))
+    return match.group(1).strip() if match else (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 # ---------------------------------------------------------------- Kaggle

@@ -17,7 +17,7 @@ import requests
 
 from tasks.data import acquire as acq
 from tasks.data import steps
-from tasks.common.errors import AcquireError, InputError, retry_unless_input_error
+from tasks.common.errors import AcquireError, InputError, UnreachableError, retry_unless_input_error
 from tests.httpserver import FileServer
 from tests.imagegen import write_petimages_tree, zip_tree
 
@@ -192,11 +192,13 @@ def test_persistent_server_error_is_transient_so_the_task_retries(server, archiv
     assert len(server.hits) == acq.DOWNLOAD_ATTEMPTS
 
 
-def test_connection_refused_is_transient(tmp_path):
+def test_connection_refused_is_transient_and_says_what_to_do(tmp_path):
     with FileServer() as stopped:
         url = stopped.url("/pets.zip")
-    with pytest.raises(requests.ConnectionError):
+    with pytest.raises(UnreachableError, match=r"Connection refused.*internet connection.*--source PATH") as info:
         acq.download_url(url, tmp_path / "downloads", attempts=1)
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+    assert not isinstance(info.value, InputError)  # the acquire task still retries it
 
 
 def test_a_web_page_instead_of_an_archive_is_refused(server, tmp_path):

@@ -244,14 +244,18 @@ def launch_prefect_server(home: Path, *, port: int | None = None, ui: bool = Fal
                          env=prefect_env(home, api_url=f"{url}/api"))
 
 
-def wait_for_prefect_server(server: PrefectServer, timeout: float = 180.0) -> PrefectServer:
-    """Wait for /api/health; kill the server if it never answers."""
+def _wait_healthy(server: Any, health_url: str, timeout: float) -> Any:
+    """Wait for a started server's health endpoint; stop the server if it never answers."""
     try:
-        wait_for_http(f"{server.url}/api/health", timeout=timeout, process=server.process)
+        wait_for_http(health_url, timeout=timeout, process=server.process)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def wait_for_prefect_server(server: PrefectServer, timeout: float = 180.0) -> PrefectServer:
+    return _wait_healthy(server, f"{server.url}/api/health", timeout)
 
 
 def start_prefect_server(home: Path, *, port: int | None = None, timeout: float = 180.0,
@@ -527,9 +531,4 @@ def launch_mlflow_server(backend_store_uri: str, artifacts: Path, log_path: Path
 
 
 def wait_for_mlflow_server(server: MlflowServer, timeout: float = 240.0) -> MlflowServer:
-    try:
-        wait_for_http(f"{server.url}/health", timeout=timeout, process=server.process)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _wait_healthy(server, f"{server.url}/health", timeout)

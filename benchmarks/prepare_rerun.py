@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow  # noqa: E402
 
 from benchmarks.manifest_throughput import _jpeg  # noqa: E402
+from flows.config import DataConfig  # noqa: E402
 from flows.prepare import prepare_data  # noqa: E402
 from tasks.data.validate import ValidationThresholds  # noqa: E402
 from tests.imagegen import zip_tree  # noqa: E402
@@ -54,15 +55,16 @@ def main() -> None:
     archive = zip_tree(work / "src", work / "petimages.zip")
     thresholds = ValidationThresholds(min_per_class=args.n // 4, min_per_class_per_split=args.n // 100)
     data_dir = work / "data"
+    config = DataConfig(source=str(archive), data_dir=str(data_dir), thresholds=thresholds)
     _warm_up()
 
     start = time.perf_counter()
-    prepare_data(str(archive), data_dir, thresholds=thresholds)
+    prepare_data(config)
     first = time.perf_counter() - start
     before = _snapshot(data_dir)
 
     start = time.perf_counter()
-    prepare_data(str(archive), data_dir, thresholds=thresholds)
+    prepare_data(config)
     second = time.perf_counter() - start
     after = _snapshot(data_dir)
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.data.splits import DEFAULT_FRACTIONS
+from tasks.common.errors import ConfigError
+from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
 from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI
@@ -33,10 +34,22 @@ def _cli(*aliases: str) -> dict[str, Any]:
     return {"cli_aliases": list(aliases)}
 
 
-class DataConfig(BaseModel):
-    """Where the data comes from and what the dataset must satisfy before anything trains."""
+class _Section(BaseModel):
+    """A config model that may be a part of a larger one (RetrainConfig is made of four)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def section(self, model: type[S]) -> S:
+        """The fields of `model` alone, as that model (`retrain_config.section(DataConfig)`)."""
+        dumped = self.model_dump(mode="json")
+        return model.model_validate({name: dumped[name] for name in model.model_fields})
+
+
+S = TypeVar("S", bound=_Section)
+
+
+class DataConfig(_Section):
+    """Where the data comes from and what the dataset must satisfy before anything trains."""
 
     source: str = Field(
         default="petimages",
@@ -48,15 +61,25 @@ class DataConfig(BaseModel):
     data_dir: str = Field(default="data", description="Data folder (relative paths resolve against the working directory).")
     split_fractions: tuple[float, float, float] = Field(
         default=DEFAULT_FRACTIONS, description="Train/validation/test shares of the content-hash split.")
+    respect_source_split: bool = Field(
+        default=True, description="Keep a pre-split source's own train/validation folders (test is carved from "
+                                  "its train images by content hash when it has none).")
     thresholds: ValidationThresholds = Field(
         default_factory=ValidationThresholds,
-        description="Dataset-level checks before training; the defaults suit the full 25,000-image dataset.")
+        description="Dataset-level checks before training (and the image size limits of the manifest); the "
+                    "defaults suit the full 25,000-image dataset.")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+        try:
+            return check_fractions(fractions)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(_Section):
     """What to train and how; every field has a default that works on a CPU."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     backbones: list[str] = Field(
         default_factory=lambda: ["resnet50"],
@@ -136,15 +159,6 @@ class TrainConfig(BaseModel):
         """The input side actually used for a backbone: the configured one or its native size."""
         return int(self.input_size or get_backbone(backbone).native_size)
 
-    def training_fields(self) -> dict[str, Any]:
-        """The TrainConfig fields only, JSON-ready: the other models add fields that do not change a model."""
-        dumped = self.model_dump(mode="json")
-        return {name: dumped[name] for name in TrainConfig.model_fields}
-
-    def train_config(self) -> TrainConfig:
-        """The TrainConfig part alone (train_model's parameter forbids other keys)."""
-        return TrainConfig.model_validate(self.training_fields())
-
     def config_hash(self) -> str:
         """A stable sha256 (hex) of the training fields: equal configs hash equally across processes.
 
@@ -152,17 +166,15 @@ class TrainConfig(BaseModel):
         weights file enters by its content (`weights_fingerprint`), not its path, so replacing
         the file at the same path counts as a change and moving it does not.
         """
-        fields = self.training_fields()
+        fields = self.section(TrainConfig).model_dump(mode="json")
         if self.weights not in (None, "imagenet"):
             fields["weights"] = weights_fingerprint(self.weights)
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-class GateConfig(BaseModel):
+class GateConfig(_Section):
     """When a trained model may replace the champion (see tasks/models/gate.py)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     metric: Literal["roc_auc", "accuracy", "f1_cat", "f1_dog"] = Field(
         default="roc_auc", description="Test metric of the promotion gate (higher is better).")
@@ -176,15 +188,13 @@ DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 """Address schemes of a Dask scheduler (`tcp://host:8786` is what `dask scheduler` prints)."""
 
 
-class ComputeConfig(BaseModel):
+class ComputeConfig(_Section):
     """Where feature shards are computed: in this process, or on Dask workers (same features, faster).
 
     None of these fields changes a model (the feature cache is keyed by image content, not by
     who computed it), so they stay out of TrainConfig and out of `config_hash()`.
     flows/runners.py turns them into the flow's task runner.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     workers: int = Field(
         default=0, ge=0, le=1024,
@@ -247,14 +257,6 @@ class ComputeConfig(BaseModel):
         """True when feature shards go to Dask workers rather than being computed in this process."""
         return bool(self.dask_address or self.workers or self.gpus)
 
-    def compute_fields(self) -> dict[str, Any]:
-        """The ComputeConfig fields only, JSON-ready."""
-        dumped = self.model_dump(mode="json")
-        return {name: dumped[name] for name in ComputeConfig.model_fields}
-
-    def compute_config(self) -> ComputeConfig:
-        """The ComputeConfig part alone (train_model's `compute` parameter)."""
-        return ComputeConfig.model_validate(self.compute_fields())
 
 
 class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
@@ -265,18 +267,16 @@ class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
     as "the config changed".
     """
 
-    output_dir: str | None = Field(
-        default=None, description="Training outputs; none = <data_dir>/training/<time>-<config hash>.")
     force: bool = Field(default=False, description="Train even when data and config equal a registered version's.")
     experiment: str = Field(default=DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment name.")
 
 
-class PredictConfig(BaseModel):
+class PredictConfig(_Section):
     """Batch prediction: which images, which model, where the submission goes."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     images: str = Field(description="Folder or .zip/.tar archive of images (e.g. Kaggle's test1).")
     model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
     output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
+    data_dir: str = Field(default="data", description="Data folder: an archive of images is extracted under its "
+                                                      "extracted/, and the command's log goes to its logs/.")

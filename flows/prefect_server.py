@@ -1,32 +1,41 @@
-"""Prefect's temporary server, started so that it dies with the command that needed it.
+"""A command line's own Prefect server: `prefect server start`, tied to the command's life.
 
-Without `PREFECT_API_URL`, Prefect runs a flow against a temporary server: a uvicorn
-subprocess it stops at interpreter exit. A command killed with `kill -9` (or by the OOM killer)
-never reaches that exit, and the server lives on as an orphan, holding a port and Prefect's
-database, until the host reboots. So every command line (`flows.cli.run_main`) starts that same
-server itself, from the main thread, with the kernel told (Linux `PR_SET_PDEATHSIG`) to send it
-SIGTERM the moment its parent dies. Everything else stays Prefect's: the same server class and
-command, the same singleton its clients find, the same stop at exit. Where it cannot be tied
-(not Linux, not the main thread) or is not wanted (an API configured), nothing changes.
+Without `PREFECT_API_URL`, Prefect would run flows against a temporary server it starts in the
+background and stops at interpreter exit. A command killed with `kill -9` (or by the OOM
+killer) never reaches that exit, and the server lives on as an orphan, holding a port and
+Prefect's database, until the host reboots. So every command line (`flows.cli.run_main`) starts
+the server itself, the way people do, `prefect server start` on a free loopback port, as a
+child the kernel sends SIGTERM the moment the command dies (Linux `PR_SET_PDEATHSIG`, set in
+the child before it runs), and points this process and its children at it for the command's
+duration (PREFECT_API_URL, marked as temporary: see tasks/common/prefect_api.py). Nothing of
+Prefect's internals is touched. Where an API is configured, nothing is started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+
+from tasks.common.errors import ConfigError
+from tasks.common.prefect_api import TEMPORARY_API_ENV, prefect_api
+
+STARTUP_TIMEOUT_S = 180.0
+"""A first start creates Prefect's database (seconds on a laptop, longer on a busy 2-core machine)."""
 
 _PR_SET_PDEATHSIG = 1
-_SERVER_APP = "prefect.server.api.server:create_app"
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def _die_with_parent(parent: int) -> Callable[[], None]:
     """A `preexec_fn`: SIGTERM this child when its parent dies (and exit at once if it already has)."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
@@ -37,50 +46,88 @@ def _die_with(parent: int) -> Callable[[], None]:
     return preexec
 
 
-def _tied_server_class() -> type:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class TiedServer(SubprocessASGIServer):
-        """Prefect's temporary server, whose uvicorn process gets PR_SET_PDEATHSIG.
-
-        Prefect builds the uvicorn command line and environment; only the one Popen call that
-        starts the server app is given the `preexec_fn` (Prefect offers no hook for it).
-        """
-
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            real = subprocess.Popen
-            preexec = _die_with(os.getpid())
-
-            def popen(args: Any, *rest: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-                if _SERVER_APP in [str(arg) for arg in args]:
-                    kwargs.setdefault("preexec_fn", preexec)
-                return real(args, *rest, **kwargs)
-
-            subprocess.Popen = popen  # type: ignore[misc]
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = real  # type: ignore[misc]
-
-    return TiedServer
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def tie_temporary_server() -> str | None:
-    """Start this process's temporary Prefect server now, tied to this process; its API URL.
+def _wait_until_healthy(process: subprocess.Popen, url: str, timeout_s: float) -> None:
+    import httpx
 
-    It is Prefect's own (the port-keyed singleton its clients, log and event workers use when
-    no API is configured, stopped by Prefect at exit), started early from the main thread
-    because PR_SET_PDEATHSIG fires when the *thread* that started the child ends. Returns
-    None and does nothing when an API is configured, ephemeral mode is off, or the server
-    cannot be tied here (not Linux, not the main thread).
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigError(f"Prefect's temporary server exited with code {process.returncode} before it answered "
+                              "(its output is in the log); check PREFECT_HOME, or start a server and set "
+                              "PREFECT_API_URL.")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2.0).is_success:
+                return
+        time.sleep(0.2)
+    raise ConfigError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s; start one "
+                      "(prefect server start) and set PREFECT_API_URL.")
+
+
+def _drain_clients() -> None:
+    """Send the log lines and events Prefect still queues, while their server is up."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - a line that cannot be sent must not fail the command
+        pass
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | None]:
+    """Run the block against a Prefect server of its own, unless an API is configured; yields its API URL.
+
+    The server's output goes where this process's stderr goes (the run's log file under the
+    quiet console). It must be entered from the main thread: the kernel's parent-death signal
+    fires when the *thread* that started the child ends.
     """
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
-                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+    api = prefect_api()
+    if api is not None:
+        yield api.url
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    server = _tied_server_class()()  # key None: the instance Prefect's `SubprocessASGIServer()` returns
-    server.start(timeout=int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-    return server.api_url
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui", "--log-level", "WARNING"],
+        env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent(os.getpid()))
+    try:
+        _wait_until_healthy(process, url, timeout_s)
+        previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", TEMPORARY_API_ENV)}
+        os.environ.update({"PREFECT_API_URL": url, TEMPORARY_API_ENV: url})  # child processes meet it too
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                try:
+                    yield url
+                finally:
+                    _drain_clients()
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    finally:
+        _stop(process)

@@ -29,14 +29,14 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.config import RetrainConfig
+from flows.config import ComputeConfig, DataConfig, RetrainConfig, TrainConfig
 from flows.prepare import prepare_data
 from flows.runners import on_compute, workers_reach_the_api
 from flows.train import train_model
 from tasks.common.logs import run_logger
 from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import RetrainSummary
-from tasks.data.folderlock import holding_data_folder
+from tasks.data.datafolder import DataFolder
 from tasks.learning import steps as learning
 from tasks.models import steps as models
 from tasks.models.report import unchanged_reason
@@ -49,18 +49,21 @@ TRAINED = "trained"
 
 
 @flow(name="retrain", on_running=[label_flow_run_owner])
-@holding_data_folder("retrain")
 def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
     """Prepare, skip if nothing changed, train, log, register and gate; returns the run summary."""
+    folder = DataFolder.at(config.data_dir)
+    with folder.lock("retrain"):  # a second run of this folder waits here, saying for whom
+        return _retrain(config, str(folder.root))
+
+
+def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     logger = run_logger(__name__)
-    data_dir = str(Path(config.data_dir).expanduser().resolve())
     config_hash = config.config_hash()
     for backbone in config.backbones:
         learning.check_weights(backbone, config.weights)
     logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
 
-    prepared = prepare_data(source=config.source, data_dir=data_dir, expected_sha256=config.expected_sha256,
-                            split_fractions=config.split_fractions, thresholds=config.thresholds)
+    prepared = prepare_data(config.section(DataConfig).model_copy(update={"data_dir": data_dir}))
     built = models.versions_built_from(prepared.fingerprint, config_hash)
     champion = models.read_champion()
     flow_run_id = str(flow_run.id) if flow_run.id else None
@@ -76,10 +79,9 @@ def retrain(config: RetrainConfig = RetrainConfig()) -> RetrainSummary:
         models.publish_summary(summary)
         return summary
 
-    compute = config.compute_config()  # where shards are computed: in-process by default, else Dask (flows/runners.py)
+    compute = config.section(ComputeConfig)  # where shards are computed: in-process by default, else Dask
     with workers_reach_the_api(compute):
-        trained = on_compute(train_model, compute)(data_dir=data_dir, config=config.train_config(),
-                                                   output_dir=config.output_dir, compute=compute)
+        trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
     logged = models.log_to_mlflow(prepared, trained, config.model_dump(mode="json"), config.source, config.experiment)
     candidate = models.score_on_test_split(logged.model_uri, data_dir)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,
@@ -125,7 +127,7 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.cli import build_parser as generated
+    from flows.options import build_parser as generated
 
     return generated(RetrainConfig, "catsdogs-retrain",
                      "Prepare the Dogs vs. Cats data, train, log to MLflow and promote a champion through the gate.",
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RetrainConfig:
     """A RetrainConfig from the options that were given; the others keep their defaults."""
-    from flows.cli import model_from_args
+    from flows.options import model_from_args
 
     return model_from_args(RetrainConfig, args)
 
@@ -144,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit codes: 0 done (trained or nothing changed), 2 bad input (one sentence on stderr).
     """
-    from flows.cli import log_path_for, parse, run_main
+    from flows.cli import run_main
+    from flows.console import log_path_for
+    from flows.options import parse
     from tasks.models.report import summary_markdown
 
     parsed = parse(RetrainConfig, build_parser(), argv)

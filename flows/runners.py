@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 
 from flows.config import ComputeConfig
 from tasks.common.errors import ConfigError
+from tasks.common.prefect_api import prefect_api
 
 F = TypeVar("F")
 
@@ -156,13 +157,6 @@ def cluster_spec(compute: ComputeConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- the Prefect API the workers report to
 
 
-def configured_api_url() -> str | None:
-    """The Prefect server this process is configured for (environment, profile or settings), if any."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value() or None
-
-
 @contextlib.contextmanager
 def workers_reach_the_api(compute: ComputeConfig | None) -> Iterator[str | None]:
     """Make the Prefect API of this flow run the one every Dask worker reports its task runs to.
@@ -176,15 +170,18 @@ def workers_reach_the_api(compute: ComputeConfig | None) -> Iterator[str | None]
     if compute is None or not compute.uses_dask:
         yield None
         return
-    api = configured_api_url()
-    if api:
-        yield api
+    api = prefect_api()
+    if api is not None and api.shared:
+        yield api.url
         return
     host = urlparse(compute.dask_address).hostname if compute.dask_address else ""
     if host not in LOCAL_HOSTS and host != socket.gethostname():
         raise ConfigError(f"--dask-address {compute.dask_address} is another host, whose workers cannot reach this "
                           "process's temporary Prefect server; start a Prefect server and set PREFECT_API_URL "
                           "(README: Run it for a team).")
+    if api is not None:  # this command's own temporary server: local workers inherit PREFECT_API_URL
+        yield api.url
+        return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -29,7 +29,6 @@ from tasks.common.logs import run_logger
 from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
-from tasks.data.folderlock import holding_data_folder
 from tasks.learning import steps
 from tasks.learning.runs import rank_backbones, write_comparison
 
@@ -42,27 +41,29 @@ HEAD_AGREEMENT_TOLERANCE = 1e-3
 
 @flow(name="train_model", task_runner=ThreadPoolTaskRunner(max_workers=1),
       on_running=[label_flow_run_owner])
-@holding_data_folder("train_model", create=False)
-def train_model(data_dir: str | Path, config: TrainConfig | None = None,
-                output_dir: str | Path | None = None, compute: ComputeConfig | None = None) -> TrainResult:
+def train_model(data_dir: str | Path, config: TrainConfig = TrainConfig(),
+                compute: ComputeConfig = ComputeConfig()) -> TrainResult:
     """Train heads on cached features for each backbone, keep the best, optionally fine-tune, evaluate on test.
 
     Returns the TrainResult (also written to <run folder>/train_summary.json): chosen backbone,
     per-backbone validation metrics, test metrics, and the paths of model.keras, plots,
     comparison.csv, histories and predictions.csv. The run folder is
-    data_dir/training/<UTC time>-<config hash[:8]> unless `output_dir` is given; it appears
-    only when the run has succeeded. `compute` says how shards are cut and how many cores a
-    Dask worker's decoder gets; which runner computes them is the flow's task runner
-    (`flows.runners.on_compute`), and a Dask config on the in-process runner gets a warning.
+    data_dir/training/<UTC time>-<config hash[:8]>; it appears only when the run has succeeded.
+    `compute` says how shards are cut and how many cores a Dask worker's decoder gets; which
+    runner computes them is the flow's task runner (`flows.runners.on_compute`), and a Dask
+    config on the in-process runner gets a warning.
     """
+    folder = DataFolder.at(data_dir)
+    with folder.lock("train_model", create=False):
+        return _train(folder, config, compute)
+
+
+def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> TrainResult:
     logger = run_logger(__name__)
-    config = config or TrainConfig()
-    compute = compute or ComputeConfig()
     runner = type(FlowRunContext.get().task_runner).__name__
     if compute.uses_dask and runner != "DaskTaskRunner":
         logger.warning("compute asks for Dask workers but this run's task runner is %s; call "
                        "flows.runners.on_compute(train_model, compute) to run the shards on Dask.", runner)
-    folder = DataFolder.at(Path(data_dir).expanduser().resolve())
     data_dir = str(folder.root)
 
     counts = steps.check_prepared_data(data_dir)
@@ -70,12 +71,7 @@ def train_model(data_dir: str | Path, config: TrainConfig | None = None,
     precision = devices.precision
     logger.info("Training %s on %s with Keras/%s on %s (%s: %s)", config.backbones, data_dir, devices.backend,
                 devices.device_name, precision, devices.reason)
-    if output_dir:
-        final = Path(output_dir).expanduser().resolve()
-        partial = final.with_name(f".{final.name}.partial")
-        partial.mkdir(parents=True, exist_ok=True)
-    else:
-        partial, final = folder.new_training_run(config.config_hash())
+    partial, final = folder.new_training_run(config.config_hash())
     work_dir = str(partial)
 
     backbones: dict[str, BackboneResult] = {}

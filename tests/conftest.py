@@ -1,6 +1,12 @@
-"""Test-wide isolation: every test session gets its own Prefect home, Keras cache and MLflow store.
+"""Test-wide isolation and the session's shared servers.
 
-Nothing here mocks a component users meet; the Prefect harness below is a real local server.
+Every test session gets its own Prefect home, Keras cache and MLflow store, and one real
+Prefect server (`prefect server start`, as users start it) that every test, every flow called
+in-process and every command line the tests run talks to through PREFECT_API_URL. It is
+started by the session's first process (the xdist controller, before its workers exist, so
+they inherit the URL) while the workers import TensorFlow, and stopped when the session ends.
+A test that must run without a server (a command line's own temporary server) removes
+PREFECT_API_URL from its child's environment.
 """
 
 from __future__ import annotations
@@ -39,13 +45,34 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_HOME / 'mlrun
 (_SESSION_HOME / "mlruns").mkdir(parents=True, exist_ok=True)
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """A real, temporary Prefect server for tests that call flows from Python."""
-    from prefect.testing.utilities import prefect_test_harness
+def pytest_configure(config):
+    """Start the session's Prefect server in the first process; the workers inherit its URL."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller started it already
+        return
+    from tests.servers import launch_prefect_server
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    server = launch_prefect_server(_SESSION_HOME / "prefect-server")
+    config.stash[_PREFECT_SERVER] = server
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
+def pytest_unconfigure(config):
+    server = config.stash.get(_PREFECT_SERVER, None)
+    if server is not None:
+        server.stop()
+
+
+_PREFECT_SERVER = pytest.StashKey()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api_url() -> str:
+    """The session's Prefect server, once it answers (usually before the first test: it starts during collection)."""
+    from tests.servers import wait_for_http
+
+    url = os.environ["PREFECT_API_URL"]
+    wait_for_http(f"{url}/health", timeout=240)
+    return url
 
 
 @pytest.fixture

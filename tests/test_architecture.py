@@ -50,6 +50,57 @@ def test_every_module_belongs_to_a_wing():
     assert sorted(p.name for p in (REPO / "tasks").glob("*.py")) == ["__init__.py"]  # no loose rooms
 
 
+def _project_imports(modules: dict[str, Path], path: Path) -> set[str]:
+    """The project modules a file imports (a `from module import name` of a function counts as the module)."""
+    found = set()
+    for imported in _imports(path):
+        target = imported if imported in modules else imported.rsplit(".", 1)[0]
+        if target in modules and target not in ("tasks", "flows") and not _is_wing_package(target):
+            found.add(target)
+    return found
+
+
+def _is_wing_package(name: str) -> bool:
+    return name.startswith("tasks.") and name.count(".") == 1
+
+
+def test_no_two_modules_import_each_other_even_inside_functions():
+    """A cycle hidden in a function-level import is still a cycle: neither module stands without the other."""
+    modules = _modules()
+    graph = {name: _project_imports(modules, path) - {name} for name, path in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles, cycles
+
+
 def test_imports_only_go_down_or_sideways():
     modules = _modules()
     upward = []

@@ -13,15 +13,12 @@ gives under "Pointing it at your data" (ImageNet weights cannot be downloaded he
 
 from __future__ import annotations
 
-import base64
 import glob
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -114,8 +111,10 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
     ports = {"5000": servers.free_port(), "5001": servers.free_port(), "4200": servers.free_port()}
     with FileServer() as files:
         url = files.serve("/kagglecatsanddogs_5340.zip", archive.read_bytes())
+        # The session's Prefect server stands in for each command's own temporary one (the same code
+        # path as any configured server); the walk's end runs a command without any server.
         env = servers.base_env(PREFECT_HOME=tmp_path / "prefect", PREFECT_PROFILES_PATH=tmp_path / "profiles.toml",
-                               MLFLOW_TRACKING_URI=None, PREFECT_API_URL=None, TF_CPP_MIN_LOG_LEVEL=None,
+                               MLFLOW_TRACKING_URI=None, TF_CPP_MIN_LOG_LEVEL=None,
                                PREFECT_LOGGING_LEVEL=None, CATSDOGS_PETIMAGES_URL=url, CATSDOGS_PROGRESS_SECONDS="0",
                                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
                                KERAS_HOME=tmp_path / "keras")
@@ -150,8 +149,6 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     assert "Beginning flow run" in log.read_text()  # the details are kept, in the log file
     for promised in promised_paths(root):
         assert glob.glob(str(root / promised)), f"the README promises {promised}"
-    second = walk.run(f"{main} {shlex.join(small)}")
-    assert second.returncode == 0 and "nothing changed" in second.stdout, second.stderr
     again = walk.run(steps["small"][0])  # the same images from a local copy, the same config
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stderr
 
@@ -183,27 +180,45 @@ def _predict(walk: Walk, steps: dict, root: Path) -> None:
 
 
 def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
+    """README steps 1-5 with the README's commands: server, PREFECT_API_URL, pool and worker, deploy, run."""
     server = walk.start("prefect-server", steps["prefect-server"][0] + f" --port {walk.ports['4200']}")
-    servers.wait_for_http(f"http://127.0.0.1:{walk.ports['4200']}/api/health", timeout=240, process=server)
+    api = f"http://127.0.0.1:{walk.ports['4200']}/api"
+    servers.wait_for_http(f"{api}/health", timeout=240, process=server)
     [export] = steps["prefect-env"]
     name, value = walk.command(export).removeprefix("export ").split("=", 1)
+    assert value == api
     walk.env[name] = value
     create_pool, start_worker = steps["worker"]
     assert walk.run(create_pool).returncode == 0
     worker = walk.start("worker", start_worker)
     deployed = walk.run(steps["deploy"][0])
     assert deployed.returncode == 0 and "retrain/weekly" in deployed.stdout, deployed.stdout + deployed.stderr
+    _, weekly = _weekly_spec(root)
+    deployment = httpx.get(f"{api}/deployments/name/retrain/weekly", timeout=30).json()
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [weekly["schedules"][0]["cron"]]
+    assert deployment["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]  # runs start in the checkout
+    assert deployment["work_pool_name"] == weekly["work_pool"]["name"]
+
+    bogus = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": {"bogus": 1}})))
+    assert bogus.returncode != 0 and "bogus" in bogus.stdout + bogus.stderr  # refused before any run starts
     config = {"weights": None, "backbones": ["mobilenet_v2"], "input_size": 32, "floor": 0.0,
               "thresholds": {"min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0,
                              "max_quarantined_share": 0.3}}
     run = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": config})), timeout=600)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + worker.log_tail()
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "cats-vs-dogs"]
-    runs = client.search_runs([experiment.experiment_id], "tags.`prefect.deployment_name` = 'weekly'")
-    assert runs and runs[0].data.tags["catsdogs.kind"] == "skipped"  # same data and config: nothing changed
+    [skipped] = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert skipped.data.tags["catsdogs.kind"] == "skipped"  # same data and config: nothing changed
+    assert skipped.data.tags["prefect.deployment_name"] == "weekly"
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
+                           timeout=30).json()
+    [summary] = [artifact for artifact in artifacts if artifact["key"] == "retrain-summary"]
+    assert summary["type"] == "markdown" and "nothing changed" in summary["data"]
 
     # Back to a terminal without the server: the README says how, and it works.
     worker.stop()
@@ -211,4 +226,12 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     stale = walk.run(steps["predict"][0])
     assert stale.returncode == 2 and "unset PREFECT_API_URL" in stale.stderr, stale.stderr
     del walk.env["PREFECT_API_URL"]
-    assert walk.run(steps["predict"][0]).returncode == 0
+    assert walk.run(steps["predict"][0]).returncode == 0  # with a temporary server of its own
+
+
+def _weekly_spec(root: Path) -> tuple[dict, dict]:
+    import yaml
+
+    spec = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())
+    [weekly] = [d for d in spec["deployments"] if d["name"] == "weekly"]
+    return spec, weekly

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from tasks.common.errors import DatasetValidationError
-from tasks.common.files import partial_path
+from tasks.common.files import is_unfinished_write, partial_path
 from tasks.common.labels import CLASSES, LABEL_INDEX, SPLITS
+from tasks.data.folderlock import WAIT_S, hold, holds
 
 _ROW_COLUMNS = ["sha256", "label", "status", "split", "arranged_path"]
 
@@ -60,14 +62,16 @@ class DataFolder:
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
-    def lock(self, what: str, *, wait_s: float | None = None, create: bool = True) -> Any:
+    def lock(self, what: str, *, wait_s: float = WAIT_S, create: bool = True) -> Any:
         """Context manager: hold `.lock` for the block, waiting (and saying for whom) while another run holds it.
 
         Re-entrant within a run; see tasks/data/folderlock.py.
         """
-        from tasks.data.folderlock import WAIT_S, hold
+        return hold(self.lock_file, what, wait_s=wait_s, create=create)
 
-        return hold(self.root, what, wait_s=WAIT_S if wait_s is None else wait_s, create=create)
+    def holds_lock(self) -> bool:
+        """Whether this run holds the folder's lock (what makes removing leftovers safe)."""
+        return holds(self.lock_file)
 
     def leftover_places(self) -> list[tuple[Path, bool]]:
         """(folder, recursive?) where a killed run's hidden half-written entries can be left.
@@ -77,6 +81,31 @@ class DataFolder:
         """
         return [(self.root, False), (self.training, False), (self.extracted, False), (self.converted, False),
                 (self.features, True), (self.validation, False)]
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove what killed runs left half-written (only while holding the lock); their relative paths.
+
+        Holding the lock proves that no other run writes here, so every hidden `.partial`
+        training folder, temporary extraction folder or temporary file is a dead run's.
+        """
+        if not self.holds_lock():
+            raise RuntimeError(f"remove_leftovers needs the lock of {self.root}; call it inside DataFolder.lock()")
+        removed: list[str] = []
+        for base, recursive in self.leftover_places():
+            if not base.is_dir():
+                continue
+            for current, dirs, files in os.walk(base):
+                for name in [d for d in dirs if is_unfinished_write(d)]:
+                    shutil.rmtree(Path(current) / name, ignore_errors=True)
+                    removed.append(str((Path(current) / name).relative_to(self.root)))
+                    dirs.remove(name)
+                for name in files:
+                    if is_unfinished_write(name):
+                        (Path(current) / name).unlink(missing_ok=True)
+                        removed.append(str((Path(current) / name).relative_to(self.root)))
+                if not recursive:
+                    break
+        return sorted(removed)
 
     # ------------------------------------------------------------------ prepare
     @property

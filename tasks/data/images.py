@@ -39,6 +39,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 """File name endings that may hold an image; anything else (`.db`, `.txt`, `.py`) is not one."""
 
+MAX_PIXELS = 25_000_000
+"""Largest image accepted anywhere (width x height): the manifest quarantines larger ones as too_large,
+and the input pipeline and the served model refuse them from their header, before decoding."""
+
 JPEG_QUALITY = 95
 """Quality of converted JPEGs: high enough that re-encoding adds no visible artefacts."""
 
@@ -160,7 +164,7 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def inspect_bytes(data: bytes, name: str, *, min_side: int = 32, max_pixels: int = 25_000_000) -> dict[str, Any]:
+def inspect_bytes(data: bytes, name: str, *, min_side: int = 32, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """`inspect_image` for bytes already in memory; `name` supplies the extension."""
     row = _row(data)
     if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -200,7 +204,7 @@ def _inspect_opened(image: Image.Image, data: bytes, row: dict[str, Any], min_si
 
 
 def inspect_image(path: str | os.PathLike[str], *, min_side: int = 32,
-                  max_pixels: int = 25_000_000) -> dict[str, Any]:
+                  max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """Fully decode one file and return its manifest fields.
 
     Keys: sha256 and bytes (of the source bytes), format and mode (of the source, "" when not

@@ -29,7 +29,7 @@ from tasks.common.files import write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
 from tasks.data.datafolder import DataFolder
-from tasks.data.images import OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
+from tasks.data.images import MAX_PIXELS, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
 from tasks.data.layout import Candidate, find_candidates
 
 MANIFEST_COLUMNS: list[str] = [
@@ -190,7 +190,7 @@ def inspect_many(paths: Sequence[str], folder: DataFolder, *, min_side: int, max
 
 def build_manifest(candidates: Iterable[Candidate], folder: DataFolder, *,
                    previous: pd.DataFrame | None = None, min_side: int = 32,
-                   max_pixels: int = 25_000_000, workers: int | None = None,
+                   max_pixels: int = MAX_PIXELS, workers: int | None = None,
                    backend: Backend = "thread") -> pd.DataFrame:
     """One manifest row per candidate, sorted by relative path; split and arranged_path are "".
 
@@ -251,7 +251,7 @@ def _read_previous(path: Path) -> pd.DataFrame | None:
 
 
 def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_side: int = 32,
-                    max_pixels: int = 25_000_000, workers: int | None = None) -> ManifestBuilt:
+                    max_pixels: int = MAX_PIXELS, workers: int | None = None) -> ManifestBuilt:
     """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows."""
     layout, candidates = find_candidates(root)
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,

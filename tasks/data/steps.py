@@ -14,7 +14,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.errors import retry_unless_input_error
-from tasks.common.labels import SPLITS
 from tasks.common.results import PrepareSummary
 from tasks.data.acquire import acquire_source
 from tasks.data.arrange import Arranged, arrange_folder, write_summary
@@ -22,7 +21,7 @@ from tasks.data.datafolder import DataFolder
 from tasks.data.extract import ExtractLimits, extract_archive
 from tasks.data.layout import LayoutFound, describe_layout
 from tasks.data.manifest import ManifestBuilt, build_inspected
-from tasks.data.splits import DEFAULT_FRACTIONS, SplitsAssigned, assign_splits_file
+from tasks.data.splits import SplitsAssigned, assign_splits_file
 from tasks.data.validate import ValidationThresholds, Verdict, validate_splits
 
 
@@ -48,24 +47,20 @@ def find_candidates(root: Path) -> LayoutFound:
 
 @task(name="build-manifest", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
-def build_manifest(root: Path, data_dir: str, min_side: int = 32, max_pixels: int = 25_000_000,
-                   workers: int | None = None) -> ManifestBuilt:
-    """Inspect every file (reusing unchanged rows) into inspected.parquet."""
-    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side, max_pixels=max_pixels,
-                           workers=workers)
+def build_manifest(root: Path, data_dir: str, min_side: int) -> ManifestBuilt:
+    """Inspect every file (reusing unchanged rows) into inspected.parquet; smaller images are quarantined."""
+    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side)
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)
-def assign_splits(data_dir: str, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  respect_source_split: bool = True) -> SplitsAssigned:
+def assign_splits(data_dir: str, fractions: Sequence[float], respect_source_split: bool) -> SplitsAssigned:
     """Dedupe by content and split by content hash into splits.parquet."""
     return assign_splits_file(DataFolder.at(data_dir), fractions=fractions,
                               respect_source_split=respect_source_split)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate(data_dir: str, thresholds: ValidationThresholds | None = None,
-             required_splits: Sequence[str] = SPLITS) -> Verdict:
+def validate(data_dir: str, thresholds: ValidationThresholds, required_splits: Sequence[str]) -> Verdict:
     """Great Expectations over splits.parquet; the verdict is reused while the manifest is unchanged."""
     return validate_splits(DataFolder.at(data_dir), thresholds, required_splits)
 

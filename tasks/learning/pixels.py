@@ -36,10 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.data.images import pixel_limit, upright_rgb
-
-MAX_PIXELS = 25_000_000
-"""Largest image accepted (width x height), the same limit the manifest step quarantines at."""
+from tasks.data.images import MAX_PIXELS, pixel_limit, upright_rgb
 
 
 class ImageError(ValueError):

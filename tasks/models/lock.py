@@ -3,7 +3,8 @@
 The champion is re-read and the alias moved under this lock, so two retrains finishing at
 once cannot both promote. The lock must live where every retrain meets:
 
-- With a Prefect server configured (PREFECT_API_URL, from the environment or the profile),
+- With a Prefect server configured (PREFECT_API_URL, from the environment or the profile;
+  not a command line's own temporary server, see tasks/common/prefect_api.py),
   a Prefect global concurrency limit of one slot, `catsdogs-promotion-<model>`, on that
   server. Every worker of every host talks to it. It is created idempotently on first use,
   taken with `strict=True` (a limit that cannot be created is an error, never a silent
@@ -30,7 +31,9 @@ from pathlib import Path
 
 from tasks.common.logs import run_logger
 from tasks.models.naming import MODEL_NAME
-from tasks.models.store import file_lock, local_store_dir
+from tasks.common.flock import LockTimeout, exclusive_flock
+from tasks.common.prefect_api import prefect_api
+from tasks.models.store import local_store_dir
 
 LOCK_TIMEOUT_S = 900.0
 """How long a promotion waits for another one to finish before giving up."""
@@ -56,15 +59,6 @@ def lock_path(tracking_uri: str, model_name: str = MODEL_NAME) -> Path:
 def limit_name(model_name: str = MODEL_NAME) -> str:
     """The Prefect global concurrency limit that serialises promotions of `model_name`."""
     return f"{LIMIT_PREFIX}{model_name}"
-
-
-def prefect_server_url() -> str | None:
-    """The configured Prefect API URL, or None in ephemeral mode or where Prefect is not installed."""
-    try:
-        from prefect.settings import PREFECT_API_URL
-    except ImportError:
-        return None
-    return PREFECT_API_URL.value() or None
 
 
 def ensure_limit(name: str) -> None:
@@ -103,7 +97,8 @@ def promotion_lock(tracking_uri: str, model_name: str = MODEL_NAME,
     The Prefect server's global concurrency limit where one is configured, else the file lock
     (see the module docstring), and the file lock as well for a local store.
     """
-    server = prefect_server_url()
+    api = prefect_api()
+    server = api.url if api is not None and api.shared else None
     local = local_store_dir(tracking_uri) is not None
     with contextlib.ExitStack() as held:
         what = []
@@ -112,7 +107,11 @@ def promotion_lock(tracking_uri: str, model_name: str = MODEL_NAME,
             what.append(f"Prefect concurrency limit {limit_name(model_name)!r} on {server}")
         if local or not server:
             path = lock_path(tracking_uri, model_name)
-            held.enter_context(file_lock(path, timeout_s, "promotion"))
+            try:
+                held.enter_context(exclusive_flock(path, timeout_s=timeout_s))
+            except LockTimeout:
+                raise TimeoutError(f"another promotion holds {path} for over {timeout_s:g} s; "
+                                   "check for a hung retrain") from None
             what.append(f"file lock {path}")
         description = " and ".join(what)
         run_logger(__name__).info("Promotion of %s serialised by the %s.", model_name, description)

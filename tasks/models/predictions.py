@@ -46,21 +46,19 @@ def check_output_path(output_csv: str | os.PathLike[str]) -> Path:
     return target
 
 
-def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathLike[str] | None = None) -> Path:
+def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathLike[str]) -> Path:
     """The folder of images: `images` itself, or where its archive was safely extracted.
 
     Archives go through tasks/data/extract.py (traversal, link and size checks;
     content-addressed, so predicting twice on one archive extracts it once) into
-    `extracted_root`, by default ./data/extracted beside the prepare flow's own extractions.
+    `extracted_root` (the data folder's extracted/, beside the prepare flow's own extractions).
     """
-    from tasks.data.datafolder import DataFolder
     from tasks.data.extract import extract_archive
 
     source = Path(images).expanduser()
     if not source.exists():
         raise InputError(f"Images {source} do not exist; pass a folder or a .zip/.tar archive of images.")
-    root = Path(extracted_root) if extracted_root else DataFolder.at("data").extracted
-    return extract_archive(source, root)
+    return extract_archive(source, Path(extracted_root))
 
 
 def image_id(path: Path) -> int | str:

@@ -19,7 +19,7 @@ half-written folders in the data folder. Each next retrain starts by reconciling
   flow-run labels by `tasks.common.processes.label_flow_run_owner`, an `on_running` hook of
   each of these flows) is dead become CRASHED, their subflow runs with them.
 - Hidden `.partial`/temporary folders and files in the data folder are removed: the caller
-  holds the data folder's lock, so no live run can be writing them (tasks/data/folderlock.py).
+  holds the data folder's lock, so no live run can be writing them (DataFolder.remove_leftovers).
 
 Nothing here guesses: what cannot be proven dead stays as it is, and the summary says how many.
 """
@@ -246,9 +246,9 @@ def reconcile_prefect(flow_names: tuple[str, ...] = FLOW_NAMES) -> Reconciled:
 
 def reconcile(data_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, *, prefect: bool = True) -> Reconciled:
     """Set straight what killed runs left in the data folder (its lock must be held), the store and Prefect."""
-    from tasks.data.folderlock import remove_leftovers
+    from tasks.data.datafolder import DataFolder
 
-    result = Reconciled(removed=remove_leftovers(Path(data_dir)))
+    result = Reconciled(removed=DataFolder.at(data_dir).remove_leftovers())
     result = result.merged(reconcile_mlflow(experiment))
     if prefect:
         result = result.merged(reconcile_prefect())

@@ -112,7 +112,7 @@ def check_model(model_uri: str) -> str:
 
 
 @task(name="locate-images", cache_policy=NO_CACHE)
-def locate_images(images: str, extracted_root: str | None) -> str:
+def locate_images(images: str, extracted_root: str) -> str:
     """The folder to score (an archive is extracted safely, once)."""
     from tasks.models.predictions import locate_images as locate
 

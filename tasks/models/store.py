@@ -17,19 +17,16 @@ Every function resolves the URI at call time (never at import), so a process tha
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from tasks.common.errors import ConfigError
+from tasks.common.flock import exclusive_flock
 from tasks.models.naming import DEFAULT_EXPERIMENT
 
 DEFAULT_STORE_DIR = "mlruns"
@@ -82,27 +79,6 @@ def sqlite_path(uri: str) -> Path | None:
     return None if not path or path == ":memory:" else Path(path).expanduser().resolve()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float, holder: str) -> Iterator[None]:
-    """An exclusive `flock` on `path` (threads and processes alike); the kernel drops it if the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a+b") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another {holder} holds {path} for over {timeout_s:g} s; "
-                                       "check for a hung retrain") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _prepare(uri: str, *, create: bool) -> None:
     """Create or migrate a local sqlite store once per process, serialised across processes."""
     with _READY_LOCK:
@@ -115,8 +91,7 @@ def _prepare(uri: str, *, create: bool) -> None:
                                   "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
             from mlflow.tracking import MlflowClient
 
-            with file_lock(database.with_name(f".{database.name}.init.lock"), INIT_LOCK_TIMEOUT_S,
-                           "process creating the MLflow store"):
+            with exclusive_flock(database.with_name(f".{database.name}.init.lock"), timeout_s=INIT_LOCK_TIMEOUT_S):
                 MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates
         _READY.add(uri)
 

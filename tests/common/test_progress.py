@@ -43,7 +43,7 @@ def test_a_quick_step_says_nothing(caplog, monkeypatch):
     assert caplog.messages == []
 
 
-def test_inside_a_prefect_run_the_progress_artifact_reaches_100(prefect_harness, monkeypatch):
+def test_inside_a_prefect_run_the_progress_artifact_reaches_100(monkeypatch):
     from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.data.datafolder import DataFolder
-from tasks.data.folderlock import DataFolderBusy, hold, holds_lock, remove_leftovers
+from tasks.data.folderlock import DataFolderBusy
 from tests.servers import REPO_ROOT
 
 _HOLDER = textwrap.dedent("""
@@ -50,7 +50,7 @@ def test_a_second_process_waits_for_the_first_and_says_for_whom(tmp_path, caplog
         entered = threading.Event()
 
         def second():
-            with hold(tmp_path / "data", "second run"):
+            with DataFolder.at(tmp_path / "data").lock("second run"):
                 entered.set()
 
         with caplog.at_level(logging.INFO, logger="tasks.data.folderlock"):
@@ -82,36 +82,36 @@ def test_a_killed_holder_frees_the_folder_and_its_half_written_run_is_removed(tm
     started = time.monotonic()
     with folder.lock("next run", wait_s=30):
         assert time.monotonic() - started < 5  # the kernel dropped the dead holder's lock
-        removed = remove_leftovers(folder.root)
+        removed = folder.remove_leftovers()
     assert removed == sorted([".inspected.parquet.abc123.tmp.parquet", f"training/{partial.name}"])
     assert not partial.exists() and keep.is_dir() and folder.lock_file.is_file()
 
 
 def test_the_lock_is_reentrant_within_a_run_and_cleaning_needs_it(tmp_path):
-    root = tmp_path / "data"
+    folder = DataFolder.at(tmp_path / "data")
     with pytest.raises(RuntimeError, match="needs the lock"):
-        remove_leftovers(root)
-    with hold(root, "outer"):
-        with hold(root, "subflow"):  # retrain holds it and calls prepare_data, which takes it again
-            assert holds_lock(root)
-        assert holds_lock(root)
-    assert not holds_lock(root)
+        folder.remove_leftovers()
+    with folder.lock("outer"):
+        with folder.lock("subflow"):  # retrain holds it and calls prepare_data, which takes it again
+            assert folder.holds_lock()
+        assert folder.holds_lock()
+    assert not folder.holds_lock()
 
 
 def test_holding_writes_nothing_once_the_lock_file_exists(tmp_path):
     root = tmp_path / "data"
-    with hold(root, "first"):
+    with DataFolder.at(root).lock("first"):
         pass
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in root.iterdir()}
     dir_mtime = root.stat().st_mtime_ns
-    with hold(root, "second"):
+    with DataFolder.at(root).lock("second"):
         pass
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in root.iterdir()} == before
     assert root.stat().st_mtime_ns == dir_mtime
 
 
 def test_a_missing_folder_is_not_created_when_asked_not_to(tmp_path):
-    with hold(tmp_path / "nowhere", "train_model", create=False) as held:
+    with DataFolder.at(tmp_path / "nowhere").lock("train_model", create=False) as held:
         assert held is False
     assert not (tmp_path / "nowhere").exists()
 
@@ -120,7 +120,7 @@ def test_waiting_too_long_is_one_sentence_naming_the_folder(tmp_path):
     holder, _, release = _start_holder(tmp_path)
     try:
         with pytest.raises(DataFolderBusy, match=f"Data folder {tmp_path / 'data'} has been in use by pid {holder.pid}"):
-            with hold(tmp_path / "data", "impatient", wait_s=0.5):
+            with DataFolder.at(tmp_path / "data").lock("impatient", wait_s=0.5):
                 pass
     finally:
         release.write_text("go")

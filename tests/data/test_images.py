@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from tasks.data import images
 from tasks.common.files import sha256_bytes
-from tasks.data.images import inspect_and_store, inspect_bytes, inspect_image, jpeg_frame_marker
+from tasks.data.images import MAX_PIXELS, inspect_and_store, inspect_bytes, inspect_image, jpeg_frame_marker
 from tests.imagegen import FAULTS, ODDITIES, SIZE, image_bytes
 
 
@@ -208,18 +208,18 @@ def test_inspect_and_store_writes_each_conversion_once(tmp_path):
     source.write_bytes(ODDITIES["gray.jpg"]("cat"))
     converted_dir = tmp_path / "converted"
 
-    first = inspect_and_store((str(source), str(converted_dir), 32, 25_000_000))
+    first = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS))
     target = converted_dir / f"{first['sha256']}.jpg"
     assert first["converted_path"] == str(target) and "converted_jpeg" not in first
     stamp = target.stat().st_mtime_ns
-    second = inspect_and_store((str(source), str(converted_dir), 32, 25_000_000))
+    second = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS))
 
     assert second == first and target.stat().st_mtime_ns == stamp
     assert [p.name for p in converted_dir.iterdir()] == [target.name]  # no temporary leftovers
 
 
 def test_unreadable_file_is_a_per_image_fault(tmp_path):
-    row = inspect_and_store((str(tmp_path / "vanished.jpg"), str(tmp_path / "converted"), 32, 25_000_000))
+    row = inspect_and_store((str(tmp_path / "vanished.jpg"), str(tmp_path / "converted"), 32, MAX_PIXELS))
     assert (row["status"], row["reason"], row["converted_path"]) == ("quarantined", "undecodable", "")
     with pytest.raises(OSError):
         inspect_image(tmp_path / "vanished.jpg")

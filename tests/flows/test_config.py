@@ -70,8 +70,8 @@ def test_subclasses_hash_only_the_training_fields():
     base = TrainConfig(backbones=["vgg16"])
     extended = WithExtras(backbones=["vgg16"], note="nightly")
     assert extended.config_hash() == base.config_hash()
-    assert set(extended.training_fields()) == set(TrainConfig.model_fields)
-    json.dumps(extended.training_fields())
+    assert set(extended.section(TrainConfig).model_dump()) == set(TrainConfig.model_fields)
+    json.dumps(extended.section(TrainConfig).model_dump(mode="json"))
 
 
 def test_a_weights_file_enters_the_hash_by_content_not_path(tmp_path):

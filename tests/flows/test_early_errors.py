@@ -16,7 +16,7 @@ from tests.flows.test_retrain_flow import petimages_zip  # noqa: F401  (fixture)
 from tests.prepared import make_prepared_dir
 
 
-def test_train_model_on_a_corrupted_manifest_is_one_sentence_naming_the_file(prefect_harness, tmp_path):
+def test_train_model_on_a_corrupted_manifest_is_one_sentence_naming_the_file(tmp_path):
     from flows.train import train_model
 
     data_dir = make_prepared_dir(tmp_path)
@@ -40,7 +40,7 @@ def mobilenet_weights_file(tmp_path_factory) -> Path:
 
 
 def test_a_weights_file_of_another_architecture_fails_before_any_data_work(
-        prefect_harness, mlflow_uri, petimages_zip, mobilenet_weights_file, tmp_path, capsys):  # noqa: F811
+        mlflow_uri, petimages_zip, mobilenet_weights_file, tmp_path, capsys):  # noqa: F811
     data_dir = tmp_path / "data"
     code = main(["--source", str(petimages_zip), "--data-dir", str(data_dir), "--backbones", "efficientnetv2b0",
                  "--weights", str(mobilenet_weights_file), "--input-size", "32"])

@@ -7,12 +7,19 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from flows.predict import ERROR_LABEL, main, predict
+from flows.config import PredictConfig
+from flows.predict import main
+from flows.predict import predict as predict_flow
 from tasks.common.errors import ConfigError, InputError
+from tasks.models.predictions import ERROR_LABEL
 from tests.fake_training import promoted_champion
 from tests.imagegen import image_bytes, truncated_jpeg, zip_tree
 
 LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
+
+
+def predict(images: str, **options):
+    return predict_flow(PredictConfig(images=images, **options))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def _check_submission(csv_path):
     assert errors["file"].item() == "4.jpg" and "cannot be decoded" in errors["error"].item()
 
 
-def test_predict_writes_a_kaggle_submission_with_error_rows(prefect_harness, store, tmp_path):
+def test_predict_writes_a_kaggle_submission_with_error_rows(store, tmp_path):
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
     summary = predict(str(_test1_folder(tmp_path / "test1")), output_csv=str(out), batch_size=2)
@@ -62,14 +69,15 @@ def test_predict_writes_a_kaggle_submission_with_error_rows(prefect_harness, sto
     assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv", "submission.errors.csv"]  # no temporary
 
 
-def test_predict_accepts_an_archive(prefect_harness, store, tmp_path):
+def test_predict_accepts_an_archive(store, tmp_path):
     archive = zip_tree(_test1_folder(tmp_path / "test1"), tmp_path / "test1.zip", prefix="test1")
     out = tmp_path / "from_zip.csv"
-    predict(str(archive), output_csv=str(out), extracted_root=str(tmp_path / "extracted"))
+    predict(str(archive), output_csv=str(out), data_dir=str(tmp_path / "data"))
+    assert len(list((tmp_path / "data" / "extracted").glob("[0-9a-f]*"))) == 1  # the archive went to the data folder
     _check_submission(out)
 
 
-def test_unknown_alias_fails_in_one_sentence_and_keeps_the_old_csv(prefect_harness, store, tmp_path):
+def test_unknown_alias_fails_in_one_sentence_and_keeps_the_old_csv(store, tmp_path):
     out = tmp_path / "submission.csv"
     out.write_text("id,label\n1,0.5\n")
     with pytest.raises(ConfigError) as caught:
@@ -81,7 +89,7 @@ def test_unknown_alias_fails_in_one_sentence_and_keeps_the_old_csv(prefect_harne
         predict(str(tmp_path / "test1"), model_uri="models:/dogs-only@champion", output_csv=str(out))
 
 
-def test_empty_folder_or_missing_input_write_nothing(prefect_harness, store, tmp_path):
+def test_empty_folder_or_missing_input_write_nothing(store, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
@@ -93,7 +101,7 @@ def test_empty_folder_or_missing_input_write_nothing(prefect_harness, store, tmp
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_cli_prints_the_sentence_and_exits_2(prefect_harness, store, tmp_path, capsys):
+def test_cli_prints_the_sentence_and_exits_2(store, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code = main([str(tmp_path / "empty"), "--output-csv", str(tmp_path / "s.csv")])
     assert code == 2
@@ -101,7 +109,7 @@ def test_cli_prints_the_sentence_and_exits_2(prefect_harness, store, tmp_path, c
     assert not (tmp_path / "s.csv").exists()
 
 
-def test_output_path_problems_fail_before_any_image_is_scored(prefect_harness, store, tmp_path, monkeypatch):
+def test_output_path_problems_fail_before_any_image_is_scored(store, tmp_path, monkeypatch):
     from tasks.models import scoring
 
     monkeypatch.setattr(scoring, "score_files", lambda *a, **k: pytest.fail("scored before checking the output"))
@@ -113,14 +121,14 @@ def test_output_path_problems_fail_before_any_image_is_scored(prefect_harness, s
     assert not (tmp_path / "missing").exists()  # a missing parent is not silently created
 
 
-def test_a_store_that_does_not_exist_is_an_error_not_a_new_empty_one(prefect_harness, tmp_path, monkeypatch):
+def test_a_store_that_does_not_exist_is_an_error_not_a_new_empty_one(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}")
     with pytest.raises(ConfigError, match="does not exist"):
         predict(str(_test1_folder(tmp_path / "test1")), output_csv=str(tmp_path / "s.csv"))
     assert not (tmp_path / "typo").exists()
 
 
-def test_the_submission_is_checked_against_kaggles_sample(prefect_harness, store, tmp_path):
+def test_the_submission_is_checked_against_kaggles_sample(store, tmp_path):
     folder = _test1_folder(tmp_path / "comp" / "test1")
     sample = tmp_path / "comp" / "sampleSubmission.csv"
     sample.write_text("id,label\n" + "".join(f"{i},0\n" for i in (1, 2, 3, 4, 10, 11)))

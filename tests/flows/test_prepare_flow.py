@@ -20,7 +20,6 @@ from tasks.common.labels import SPLITS
 from tasks.data.validate import ValidationThresholds
 from tests.imagegen import FAULTS, ODDITIES, write_kaggle_tree, write_petimages_tree, write_presplit_tree, zip_tree
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 PER_CLASS = 30
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -45,11 +44,12 @@ def petimages_zip(tmp_path_factory) -> Path:
 
 
 def prepare(source: Path, data_dir: Path, **kwargs):
+    from flows.config import DataConfig
     from flows.prepare import prepare_data
 
     kwargs.setdefault("thresholds", SMALL)
     kwargs.setdefault("split_fractions", FRACTIONS)
-    return prepare_data(str(source), data_dir, **kwargs)
+    return prepare_data(DataConfig(source=str(source), data_dir=str(data_dir), **kwargs))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -231,9 +231,9 @@ def test_flow_parameters_are_json_friendly_for_the_prefect_form():
     from flows.prepare import prepare_data
 
     schema = parameter_schema(prepare_data.fn).model_dump_for_openapi()
-    properties = schema["properties"]
-    assert schema["required"] == ["source"]
-    assert {"source", "data_dir", "expected_sha256", "split_fractions", "respect_source_split", "min_side",
-            "max_pixels", "thresholds", "workers"} <= set(properties)
+    assert list(schema["properties"]) == ["config"] and not schema.get("required")
+    fields = schema["definitions"]["DataConfig"]["properties"]
+    assert {"source", "data_dir", "expected_sha256", "split_fractions", "respect_source_split",
+            "thresholds"} == set(fields)
     thresholds = json.dumps(schema["definitions"]["ValidationThresholds"])
     assert "max_quarantined_share" in thresholds and "min_per_class_per_split" in thresholds

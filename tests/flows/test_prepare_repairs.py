@@ -17,7 +17,6 @@ from tasks.common.files import sha256_file
 from tests.flows.test_prepare_flow import FRACTIONS, SMALL, snapshot
 from tests.imagegen import write_petimages_tree, zip_tree
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +52,11 @@ def warnings_logged():
 
 
 def prepare(source: Path, data_dir: Path):
+    from flows.config import DataConfig
     from flows.prepare import prepare_data
 
-    return prepare_data(str(source), data_dir, thresholds=SMALL, split_fractions=FRACTIONS)
+    return prepare_data(DataConfig(source=str(source), data_dir=str(data_dir), thresholds=SMALL,
+                                   split_fractions=FRACTIONS))
 
 
 def _rows(data_dir: Path) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """The `retrain` flow end to end, from Python and from its command line, on a generated archive.
 
-Real components throughout: the Prefect test server (`prefect_harness`), prepare_data on a zip,
+Real components throughout: the session's Prefect server (tests/conftest.py), prepare_data on a zip,
 train_model with a random-weights backbone at 32 px, a fresh sqlite MLflow store per test.
 The stateful story (first run -> nothing changed -> a challenger -> nothing changed -> forced
 run) is one test so that parallel test workers never split it.
@@ -67,7 +67,7 @@ def summary_artifacts(flow_run_id: str) -> list:
 
 @pytest.mark.slow
 def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_same_then_force_trains(
-        prefect_harness, mlflow_uri, petimages_zip, tmp_path):
+        mlflow_uri, petimages_zip, tmp_path):
     data_dir = tmp_path / "data"
 
     first = retrain(tiny_config(petimages_zip, data_dir))
@@ -119,7 +119,7 @@ def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_sa
     assert len(sorted((data_dir / "training").iterdir())) == len(trainings) + 1
 
 
-def test_cli_reports_a_missing_source_in_one_sentence(prefect_harness, mlflow_uri, tmp_path, capsys):
+def test_cli_reports_a_missing_source_in_one_sentence(mlflow_uri, tmp_path, capsys):
     missing = tmp_path / "nowhere" / "kagglecatsanddogs.zip"
     code = main(["--source", str(missing), "--data-dir", str(tmp_path / "data"), "--weights", "none"])
     err = capsys.readouterr().err

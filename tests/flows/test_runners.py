@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.config import ComputeConfig, RetrainConfig
+from flows.config import ComputeConfig, RetrainConfig, TrainConfig
 from flows.retrain import build_parser, config_from_args
-from flows.runners import cluster_spec, decode_workers, task_runner, visible_gpus, workers_reach_the_api
+from flows.runners import cluster_spec, decode_workers, task_runner, visible_gpus
 from tasks.common.errors import ConfigError
 from tests.servers import base_env
 
@@ -29,12 +29,12 @@ def test_the_default_is_the_in_process_runner_and_the_options_never_change_the_c
     from prefect.task_runners import ThreadPoolTaskRunner
 
     assert isinstance(task_runner(ComputeConfig()), ThreadPoolTaskRunner)
-    assert RetrainConfig().compute_config() == ComputeConfig()
+    assert RetrainConfig().section(ComputeConfig) == ComputeConfig()
     fast = RetrainConfig(workers=4, threads_per_worker=2, shard_size=64)
     assert fast.config_hash() == RetrainConfig().config_hash()
-    assert fast.train_config() == RetrainConfig().train_config()  # train_model's config forbids compute fields
+    assert fast.section(TrainConfig) == RetrainConfig().section(TrainConfig)  # train_model's config forbids compute fields
     args = build_parser().parse_args(["--workers", "2", "--shard-size", "16", "--dask-address", "none"])
-    assert config_from_args(args).compute_config() == ComputeConfig(workers=2, shard_size=16)
+    assert config_from_args(args).section(ComputeConfig) == ComputeConfig(workers=2, shard_size=16)
 
 
 def test_a_local_cluster_gets_one_single_threaded_worker_per_share_of_the_cores(monkeypatch):

@@ -36,7 +36,7 @@ IMAGES = 2 * (10 + 4 + 5)
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_harness, tmp_path_factory):
+def first_run(tmp_path_factory):
     """Head-only run comparing two backbones into the default output folder."""
     data_dir = make_prepared_dir(tmp_path_factory.mktemp("train"), {"train": 10, "validation": 4, "test": 5})
     return data_dir, train_model(data_dir, CONFIG)
@@ -44,10 +44,10 @@ def first_run(prefect_harness, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def second_run(first_run, tmp_path_factory):
-    """The same data again, now with fine-tuning, into an explicit output folder."""
+    """The same data again, now with fine-tuning."""
     data_dir, _ = first_run
-    output_dir = tmp_path_factory.mktemp("second") / "run"
-    return output_dir, train_model(data_dir, CONFIG.model_copy(update={"fine_tune": True}), output_dir=output_dir)
+    result = train_model(data_dir, CONFIG.model_copy(update={"fine_tune": True}))
+    return Path(result.output_dir), result
 
 
 def test_the_flow_learns_from_the_labels_and_picks_the_better_backbone(first_run):
@@ -137,7 +137,7 @@ def test_rank_backbones_prefers_auc_then_loss_then_config_order():
     assert rank_backbones(summaries) == ["c", "e", "b", "a", "d"]
 
 
-def test_unknown_backbone_fails_before_any_work(prefect_harness, tmp_path):
+def test_unknown_backbone_fails_before_any_work(tmp_path):
     data_dir = make_prepared_dir(tmp_path, {"train": 1, "validation": 1, "test": 1})
     with pytest.raises(Exception, match="resnet5.*choose from") as error:
         train_model(data_dir, {"backbones": ["resnet5"], "weights": None})
@@ -145,6 +145,6 @@ def test_unknown_backbone_fails_before_any_work(prefect_harness, tmp_path):
     assert not (data_dir / "features").exists() and not (data_dir / "training").exists()
 
 
-def test_a_folder_without_manifest_fails_with_the_fix(prefect_harness, tmp_path):
+def test_a_folder_without_manifest_fails_with_the_fix(tmp_path):
     with pytest.raises(InputError, match="prepare_data"):
         train_model(tmp_path, TrainConfig(backbones=["vgg16"], weights=None, input_size=32))

@@ -127,7 +127,7 @@ def test_log_skipped_run_records_why(mlflow_store):
     assert (run.data.tags["dataset_fingerprint"], run.data.tags["config_hash"]) == ("fp", "cfg")
 
 
-def test_prefect_tags_come_from_the_running_flow(prefect_harness):
+def test_prefect_tags_come_from_the_running_flow():
     from prefect import flow
 
     @flow(name="tagging-probe")

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     from flows.runners import usable_cpus
     from tasks.data.datafolder import DataFolder
     from tasks.learning.backbones import build_backbone, resolve_input_size
-    from tasks.learning.features import close_decoders, extract_features, plan_extraction
+    from tasks.learning.extractor import close_decoders
+    from tasks.learning.features import extract_features, plan_extraction
 
     cores = len(usable_cpus())
     photos = write_photos(args.photos, args.images + 16)

@@ -35,10 +35,12 @@ from PIL import Image  # noqa: E402
 from benchmarks.photos import prepared_folder, write_photos  # noqa: E402
 from tasks.data.datafolder import DataFolder  # noqa: E402
 from tasks.learning.backbones import build_backbone, resolve_input_size  # noqa: E402
-from tasks.learning.features import cached_extractor, close_decoders, extract_features, load_features  # noqa: E402
+from tasks.learning.extractor import cached_extractor, close_decoders  # noqa: E402
+from tasks.learning.features import extract_features  # noqa: E402
 from tasks.learning.backbones import weights_fingerprint  # noqa: E402
 from tasks.learning.forward import to_numpy  # noqa: E402
 from tasks.learning.pixels import Decoder  # noqa: E402
+from tasks.learning.shards import load_features  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

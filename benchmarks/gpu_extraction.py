@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.common.devices import configure_devices, pick_batch_size
     from tasks.data.datafolder import DataFolder
     from tasks.learning.backbones import build_backbone, weights_fingerprint
-    from tasks.learning.features import cached_extractor, close_decoders, extract_features
+    from tasks.learning.extractor import cached_extractor, close_decoders
+    from tasks.learning.features import extract_features
     from tasks.learning.pixels import default_workers
 
     setup = configure_devices(args.precision)

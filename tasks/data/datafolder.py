@@ -182,7 +182,7 @@ class DataFolder:
         return self.root / "features"
 
     def feature_cache(self, key: str) -> Path:
-        """The shard folder of one feature space (see tasks.learning.features.cache_key)."""
+        """The shard folder of one feature space (see tasks.learning.shards.cache_key)."""
         return self.features / key
 
     def random_weights(self, backbone: str) -> Path:

@@ -75,7 +75,7 @@ def predict_paths(model: Any, paths: list[str], input_size: int, batch_size: int
 
     A file that cannot be decoded gets NaN and its reason; the others are scored normally.
     """
-    from tasks.learning.features import shared_decoder
+    from tasks.learning.extractor import shared_decoder
     from tasks.learning.forward import compiled_forward, run_ahead
 
     scores = np.full(len(paths), np.nan, dtype=np.float32)

@@ -109,7 +109,7 @@ def head_agreement(p_end_to_end: np.ndarray, head_path: Path, cache_dir: Path, s
     """
     import keras
 
-    from tasks.learning.features import load_features
+    from tasks.learning.shards import load_features
 
     if not sha256s:
         return 0.0

@@ -163,7 +163,7 @@ def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: 
     Validation metrics are recomputed from the restored weights (not read off the last
     epoch), so they describe the head that is saved.
     """
-    from tasks.learning.features import load_split_features
+    from tasks.learning.shards import load_split_features
 
     train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
     val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")

@@ -14,12 +14,11 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.common.results import DeviceSetup, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import Evaluation
-from tasks.learning.features import FeatureSummary, ShardResult
+from tasks.learning.features import FeatureSummary, PlanRef, ShardResult, summarise
 from tasks.learning.finetune import ExportedModel, FineTuneParams
 from tasks.learning.head import HeadParams, HeadResult
 
@@ -54,29 +53,13 @@ def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int
     return resolve(DataFolder.at(data_dir), backbone, weights, seed)
 
 
-class PlanRef(BaseModel):
-    """Where an extraction plan is saved and how many shards it has (the plan itself stays on disk)."""
-
-    plan_path: str
-    shards: int
-    cache_dir: str
-    images: int
-    reused: int
-    feature_dim: int
-    precision: str
-    todo: int
-
-
 @task(name="plan-features", cache_policy=NO_CACHE)
 def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str,
                   shard_size: int = 512) -> PlanRef:
     """Which images still need features, cut into shards (a warm cache plans nothing)."""
     from tasks.learning.features import plan_extraction
 
-    plan = plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size)
-    return PlanRef(plan_path=plan.plan_path, shards=len(plan.shards), cache_dir=plan.cache_dir, images=plan.images,
-                   reused=plan.reused, feature_dim=plan.feature_dim, precision=plan.precision,
-                   todo=plan.todo)
+    return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size).ref()
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
@@ -117,13 +100,8 @@ def extract_all_shards(plan: PlanRef, batch_size: int | None, backbone: str,
 
 
 def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
-    """The features of one backbone: what the plan reused plus what the shards computed."""
-    from tasks.common.devices import backend
-
-    return FeatureSummary(cache_dir=plan.cache_dir, computed=sum(shard.computed for shard in shards),
-                          reused=plan.reused + sum(shard.images for shard in shards if shard.reused),
-                          failed=sum(shard.failed for shard in shards), feature_dim=plan.feature_dim,
-                          images=plan.images, precision=plan.precision, backend=backend())
+    """The features of one backbone, counted as `extract_features` counts them (one `summarise` for both)."""
+    return summarise(plan, shards)
 
 
 @task(name="train-head", cache_policy=NO_CACHE)

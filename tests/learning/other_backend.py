@@ -20,7 +20,8 @@ def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "features":
         from tasks.data.datafolder import DataFolder
-        from tasks.learning.features import extract_features, load_features
+        from tasks.learning.features import extract_features
+        from tasks.learning.shards import load_features
 
         data_dir, weights, size, out = args
         result = extract_features(data_dir, "mobilenet_v2", weights, int(size), batch_size=8)

@@ -18,8 +18,10 @@ import pytest
 
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import build_backbone
-from tasks.learning.features import extract_features, feature_model, load_features
+from tasks.learning.extractor import feature_model
+from tasks.learning.features import extract_features
 from tasks.learning.forward import compiled_forward, to_numpy
+from tasks.learning.shards import load_features
 from tests.prepared import make_prepared_dir
 
 pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)

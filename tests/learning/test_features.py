@@ -19,16 +19,11 @@ from PIL import Image
 from tasks.common.errors import ConfigError, DatasetValidationError, InputError
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import random_weights_file, weights_fingerprint
-from tasks.learning.features import (
-    extract_features,
-    feature_cache_dir,
-    feature_model,
-    load_features,
-    load_split_features,
-    shard_index,
-)
+from tasks.learning.extractor import feature_model
+from tasks.learning.features import PLANS_DIR, extract_features, extract_shard, load_plan
 from tasks.learning.forward import compiled_forward, to_numpy
 from tasks.learning.pixels import read_image
+from tasks.learning.shards import feature_cache_dir, load_features, load_split_features, shard_index
 from tests.imagegen import image_bytes
 from tests.prepared import make_prepared_dir
 
@@ -284,6 +279,38 @@ def test_prefect_steps_pass_only_small_summaries(data_dir):
         assert isinstance(value, (str, int, bool))  # paths and counts: nothing Prefect cannot persist
     again = steps.extract_shard.fn(plan.plan_path, 0, 16)  # a shard another worker already wrote
     assert again.reused and again.computed == 0
+
+
+def test_extract_features_and_the_flow_steps_count_a_shard_another_worker_wrote_alike(tmp_path):
+    """Same folder, same situation, both orchestrations: shard 1 lands from another worker mid-run.
+
+    Its images are reused, not computed (its undecodable image is failed), and every image is
+    counted once, whether the shards run in this process or as the train flow's Prefect steps.
+    """
+    from tasks.learning import steps
+
+    dirs = [make_prepared_dir(tmp_path / name) for name in ("in_process", "steps")]
+    for data_dir in dirs:
+        Path(_rows(data_dir)["path"].iloc[20]).write_bytes(b"not a jpeg at all")  # shard 1 of 16 + 16 + 4
+
+    def another_worker_writes_shard_1(path: Path, done: int) -> None:
+        if done == 16:  # shard 0 is in place; this process has not reached shard 1 yet
+            [plan_path] = (path.parent / PLANS_DIR).glob("plan-*.json")
+            extract_shard(load_plan(plan_path), 1, 8)
+
+    in_process = extract_features(dirs[0], BACKBONE, None, SIZE, batch_size=8, shard_size=16,
+                                  on_shard=another_worker_writes_shard_1)
+
+    weights = str(random_weights_file(DataFolder(dirs[1]), BACKBONE))
+    plan = steps.plan_features.fn(str(dirs[1]), BACKBONE, weights, SIZE, "float32", 16)
+    results = [steps.extract_shard.fn(plan.plan_path, 0, 8)]
+    steps.extract_shard.fn(plan.plan_path, 1, 8)  # another worker (another flow run), before ours gets to shard 1
+    results += [steps.extract_shard.fn(plan.plan_path, index, 8) for index in (1, 2)]
+    as_steps = steps.feature_summary(plan, results)
+
+    assert results[1].reused and (results[1].computed, results[1].failed) == (0, 1)
+    assert (in_process.computed, in_process.reused, in_process.failed, in_process.images) == (20, 15, 1, 36)
+    assert in_process.model_dump(exclude={"cache_dir"}) == as_steps.model_dump(exclude={"cache_dir"})
 
 
 def test_feature_model_takes_uint8_saves_and_loads_in_safe_mode_with_preprocessing_inside(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from tasks.common.errors import DatasetValidationError
 from tasks.data.datafolder import DataFolder
-from tasks.learning.features import write_shard
+from tasks.learning.shards import write_shard
 from tasks.learning.head import HEAD_LAYER_NAMES, HeadParams, fit_head, train_head
 from tests.prepared import make_prepared_dir
 
@@ -79,7 +79,7 @@ def test_bad_shapes_fail_clearly():
 
 
 def _cached_dir(tmp_path, per_class=None):
-    """A prepared folder plus a feature cache written in tasks.learning.features' shard format."""
+    """A prepared folder plus a feature cache written in tasks.learning.shards' format."""
     data_dir = make_prepared_dir(tmp_path, per_class or {"train": 12, "validation": 6, "test": 2})
     cache_dir = data_dir / "features" / "fake"
     for split in ("train", "validation", "test"):

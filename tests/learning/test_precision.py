@@ -8,7 +8,8 @@ import pytest
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import build_backbone
 from tasks.learning.evaluate import binary_metrics
-from tasks.learning.features import extract_features, load_split_features
+from tasks.learning.features import extract_features
+from tasks.learning.shards import load_split_features
 from tasks.learning.head import HeadParams, fit_head
 from tests.prepared import make_prepared_dir
 

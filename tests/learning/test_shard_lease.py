@@ -21,18 +21,9 @@ from pathlib import Path
 import pytest
 
 from tasks.data.datafolder import DataFolder
-from tasks.learning.features import (
-    LeaseHolder,
-    ShardLease,
-    extract_shard,
-    lease_is_stale,
-    lease_path,
-    load_plan,
-    plan_extraction,
-    read_shard,
-    shard_index,
-    shard_name,
-)
+from tasks.learning.features import extract_shard, load_plan, plan_extraction
+from tasks.learning.leases import LeaseHolder, ShardLease, lease_is_stale, lease_path
+from tasks.learning.shards import read_shard, shard_index, shard_name
 from tests.prepared import make_prepared_dir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.learning.features import shard_index
+from tasks.learning.shards import shard_index
 from tasks.models.lock import limit_name
 from tests import servers
 from tests.flows.test_deployment import PREFECT_YAML, tiny_params

@@ -1,0 +1,77 @@
+"""The extractor: the feature model and the image decoder, each built once per process.
+
+Why it is built this way:
+- The feature model takes uint8 pixels and holds the backbone's own preprocessing, so batches
+  cross to the device as uint8 and the same graph starts the end-to-end model (nothing to
+  preprocess outside a model, in training or in serving).
+- Building and compiling a backbone costs seconds and its weights are large; a Dask worker
+  computes many shards in a row. So the model and its compiled forward are cached per
+  process and feature space (`cached_extractor`), and the decoder's worker processes, which
+  are expensive to start, are shared by every shard and by evaluation (`shared_decoder`).
+- Nothing here knows about shards or plans: evaluation uses the same decoder, and the
+  benchmarks time the same cached model and forward that extraction runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any
+
+from tasks.learning.backbones import build_backbone, get_backbone, resolve_input_size
+from tasks.learning.pixels import Decoder
+
+
+def feature_model(backbone: str, weights: str | os.PathLike[str] | None, input_size: int | None,
+                  precision: str = "float32") -> Any:
+    """uint8 RGB pixels (input_size x input_size x 3) -> pooled backbone features.
+
+    Layers: Input (uint8) -> `Preprocess` (the backbone's own preprocess_input, float32) ->
+    backbone (at `precision`), so the backbone is `model.layers[-1]`. The same graph starts the
+    end-to-end model, which therefore needs no preprocessing outside the model either.
+    """
+    import keras
+
+    from tasks.learning.preprocess import Preprocess
+
+    spec = get_backbone(backbone)
+    size = resolve_input_size(backbone, input_size)
+    base = build_backbone(backbone, weights, size, precision)
+    inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name="pixels")
+    x = Preprocess(spec.preprocess_mode, name="preprocess")(inputs)
+    outputs = base(x, training=False)
+    return keras.Model(inputs, outputs, name=f"{backbone}_features")
+
+
+@functools.lru_cache(maxsize=1)
+def cached_extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str) -> tuple[Any, Any]:
+    """(model, compiled forward), built once per process and feature space (Dask workers reuse it)."""
+    from tasks.learning.forward import compiled_forward
+
+    model = feature_model(backbone, weights, size, precision)
+    return model, compiled_forward(model)
+
+
+_DECODER: dict[tuple, Decoder] = {}
+_DECODER_LOCK = threading.Lock()
+
+
+def shared_decoder(size: int, batch_size: int, workers: int | None = None) -> Decoder:
+    """One decoder per process (its worker processes are expensive to start), replaced on a new shape."""
+    key = (size, batch_size, workers)
+    with _DECODER_LOCK:
+        if key not in _DECODER:
+            for old in _DECODER.values():
+                old.close()
+            _DECODER.clear()
+            _DECODER[key] = Decoder(size, batch_size, workers=workers)
+        return _DECODER[key]
+
+
+def close_decoders() -> None:
+    """Stop the shared decoder's workers (tests, and the end of a flow run)."""
+    with _DECODER_LOCK:
+        for decoder in _DECODER.values():
+            decoder.close()
+        _DECODER.clear()

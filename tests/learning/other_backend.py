@@ -2,6 +2,7 @@
 
     python -m tests.learning.other_backend features DATA_DIR WEIGHTS SIZE OUT.npy
     python -m tests.learning.other_backend predict MODEL.keras PIXELS.npy OUT.npy
+    python -m tests.learning.other_backend save MODEL.keras WEIGHTS SIZE
 
 Prints the backend it ran on, so the caller can check it really was another one.
 """
@@ -35,6 +36,12 @@ def main(argv: list[str]) -> None:
         model_path, pixels, out = args
         model = load_keras_model(model_path)
         np.save(out, to_numpy(compiled_forward(model)(np.load(pixels))))
+        print(keras.config.backend())
+    elif command == "save":
+        from tasks.learning.extractor import feature_model
+
+        model_path, weights, size = args
+        feature_model("mobilenet_v2", weights, int(size)).save(model_path)
         print(keras.config.backend())
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -19,7 +19,6 @@ from tasks.learning.backbones import (
 from tasks.common.errors import ConfigError, InputError
 from tasks.learning.preprocess import Preprocess
 
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 
 def _tiny(name: str) -> int:
@@ -66,6 +65,7 @@ def test_every_backbone_builds_headless_with_its_feature_dim_and_top_block(name)
     assert any(layer.weights for layer in model.layers[start:])
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_preprocess_layer_equals_the_backbones_own_preprocess_input(name):
     spec = get_backbone(name)
@@ -131,6 +131,7 @@ def mobilenet_weights(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_local_weights_file_loads_strictly_at_any_input_size(mobilenet_weights):
     path, source = mobilenet_weights
     loaded = build_backbone("mobilenet_v2", str(path), 48)

@@ -15,7 +15,6 @@ from tasks.learning.evaluate import PREDICTION_COLUMNS, binary_metrics, predicti
 from tasks.learning.plots import make_plots, plot_confusion, top_losses
 from tests.prepared import make_prepared_dir
 
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 
 def test_metrics_use_cat_0_dog_1_and_rows_true_columns_predicted():

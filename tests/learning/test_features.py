@@ -27,7 +27,6 @@ from tasks.learning.shards import feature_cache_dir, load_features, load_split_f
 from tests.imagegen import image_bytes
 from tests.prepared import make_prepared_dir
 
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 BACKBONE = "vgg16"
 SIZE = 32
@@ -69,6 +68,7 @@ def test_missing_manifest_is_a_dataset_error(tmp_path):
     assert not any(tmp_path.iterdir())  # no random draw or cache folder left behind
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_second_run_computes_nothing_and_writes_nothing(data_dir):
     first = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=8, shard_size=16)
     assert first.computed == 36 and first.reused == 0 and first.feature_dim == 512 and first.failed == 0
@@ -192,6 +192,7 @@ def test_cache_is_keyed_by_weights_input_size_and_precision(extracted, tmp_path)
     assert len(names) == 4  # features of another precision never mix with these
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_cached_rows_are_the_features_of_their_own_image(data_dir, tmp_path):
     """Rows from several shards, asked for in shuffled order, equal a direct forward pass of their image."""
     from tasks.learning.backbones import build_backbone
@@ -313,6 +314,7 @@ def test_extract_features_and_the_flow_steps_count_a_shard_another_worker_wrote_
     assert in_process.model_dump(exclude={"cache_dir"}) == as_steps.model_dump(exclude={"cache_dir"})
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_feature_model_takes_uint8_saves_and_loads_in_safe_mode_with_preprocessing_inside(tmp_path):
     """The fine-tuned model starts from this graph: it must reload without Lambda layers or custom code flags."""
     import keras
@@ -338,6 +340,7 @@ def test_feature_model_takes_uint8_saves_and_loads_in_safe_mode_with_preprocessi
     assert isinstance(reloaded.get_layer("preprocess"), Preprocess)
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_bfloat16_features_are_stored_as_float32_and_close_to_float32_ones(data_dir, tmp_path):
     from tasks.learning.backbones import build_backbone
 

@@ -32,7 +32,6 @@ from tasks.learning.pixels import read_image
 from tasks.learning.head import HeadParams, inference_copy, save_model, train_head
 from tests.prepared import make_prepared_dir
 
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 BACKBONE = "mobilenet_v2"
 SIZE = 32
@@ -112,6 +111,7 @@ def test_an_undecodable_training_image_weighs_nothing_instead_of_failing_the_epo
     assert weight.tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_end_to_end_model_computes_what_the_head_computed_on_cached_features(setup, model):
     pixels, rows = _pixels(setup)
     p_dog = _predict(model, pixels)
@@ -167,6 +167,7 @@ def test_fine_tuning_changes_the_top_block_but_not_batchnorm_statistics(setup, f
     assert all(np.array_equal(before[p], after[p]) for p in bottom), "frozen layers changed"
 
 
+@pytest.mark.backends  # also run on JAX by the test command
 def test_fine_tuned_model_reloads_in_safe_mode_with_the_same_predictions(setup, fine_tuned):
     model = fine_tuned[0]
     path = save_model(inference_copy(model), setup["tmp"] / "fine_tuned.keras")

@@ -11,7 +11,6 @@ from PIL import Image
 from tasks.learning.pixels import MAX_PIXELS, Decoder, ImageError, decode_image, read_image, resize_pixels
 from tests.imagegen import class_pixels, huge_png, image_bytes, truncated_jpeg
 
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 
 def _jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:

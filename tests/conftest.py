@@ -82,3 +82,10 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first: with parallel workers, a long test started last would run on alone at
+    the end. Whole modules move, in their own order, so a module's fixtures are still built once."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module not in slow_modules)

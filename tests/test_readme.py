@@ -154,11 +154,21 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
 
 
 def _mlflow_ui(walk: Walk, steps: dict) -> None:
+    """`mlflow ui` on the store the main job wrote: the page, the run, its artifacts beside the store."""
     ui = walk.start("mlflow-ui", steps["mlflow-ui"][0])
     base = f"http://127.0.0.1:{walk.ports['5000']}"
     servers.wait_for_http(f"{base}/health", timeout=240, process=ui)
+    page = httpx.get(base, timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
     found = httpx.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=30).json()
-    assert "cats-vs-dogs" in {experiment["name"] for experiment in found["experiments"]}
+    [experiment] = [e for e in found["experiments"] if e["name"] == "cats-vs-dogs"]
+    runs = httpx.post(f"{base}/api/2.0/mlflow/runs/search", timeout=30, json={
+        "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`catsdogs.kind` = 'retrain'"}).json()["runs"]
+    [run] = runs
+    assert run["info"]["artifact_uri"].startswith((walk.root / "mlruns").as_uri())  # artifacts beside the store
+    plots = httpx.get(f"{base}/api/2.0/mlflow/artifacts/list", timeout=30,
+                      params={"run_id": run["info"]["run_id"], "path": "plots"}).json()
+    assert "plots/roc_curve.png" in {item["path"] for item in plots["files"]}
     ui.stop()
 
 

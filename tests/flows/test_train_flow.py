@@ -29,6 +29,8 @@ from tasks.learning.runs import rank_backbones
 from tests.imagegen import class_pixels
 from tests.prepared import make_prepared_dir
 
+pytestmark = pytest.mark.slow  # two trainings, one of them fine-tuned, shared by the module
+
 CONFIG = TrainConfig(backbones=["efficientnetv2b0", "mobilenet_v2"], weights=None, input_size=32, batch_size=16,
                      head_epochs=25, head_batch_size=8, patience=5, fine_tune=False, fine_tune_epochs=1, seed=11)
 BEST = "efficientnetv2b0"

@@ -1,10 +1,12 @@
-"""Run one compute step in a process on another Keras backend (the backend is fixed per process).
+"""The other side of tests/learning/test_backends.py, in a process on another Keras backend.
 
-    python -m tests.learning.other_backend features DATA_DIR WEIGHTS SIZE OUT.npy
-    python -m tests.learning.other_backend predict MODEL.keras PIXELS.npy OUT.npy
-    python -m tests.learning.other_backend save MODEL.keras WEIGHTS SIZE
+    python -m tests.learning.other_backend DATA_DIR WEIGHTS SIZE MODEL.keras PIXELS.npy OUT_DIR
 
-Prints the backend it ran on, so the caller can check it really was another one.
+Extracts mobilenet_v2 features of DATA_DIR with WEIGHTS (OUT_DIR/features.npy), predicts
+PIXELS with the model saved on the first backend (OUT_DIR/predicted.npy), and saves a model of
+its own from the same weights (OUT_DIR/there.keras). Prints the backend it ran on and its feature
+cache's name, so the caller can check it really was another backend. One process for all of it:
+starting a backend costs more than the work.
 """
 
 from __future__ import annotations
@@ -18,33 +20,22 @@ import numpy as np
 def main(argv: list[str]) -> None:
     import keras
 
-    command, *args = argv
-    if command == "features":
-        from tasks.data.datafolder import DataFolder
-        from tasks.learning.features import extract_features
-        from tasks.learning.shards import load_features
+    from tasks.data.datafolder import DataFolder
+    from tasks.learning.extractor import feature_model
+    from tasks.learning.features import extract_features
+    from tasks.learning.forward import compiled_forward, to_numpy
+    from tasks.learning.preprocess import Preprocess  # noqa: F401  (registered for loading)
+    from tasks.learning.shards import load_features
 
-        data_dir, weights, size, out = args
-        result = extract_features(data_dir, "mobilenet_v2", weights, int(size), batch_size=8)
-        rows = DataFolder.at(data_dir).labelled_rows()
-        np.save(out, load_features(result.cache_dir, rows["sha256"].tolist()))
-        print(keras.config.backend(), Path(result.cache_dir).name)
-    elif command == "predict":
-        from tasks.learning.forward import compiled_forward, to_numpy
-        from tasks.models.serving import load_keras_model
-
-        model_path, pixels, out = args
-        model = load_keras_model(model_path)
-        np.save(out, to_numpy(compiled_forward(model)(np.load(pixels))))
-        print(keras.config.backend())
-    elif command == "save":
-        from tasks.learning.extractor import feature_model
-
-        model_path, weights, size = args
-        feature_model("mobilenet_v2", weights, int(size)).save(model_path)
-        print(keras.config.backend())
-    else:
-        raise SystemExit(f"unknown command {command!r}")
+    data_dir, weights, size, model_path, pixels, out = argv
+    out = Path(out)
+    result = extract_features(data_dir, "mobilenet_v2", weights, int(size), batch_size=8)
+    rows = DataFolder.at(data_dir).labelled_rows()
+    np.save(out / "features.npy", load_features(result.cache_dir, rows["sha256"].tolist()))
+    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    np.save(out / "predicted.npy", to_numpy(compiled_forward(model)(np.load(pixels))))
+    feature_model("mobilenet_v2", weights, int(size)).save(out / "there.keras")
+    print(keras.config.backend(), Path(result.cache_dir).name)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import os
 
-import httpx
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,7 +13,6 @@ from tasks.models.store import local_store_dir, resolve_tracking_uri, use_tracki
 from tasks.models.tracking import log_retrain, log_skipped_run, prefect_tags
 from tests.fake_training import mlflow_store  # noqa: F401 - fixture
 from tests.fake_training import fake_prepare_summary, fake_train_result
-from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
@@ -138,29 +135,3 @@ def test_prefect_tags_come_from_the_running_flow():
     assert tags["prefect.flow_name"] == "tagging-probe"
     assert len(tags["prefect.flow_run_id"]) == 36 and tags["prefect.flow_run_name"]
     assert prefect_tags() == {}  # outside a flow run there is nothing to link
-
-
-# ------------------------------------------------------------------ the UI people browse
-
-
-def test_mlflow_server_on_the_sqlite_store_lists_the_run(mlflow_store, tmp_path):
-    result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
-    logged = log_retrain(fake_prepare_summary(tmp_path / "data"), result, result.config, source="tests")
-    port = free_port()
-    env = base_env(PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_TRACKING_URI=None)
-    args = [cli("mlflow"), "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1"]
-    with running(start_process("mlflow server", args, env=env, log_path=tmp_path / "ui.log", cwd=tmp_path)) as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", timeout=240, process=process)
-        page = httpx.get(url, timeout=30)
-        assert page.status_code == 200 and "<html" in page.text.lower()
-        found = httpx.post(f"{url}/api/2.0/mlflow/runs/search", timeout=30,
-                           json={"experiment_ids": [logged.experiment_id]}).json()
-        run_ids = {run["info"]["run_id"] for run in found["runs"]}
-        assert logged.run_id in run_ids
-        parent = next(run for run in found["runs"] if run["info"]["run_id"] == logged.run_id)
-        assert parent["info"]["artifact_uri"].startswith((tmp_path / "mlruns").as_uri())
-        artifacts = httpx.get(f"{url}/api/2.0/mlflow/artifacts/list", timeout=30,
-                              params={"run_id": logged.run_id, "path": "plots"}).json()
-        assert "plots/roc_curve.png" in {item["path"] for item in artifacts["files"]}

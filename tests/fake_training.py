@@ -23,20 +23,24 @@ from tasks.common.results import BackboneResult, DeviceSetup, PreparePaths, Prep
 
 TINY_SIZE = 32
 
-GOOD = (-10.0, 0.0, 10.0)
-"""Weights on mean (red, green, blue): blue minus red separates the generated classes perfectly."""
+GOOD = (-10.0, 0.0, 10.0, 0.0)
+"""Weights on mean (red, green, blue) and a bias: blue minus red separates the generated classes perfectly."""
 
-MEDIOCRE = (0.0, 10.0, 0.0)
-"""Green only: weakly related to the class (ROC AUC 0.75 on make_prepared_dir's test split)."""
+MEDIOCRE = (0.0, 10.0, 0.0, -2.0)
+"""Green only: weakly related to the class (ROC AUC 0.75, accuracy 0.75 on make_prepared_dir's test split)."""
 
-INVERTED = (10.0, 0.0, -10.0)
+INVERTED = (10.0, 0.0, -10.0, 0.0)
 """Red minus blue: every generated image is scored wrong (ROC AUC 0)."""
 
+UNCALIBRATED = (-0.001, 0.0, 0.001, -0.01)
+"""Blue minus red, whispered below the threshold: every score is just under 0.5, so every image is
+called a cat (accuracy at chance), though the scores rank the images perfectly (ROC AUC 1.0)."""
 
-def tiny_model(path: Path, *, rgb: tuple[float, float, float] = GOOD, size: int = TINY_SIZE) -> Path:
+
+def tiny_model(path: Path, *, rgb: tuple[float, float, float, float] = GOOD, size: int = TINY_SIZE) -> Path:
     """Save Input(size,size,3) -> Preprocess("tf") -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
 
-    p(dog) = sigmoid(rgb . (mean colour / 127.5 - 1)); see GOOD, MEDIOCRE and INVERTED.
+    p(dog) = sigmoid(rgb[:3] . (mean colour / 127.5 - 1) + rgb[3]); see GOOD, MEDIOCRE, INVERTED, UNCALIBRATED.
     `Preprocess` is tasks/learning/preprocess.py's registered layer, as in train_model's real models,
     so every load of this model proves the serving code registers custom layers first.
     """
@@ -50,7 +54,7 @@ def tiny_model(path: Path, *, rgb: tuple[float, float, float] = GOOD, size: int 
     dense = keras.layers.Dense(1, activation="sigmoid", name="p_dog")
     outputs = dense(x)
     model = keras.Model(inputs, outputs)
-    dense.set_weights([np.array(rgb, dtype=np.float32).reshape(3, 1), np.zeros(1, np.float32)])
+    dense.set_weights([np.array(rgb[:3], dtype=np.float32).reshape(3, 1), np.array(rgb[3:], dtype=np.float32)])
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
     return path
@@ -64,7 +68,7 @@ def _png(path: Path, colour: tuple[int, int, int]) -> Path:
     return path
 
 
-def fake_train_result(out: Path, *, rgb: tuple[float, float, float] = GOOD, test_auc: float = 0.97,
+def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOOD, test_auc: float = 0.97,
                       backbones: tuple[str, ...] = ("resnet50", "mobilenet_v2"),
                       fine_tune: bool = True, size: int = TINY_SIZE) -> TrainResult:
     """A TrainResult (what train_model returns) pointing at real files under `out`."""

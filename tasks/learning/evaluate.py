@@ -33,6 +33,11 @@ def _safe_float(value: float) -> float | None:
 def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
     """Accuracy, ROC AUC, log loss, per-class precision/recall/F1 and the confusion matrix.
 
+    `chance_accuracy` is what always answering the most frequent class would score on these
+    labels: accuracy at or below it means the model has learnt nothing usable, whatever its
+    ROC AUC (which judges only the ranking of the scores; `score_min`/`score_max` show how far
+    the scores are from the threshold).
+
     The confusion matrix is `[[cat->cat, cat->dog], [dog->cat, dog->dog]]` (rows = true,
     columns = predicted, index = label). Metrics that a one-class sample cannot define are None.
     """
@@ -57,6 +62,9 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
         "count": int(labels.size),
         "threshold": float(threshold),
         "accuracy": float(accuracy_score(labels, predicted)),
+        "chance_accuracy": float(np.bincount(labels, minlength=2).max() / labels.size),
+        "score_min": float(p_dog.min()),
+        "score_max": float(p_dog.max()),
         "roc_auc": _safe_float(roc_auc_score(labels, p_dog)) if both else None,
         "log_loss": float(log_loss(labels, np.clip(p_dog, _EPS, 1 - _EPS), labels=[0, 1])),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).astype(int).tolist(),

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tasks.common.results import Promotion
-from tasks.models.gate import DEFAULT_METRIC, GateDecision, decide, finite
+from tasks.models.gate import DEFAULT_METRIC, GateDecision, at_chance, decide, finite
 from tasks.models.lock import promotion_lock
 from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_CONFIG_HASH, TAG_FINGERPRINT
 from tasks.models.registry import (GATE_DECISION_TAG, SERVED_TEST_PREFIX, alias_version, register, run_test_metrics,
@@ -81,7 +81,8 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
         version = str(register(client, model_name, run_id, model_uri, tags).version)
 
     candidate = candidate_metrics.get(metric)
-    passes_floor = finite(candidate) is not None and finite(candidate) >= floor
+    chance = at_chance(candidate_metrics)
+    passes_floor = not chance and finite(candidate) is not None and finite(candidate) >= floor
     # Score the champion outside the lock (it can take minutes); usually nobody else is promoting.
     seen = alias_version(client, CHAMPION, model_name) if passes_floor else None
     score = (score_champion(evaluate_champion, client, seen, model_name)
@@ -95,7 +96,8 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
             if passes_floor and current is not None and (score is None or score.version != str(current.version)):
                 score = score_champion(evaluate_champion, client, current, model_name)  # compare with the new one
             decision = decide(candidate, score.metrics.get(metric) if score else None, floor=floor, margin=margin,
-                              metric=metric, champion_version=str(current.version) if current is not None else None)
+                              metric=metric, champion_version=str(current.version) if current is not None else None,
+                              chance=chance)
             if score is not None and decision.champion_version is not None:
                 decision = replace(decision, reasons=decision.reasons + (f"champion {metric} {score.how}",))
             client.set_registered_model_alias(model_name, decision.alias, version)

@@ -1,8 +1,8 @@
 """The registry gate: real models, real evaluation on a prepared test split, real sqlite store.
 
 Scenario tests walk the promotion rules with models whose quality is known (tests/fake_training:
-INVERTED scores ROC AUC 0, MEDIOCRE 0.75, GOOD 1.0 on make_prepared_dir's test split), so
-"worse never becomes champion" is checked with numbers the gate computed itself.
+INVERTED scores ROC AUC 0, MEDIOCRE 0.75, GOOD 1.0 on make_prepared_dir's test split, UNCALIBRATED 1.0
+at chance accuracy), so "worse never becomes champion" is checked with numbers the gate computed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.common.errors import ConfigError
-from tasks.models.gate import decide
+from tasks.models.gate import at_chance, decide
 from tasks.models.lock import promotion_lock
 from tasks.models.naming import CHALLENGER, CHAMPION, MODEL_NAME
 from tasks.models.promotion import register_and_gate
@@ -26,7 +26,7 @@ from tasks.models.registry import champion_summary, load_pyfunc
 from tasks.models.scoring import evaluate_model_uri
 from tasks.models.tracking import log_pyfunc_model
 from tests.fake_training import mlflow_store  # noqa: F401 - fixture
-from tests.fake_training import GOOD, INVERTED, MEDIOCRE, tiny_model
+from tests.fake_training import GOOD, INVERTED, MEDIOCRE, UNCALIBRATED, tiny_model
 from tests.prepared import make_prepared_dir
 
 FLOOR = 0.6
@@ -70,6 +70,21 @@ def test_decide(candidate, champion, has_champion, promote, words):
     assert decision.alias == (CHAMPION if promote else CHALLENGER)
 
 
+@pytest.mark.parametrize("metrics, words", [
+    ({"accuracy": 0.43, "chance_accuracy": 0.5, "roc_auc": 1.0, "score_min": 0.4999, "score_max": 0.5004},
+     "0.4999..0.5004: the model is not calibrated"),
+    ({"accuracy": 0.5, "chance_accuracy": 0.5, "roc_auc": 0.4}, "at chance"),
+    ({"accuracy": 0.6, "chance_accuracy": 0.7}, "always answering the most frequent class scores 0.7000"),
+    ({"accuracy": 0.51, "chance_accuracy": 0.5}, None),
+    ({"roc_auc": 0.9}, None),
+])
+def test_a_model_at_chance_is_refused_whatever_the_floor(metrics, words):
+    reason = at_chance(metrics)
+    assert (reason is None) if words is None else (words in reason)
+    decision = decide(0.99, None, floor=0.0, margin=0.0, chance=reason)
+    assert decision.promote is (words is None)
+
+
 # ------------------------------------------------------------------ the gate with real models
 
 
@@ -85,8 +100,14 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_store, t
 
     _, inverted = attempt("inverted", INVERTED)
     assert inverted.alias == CHALLENGER and inverted.candidate_value == 0.0
-    assert "below the floor" in inverted.reasons[0]
+    assert "test accuracy 0.0000 is at chance" in inverted.reasons[0]  # worse than chance is at chance too
     assert champion_summary() is None  # a failing first model is never promoted
+
+    _, uncalibrated = attempt("uncalibrated", UNCALIBRATED)  # perfect ranking, every image called a cat
+    assert uncalibrated.alias == CHALLENGER and uncalibrated.candidate_value == pytest.approx(1.0)
+    [reason] = uncalibrated.reasons
+    assert "test accuracy 0.5000 is at chance" in reason and "ROC AUC 1.0000" in reason and "not calibrated" in reason
+    assert champion_summary() is None  # above any floor, yet at chance: never promoted
 
     mediocre_run, mediocre = attempt("mediocre", MEDIOCRE)
     assert mediocre.alias == CHAMPION and mediocre.candidate_value == pytest.approx(0.75)
@@ -109,7 +130,7 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_store, t
 
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
-    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5]  # nothing deleted
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5, 6]  # nothing deleted
     tags = client.get_model_version(MODEL_NAME, again.version).tags
     assert tags["gate.decision"] == CHALLENGER and "does not beat" in " ".join(again.reasons)
     assert set(tags) == {"dataset_fingerprint", "config_hash", "gate.decision", "gate.reason", "run"}  # readable

@@ -66,7 +66,8 @@ def test_imports_only_go_down_or_sideways():
 
 
 @pytest.mark.parametrize("module", [
-    "tasks.models.serving", "tasks.learning.features", "tasks.learning.finetune", "tasks.learning.evaluate",
+    "tasks.models.inputs", "tasks.models.pyfunc", "tasks.models.packaging",
+    "tasks.learning.features", "tasks.learning.finetune", "tasks.learning.evaluate",
     "tasks.learning.pixels", "tasks.learning.forward", "tasks.data.manifest", "tasks.data.acquire",
 ])
 def test_the_compute_and_serving_modules_do_not_need_prefect(module):

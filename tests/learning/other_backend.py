@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         print(keras.config.backend(), Path(result.cache_dir).name)
     elif command == "predict":
         from tasks.learning.forward import compiled_forward, to_numpy
-        from tasks.models.serving import load_keras_model
+        from tasks.models.pyfunc import load_keras_model
 
         model_path, pixels, out = args
         model = load_keras_model(model_path)

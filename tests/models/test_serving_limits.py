@@ -6,8 +6,9 @@ sets (tests/test_readme.py reads the same block), and the limits lowered through
 `MLFLOW_PYFUNC_INFERENCE_CONFIG` so that small requests reach them. The server's memory is the
 resident set of its whole process tree, sampled while a request is answered; the peaks under the
 probes' full-size loads, before and after these limits, are what benchmarks/serving_memory.py measures.
-What only a proxy in front of the server can bound (the body's size and content type) is checked
-in tests/team/test_compose.py.
+What only a proxy in front of the server can bound (the body's size and content type) is checked at
+the end, with deployments/model-proxy.conf in a real nginx where nginx is installed (and the file's
+settings in tests/team/test_compose.py everywhere).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def _one_sentence_error(response: httpx.Response, sentence: str) -> None:
     assert sentence in body["message"], body["message"][:500]
     assert "stack_trace" not in body and "Traceback" not in response.text and "site-packages" not in response.text
     assert len(response.content) < 4096
+
 
 def test_a_bad_base64_row_is_that_rows_error_and_the_others_are_scored(server):
     response = _invoke(server, _payload([_b64(image_bytes("cat", 1)), "%%% not base64 %%%",

@@ -1,16 +1,26 @@
-"""Peak memory of `mlflow models serve` under a bounded concurrent load of large-image requests.
+"""Peak memory and lost time of `mlflow models serve` under hostile loads, before and after the serving limits.
 
-    python benchmarks/serving_memory.py [--before 1f90b46] [--side 12000] [--images 3]
-                                        [--clients 2] [--requests 2]
+    python benchmarks/serving_memory.py [--before a6198bf] [--probes parquet,bodies,timeout]
+                                        [--side 12000] [--images 3] [--clients 2] [--requests 2]
 
-For the serving code of commit `--before` (by default 1f90b46, before any serving limit) and
-of this working tree, in turn: logs the tiny end-to-end test model (tests/fake_training.py)
-with that code, serves it with `mlflow models serve --env-manager local`, and sends `clients`
-concurrent clients x `requests` requests, each holding `images` flat-colour JPEGs of `side` x
-`side` pixels (a 12000 x 12000 one is about 2 MB on the wire and 432 MB once decoded). The
-server's process tree is sampled every 20 ms (tests/memory.py); the printout is its resident
-memory at rest and at its peak, and what the requests got back. A measurement, not a test:
-nothing here passes or fails. The figures measured are in benchmarks/serving_memory.md.
+For the serving code of commit `--before` and of this working tree, in turn: logs the tiny
+end-to-end test model (tests/fake_training.py) with that code, serves it with `mlflow models serve
+--env-manager local` started as that code's README starts it (the environment its serve command
+sets), and puts each probe on a fresh server. The server's process tree is sampled every 20 ms
+(tests/memory.py); each probe prints the server's resident memory at rest and at its peak, how
+long it took and what the requests got back. A measurement, not a test: nothing here passes or
+fails. The figures measured are in benchmarks/serving_memory.md.
+
+Probes (each a probe that once broke the served model):
+
+- parquet:  a 1,000,000-row zstd parquet body of a few KB;
+- bodies:   8 concurrent requests of 31 MiB each (a 25 MP PNG, most of a second to decode, and
+            a 31 MiB `image` cell), so that they wait for each other while their bodies are held;
+- timeout:  2 concurrent requests of 30 MiB of 25 MP PNGs (most of a second each to decode, far
+            more work than the server's 60 s request timeout), then a small request every 2 s:
+            how long until the server answers again;
+- jpegs:    `clients` x `requests` requests of `images` flat JPEGs of `side` x `side` pixels
+            (the large-image load of the first serving limits; compare with commit 1f90b46).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import io
 import json
 import os
@@ -26,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +50,8 @@ import httpx  # noqa: E402
 
 from tests.memory import PeakRss, tree_rss  # noqa: E402
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http  # noqa: E402
+
+MIB = 2**20
 
 _LOG_MODEL = textwrap.dedent("""
     import sys
@@ -59,13 +74,27 @@ _LOG_MODEL = textwrap.dedent("""
     print(info.model_uri)
 """)
 
+_SERVE_ENV = textwrap.dedent("""
+    import json, sys
+    try:
+        from tests.test_readme import serve_command_env
+    except ImportError:                                # before the README's serve command set any
+        print("{}")
+    else:
+        print(json.dumps(serve_command_env()))
+""")
 
-def flat_jpeg(side: int, colour: tuple[int, int, int] = (90, 60, 200)) -> bytes:
+
+def flat_image(side: int, fmt: str = "JPEG", colour: tuple[int, int, int] = (90, 60, 200)) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (side, side), colour).save(buffer, format="JPEG", quality=75)
+    Image.new("RGB", (side, side), colour).save(buffer, format=fmt, **({"quality": 75} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def request_body(cells: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[cell] for cell in cells]}}).encode()
 
 
 def log_model(code_root: Path, work: Path) -> tuple[str, str]:
@@ -82,6 +111,13 @@ def log_model(code_root: Path, work: Path) -> tuple[str, str]:
     return uri, model_uri
 
 
+def readme_serve_env(code_root: Path) -> dict[str, str]:
+    """What `code_root`'s README tells `mlflow models serve` to run with."""
+    done = subprocess.run([sys.executable, "-c", _SERVE_ENV], cwd=code_root, capture_output=True, text=True,
+                          env=base_env(PYTHONPATH=str(code_root)), timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def checkout(rev: str, work: Path) -> Path:
     """The tree of commit `rev`, unpacked under `work` (the code is all that is needed, not its history)."""
     root = work / f"code-{rev}"
@@ -91,78 +127,152 @@ def checkout(rev: str, work: Path) -> Path:
     return root
 
 
-def measure(code_root: Path, work: Path, body: bytes, clients: int, requests: int) -> dict:
-    """Serve the model logged with `code_root`'s code, put the load on it; RSS at rest and peak, outcomes."""
-    uri, model_uri = log_model(code_root, work)
+@contextlib.contextmanager
+def served(code_root: Path, work: Path, store: tuple[str, str]) -> Iterator[tuple[str, int]]:
+    """The model `store` holds, served as `code_root`'s README serves it, warmed up: (url, pid)."""
+    uri, model_uri = store
     port = free_port()
     env = base_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(code_root),
-                   PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+                   PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", **readme_serve_env(code_root))
     serve = [cli("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port),
              "-h", "127.0.0.1"]
     with running(start_process("mlflow models serve", serve, env=env, log_path=work / "serve.log",
                                cwd=work)) as server:
-        url = f"http://127.0.0.1:{port}/invocations"
-        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=300, process=server)
-        small = json.dumps({"dataframe_split": {"columns": ["image"],
-                                                "data": [[base64.b64encode(flat_jpeg(64)).decode()]]}})
-        httpx.post(url, content=small, headers={"content-type": "application/json"}, timeout=300)  # warm up
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/ping", timeout=300, process=server)
+        post(url, request_body([base64.b64encode(flat_image(64)).decode()]))  # warm up: compile the model
+        yield url, server.pid
+
+
+def post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 900) -> str:
+    """One request; its outcome in a few words (a status, error rows, or why no answer came)."""
+    try:
+        response = httpx.post(f"{url}/invocations", content=body, headers={"content-type": content_type},
+                              timeout=timeout)
+    except httpx.HTTPError as error:
+        return f"no answer ({type(error).__name__})"
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}"
+    rows = response.json()["predictions"]
+    errors = collections.Counter(row["error"][:60] for row in rows if row.get("error"))
+    scored = len(rows) - sum(errors.values())
+    parts = [f"{scored} scored"] if scored else []
+    parts += [f"{count} x error row: {error}" for error, count in errors.most_common(2)]
+    return f"HTTP 200, {len(response.content) / MIB:.1f} MiB: " + "; ".join(parts)
+
+
+def measure(pid: int, load: Callable[[], list[str]]) -> dict:
+    """RSS of the server at rest and at its peak while `load` runs; its outcomes and duration."""
+    time.sleep(1.0)
+    rest = tree_rss(pid)
+    started = time.perf_counter()
+    with PeakRss(pid) as rss:
+        outcomes = load()
+    return {"rest": rest, "peak": rss.peak, "seconds": time.perf_counter() - started,
+            "outcomes": collections.Counter(outcomes)}
+
+
+def parquet_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"image": ["x"] * args.parquet_rows}).to_parquet(buffer, compression="zstd", index=False)
+    body = buffer.getvalue()
+    print(f"  parquet: {args.parquet_rows:,} rows in {len(body):,} bytes of zstd parquet", flush=True)
+    return lambda: [post(url, body, "application/vnd.apache.parquet")]
+
+
+def bodies_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+    png = base64.b64encode(flat_image(5000, "PNG", (200, 60, 90))).decode()
+    body = request_body([png, "A" * (args.body_mib * MIB - len(png) - 100)])  # a slow image and a large cell
+    print(f"  bodies: {args.bodies} concurrent requests of {len(body) / MIB:.1f} MiB (a 25 MP PNG and a "
+          f"{(len(body) - len(png)) / MIB:.0f} MiB cell each)", flush=True)
+
+    def load() -> list[str]:
+        with ThreadPoolExecutor(args.bodies) as pool:
+            return list(pool.map(lambda _: post(url, body), range(args.bodies)))
+    return load
+
+
+def timeout_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+    png = base64.b64encode(flat_image(5000, "PNG", (200, 60, 90))).decode()
+    rows = max(1, args.timeout_mib * MIB // len(png))
+    body = request_body([png] * rows)
+    small = request_body([base64.b64encode(flat_image(64)).decode()])
+    print(f"  timeout: 2 concurrent requests of {rows} 25 MP PNGs ({len(body) / MIB:.1f} MiB each), then a small "
+          "request every 2 s until one is answered", flush=True)
+
+    def load() -> list[str]:
+        outcomes: list[str] = []
+        started = time.monotonic()
+        big = [threading.Thread(target=lambda: outcomes.append(
+            f"{post(url, body)} after {time.monotonic() - started:.0f} s")) for _ in range(2)]
+        for thread in big:
+            thread.start()
         time.sleep(1.0)
-        rest = tree_rss(server.pid)
+        while time.monotonic() - started < args.timeout_cap:
+            answer = post(url, small, timeout=120)
+            if answer.startswith("HTTP 200"):
+                outcomes.append(f"small request answered {time.monotonic() - started:.0f} s after the large ones")
+                break
+            time.sleep(2.0)
+        else:
+            outcomes.append(f"no small request answered within {args.timeout_cap} s")
+        for thread in big:
+            thread.join()
+        return outcomes
+    return load
 
-        def client(_: int) -> list[str]:
-            outcomes = []
-            for _ in range(requests):
-                try:
-                    response = httpx.post(url, content=body, headers={"content-type": "application/json"},
-                                          timeout=900)
-                except httpx.HTTPError as error:
-                    outcomes.append(f"no answer ({type(error).__name__})")
-                    continue
-                if response.status_code != 200:
-                    outcomes.append(f"HTTP {response.status_code}")
-                    continue
-                for row in response.json()["predictions"]:
-                    outcomes.append("error row: " + row["error"][:70] if row.get("error") else "scored")
-            return outcomes
 
-        started = time.perf_counter()
-        with PeakRss(server.pid) as rss, ThreadPoolExecutor(clients) as pool:
-            outcomes = [outcome for outcomes in pool.map(client, range(clients)) for outcome in outcomes]
-        return {"rest": rest, "peak": rss.peak, "seconds": time.perf_counter() - started,
-                "alive": server.alive(), "outcomes": collections.Counter(outcomes)}
+def jpegs_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+    image = base64.b64encode(flat_image(args.side)).decode("ascii")
+    body = request_body([image] * args.images)
+    print(f"  jpegs: {args.clients} concurrent clients x {args.requests} requests x {args.images} JPEGs of "
+          f"{args.side}x{args.side} ({len(body) / MIB:.1f} MiB per request)", flush=True)
+
+    def load() -> list[str]:
+        with ThreadPoolExecutor(args.clients) as pool:
+            return [outcome for outcomes in pool.map(lambda _: [post(url, body) for _ in range(args.requests)],
+                                                     range(args.clients)) for outcome in outcomes]
+    return load
+
+
+PROBES = {"parquet": parquet_probe, "bodies": bodies_probe, "timeout": timeout_probe, "jpegs": jpegs_probe}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="1f90b46", help="commit whose serving code is the baseline")
-    parser.add_argument("--side", type=int, default=12_000, help="pixels per side of each image")
-    parser.add_argument("--images", type=int, default=3, help="images per request")
-    parser.add_argument("--clients", type=int, default=2, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--before", default="a6198bf", help="commit whose serving code is the baseline")
+    parser.add_argument("--probes", default="parquet,bodies,timeout", help=f"comma-separated, of {list(PROBES)}")
+    parser.add_argument("--parquet-rows", type=int, default=1_000_000)
+    parser.add_argument("--bodies", type=int, default=8, help="concurrent large bodies")
+    parser.add_argument("--body-mib", type=int, default=31)
+    parser.add_argument("--timeout-mib", type=int, default=30, help="MiB of PNGs per timed-out request")
+    parser.add_argument("--timeout-cap", type=int, default=600, help="seconds to wait for the server to answer")
+    parser.add_argument("--side", type=int, default=12_000, help="jpegs: pixels per side of each image")
+    parser.add_argument("--images", type=int, default=3, help="jpegs: images per request")
+    parser.add_argument("--clients", type=int, default=2, help="jpegs: concurrent clients")
+    parser.add_argument("--requests", type=int, default=2, help="jpegs: requests per client")
     args = parser.parse_args()
+    probes = [name.strip() for name in args.probes.split(",") if name.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="serving-memory-"))
-    image = base64.b64encode(flat_jpeg(args.side)).decode("ascii")
-    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]] * args.images}}).encode()
-    mib = 2**20
-    print(f"load: {args.clients} concurrent clients x {args.requests} requests x {args.images} JPEGs of "
-          f"{args.side}x{args.side} ({len(image) / mib:.1f} MiB base64 each, {len(body) / mib:.1f} MiB per request)")
-    results = {}
     try:
         for label, root in ((f"before ({args.before})", checkout(args.before, work)), ("after (this tree)", REPO)):
-            (work / label.split()[0]).mkdir()
-            result = results[label] = measure(root, work / label.split()[0], body, args.clients, args.requests)
-            print(f"{label}: server RSS at rest {result['rest'] / mib:,.0f} MiB, peak {result['peak'] / mib:,.0f} "
-                  f"MiB ({result['peak'] / result['rest']:.2f}x rest); load took {result['seconds']:.1f} s; "
-                  f"server alive after: {result['alive']}", flush=True)
-            for outcome, count in result["outcomes"].most_common():
-                print(f"  {count:3d} x {outcome}", flush=True)
+            home = work / label.split()[0]
+            home.mkdir()
+            store = log_model(root, home)
+            print(f"{label}: served with {readme_serve_env(root) or 'no extra environment'}", flush=True)
+            for name in probes:  # a fresh server per probe: one probe's leftovers never hide another's peak
+                with served(root, home, store) as (url, pid):
+                    result = measure(pid, PROBES[name](url, args))
+                print(f"  {name}: server RSS at rest {result['rest'] / MIB:,.0f} MiB, peak "
+                      f"{result['peak'] / MIB:,.0f} MiB (+{(result['peak'] - result['rest']) / MIB:,.0f}); "
+                      f"took {result['seconds']:.1f} s", flush=True)
+                for outcome, count in result["outcomes"].most_common():
+                    print(f"    {count:3d} x {outcome}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    before, after = results.values()
-    print(f"peak over rest: before {(before['peak'] - before['rest']) / mib:+,.0f} MiB, "
-          f"after {(after['peak'] - after['rest']) / mib:+,.0f} MiB; peak after / before "
-          f"{after['peak'] / before['peak']:.2f}")
 
 
 if __name__ == "__main__":

@@ -117,9 +117,10 @@ def test_imports_only_go_down_or_sideways():
 
 
 @pytest.mark.parametrize("module", [
-    "tasks.models.serving", "tasks.learning.features", "tasks.learning.extractor", "tasks.learning.shards",
-    "tasks.learning.leases", "tasks.learning.finetune", "tasks.learning.evaluate", "tasks.learning.pixels",
-    "tasks.learning.forward", "tasks.data.manifest", "tasks.data.acquire",
+    "tasks.models.inputs", "tasks.models.pyfunc", "tasks.models.packaging",
+    "tasks.learning.features", "tasks.learning.extractor", "tasks.learning.shards", "tasks.learning.leases",
+    "tasks.learning.finetune", "tasks.learning.evaluate", "tasks.learning.pixels", "tasks.learning.forward",
+    "tasks.data.manifest", "tasks.data.acquire",
 ])
 def test_the_compute_and_serving_modules_do_not_need_prefect(module):
     """What a GPU host (Keras + JAX only) and the served model's environment import must not pull Prefect in."""

@@ -46,6 +46,16 @@ def blocks() -> dict[str, list[str]]:
     return found
 
 
+def serve_command_env() -> dict[str, str]:
+    """The variables the README's serve command sets for the model server (all but the store and PATH).
+
+    tests/models/test_serving_limits.py and benchmarks/serving_memory.py start the server with them.
+    """
+    [line] = blocks()["serve"]
+    assignments = dict(word.split("=", 1) for word in re.match(r"((?:\w+=\S+\s+)*)", line).group(1).split())
+    return {key: value for key, value in assignments.items() if key not in ("MLFLOW_TRACKING_URI", "PATH")}
+
+
 def test_the_readme_marks_every_step_of_the_walk():
     assert set(blocks()) == {"main-command", "small", "mlflow-ui", "serve", "curl", "predict", "prefect-server",
                              "prefect-env", "worker", "deploy", "run"}

@@ -259,21 +259,22 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
 def log_pyfunc_model(model_path: str | Path, input_size: int, *, name: str = "model") -> Any:
     """Log a trained `.keras` file as the pyfunc serving model in the active run.
 
-    Signature and input example come from tasks/models/serving.py; the `tasks` package travels
-    as code so `mlflow models serve` can load it anywhere, and the requirements name only what
-    the served model imports (see `serving.pip_requirements`). Returns MLflow's ModelInfo.
+    The model is tasks/models/pyfunc.py's `CatsDogsModel`; what travels with it (signature,
+    input example, settings, the `tasks` package as code so `mlflow models serve` can load it
+    anywhere, requirements naming only what the served model imports) is
+    tasks/models/packaging.py. Returns MLflow's ModelInfo.
     """
-    from tasks.models import serving
+    from tasks.models import packaging, pyfunc
 
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=serving.CatsDogsModel(),
-        artifacts={serving.KERAS_ARTIFACT: str(model_path)},
-        signature=serving.model_signature(),
-        input_example=serving.input_example(),
-        code_paths=[serving.tasks_code_path()],
-        pip_requirements=serving.pip_requirements(),
-        model_config=serving.model_config(input_size),
+        python_model=pyfunc.CatsDogsModel(),
+        artifacts={pyfunc.KERAS_ARTIFACT: str(model_path)},
+        signature=packaging.model_signature(),
+        input_example=packaging.input_example(),
+        code_paths=[packaging.tasks_code_path()],
+        pip_requirements=packaging.pip_requirements(),
+        model_config=packaging.model_config(input_size),
     )
 
 

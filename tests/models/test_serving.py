@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tasks.learning.pixels import decode_image, read_image, resize_pixels
-from tasks.models import serving
+from tasks.models import inputs, packaging, pyfunc
 from tests.fake_training import promoted_champion
 from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
@@ -60,12 +60,12 @@ def _png(pixels: np.ndarray, mode: str = "RGB") -> bytes:
 
 def test_cells_go_through_the_training_pipeline():
     data = image_bytes("cat", 1, exif_orientation=6)
-    from_text = serving.model_input_pixels("image", base64.b64encode(data).decode(), 32)
-    from_bytes = serving.model_input_pixels("image", data, 32)
+    from_text = inputs.model_input_pixels("image", base64.b64encode(data).decode(), 32)
+    from_bytes = inputs.model_input_pixels("image", data, 32)
     np.testing.assert_array_equal(from_text, decode_image(data, 32))  # the one decode of training
     np.testing.assert_array_equal(from_bytes, from_text)
     pixels = class_pixels("dog", 3)
-    np.testing.assert_array_equal(serving.model_input_pixels("pixels", pixels, 32), resize_pixels(pixels, 32))
+    np.testing.assert_array_equal(inputs.model_input_pixels("pixels", pixels, 32), resize_pixels(pixels, 32))
 
 
 @pytest.mark.parametrize("value, message", [
@@ -77,26 +77,26 @@ def test_cells_go_through_the_training_pipeline():
 ])
 def test_bad_cells_are_rejected_with_a_reason(value, message):
     with pytest.raises(ValueError, match=message):
-        serving.model_input_pixels("image", value, 32)
+        inputs.model_input_pixels("image", value, 32)
 
 
 def test_coerce_pixels_accepts_grey_and_rejects_bad_shapes_and_ranges():
-    assert serving.coerce_pixels(np.zeros((5, 6))).shape == (5, 6, 3)
-    assert serving.coerce_pixels(np.full((2, 2, 3), 254.6)).dtype == np.uint8
-    assert serving.coerce_pixels(np.zeros((5, 6, 4), np.uint8)).shape == (5, 6, 3)
+    assert inputs.coerce_pixels(np.zeros((5, 6))).shape == (5, 6, 3)
+    assert inputs.coerce_pixels(np.full((2, 2, 3), 254.6)).dtype == np.uint8
+    assert inputs.coerce_pixels(np.zeros((5, 6, 4), np.uint8)).shape == (5, 6, 3)
     with pytest.raises(ValueError, match="shape"):
-        serving.coerce_pixels(np.zeros((5, 6, 2)))
+        inputs.coerce_pixels(np.zeros((5, 6, 2)))
     with pytest.raises(ValueError, match="between 0 and 255"):
-        serving.coerce_pixels(np.full((5, 6, 3), 300.0))
+        inputs.coerce_pixels(np.full((5, 6, 3), 300.0))
 
 
 def test_signature_declares_optional_image_and_pixels_columns_the_model_decodes_itself():
-    signature = serving.model_signature()
+    signature = packaging.model_signature()
     inputs = {spec.name: spec for spec in signature.inputs.inputs}
     assert set(inputs) == {"image", "pixels"}
     assert not inputs["image"].required and not inputs["pixels"].required
     assert "binary" not in repr(inputs["image"].type)  # MLflow must not base64-decode the column for us
-    assert signature.outputs.input_names() == list(serving.OUTPUT_COLUMNS)
+    assert signature.outputs.input_names() == list(pyfunc.OUTPUT_COLUMNS)
 
 
 # ------------------------------------------------------------------ the logged model in-process
@@ -106,7 +106,7 @@ def test_champion_scores_images_and_gives_error_rows(champion):
     frame = pd.DataFrame({"image": [image_bytes("cat", 10), image_bytes("dog", 11),
                                     image_bytes("dog", 12, fmt="PNG"), b"garbage", truncated_jpeg()]})
     out = champion.predict(frame)
-    assert list(out.columns) == list(serving.OUTPUT_COLUMNS)
+    assert list(out.columns) == list(pyfunc.OUTPUT_COLUMNS)
     assert out["label"].tolist() == ["cat", "dog", "dog", "", ""]
     assert out["label_index"].tolist() == [0, 1, 1, -1, -1]
     assert out["p_dog"][0] < 0.5 < out["p_dog"][1]
@@ -134,6 +134,24 @@ def test_unwrapped_model_accepts_a_bare_pixel_array(champion):
 def test_input_without_image_or_pixels_is_refused_clearly(champion):
     with pytest.raises(Exception, match="needs a column 'image'"):
         champion.predict(pd.DataFrame({"photo": [b"x"]}))
+
+
+def test_request_limits_apply_under_a_scoring_server_only(champion, monkeypatch):
+    """Batch prediction and notebooks choose their own batches; a served request of too many rows is a 400."""
+    from mlflow.exceptions import MlflowException
+
+    many = pd.DataFrame({"image": [image_bytes("cat", 60)] * (pyfunc.MAX_ROWS + 1)})
+    assert (champion.predict(many)["error"] == "").all()
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "60")  # what `mlflow models serve` sets
+    with pytest.raises(MlflowException, match=f"at most {pyfunc.MAX_ROWS} are scored per request") as refused:
+        champion.predict(many)
+    assert refused.value.get_http_status_code() == 400
+
+
+def test_a_served_request_may_take_half_the_servers_timeout_unless_configured():
+    assert pyfunc.request_seconds(None, None) is None and pyfunc.request_seconds(5, None) is None  # not served
+    assert pyfunc.request_seconds(None, 60.0) == 30.0
+    assert pyfunc.request_seconds(12, 60.0) == 12.0
 
 
 def test_serving_scores_equal_the_training_pipeline(champion_store, champion, tmp_path):

@@ -41,7 +41,8 @@ def test_both_servers_keep_their_state_in_the_one_postgres_and_mlflow_serves_art
 def test_workers_share_storage_reach_the_servers_and_get_one_gpu_each():
     services = _services()
     project = [name for name, service in services.items() if service.get("image") == "catsdogs-pipeline:latest"]
-    assert set(project) == {"mlflow", "dask-scheduler", "dask-worker-gpu0", "dask-worker-gpu1", "prefect-worker"}
+    assert set(project) == {"mlflow", "dask-scheduler", "dask-worker-gpu0", "dask-worker-gpu1", "prefect-worker",
+                            "model"}
     for name in project:
         assert "shared:/srv/catsdogs" in services[name]["volumes"]  # one path for data/ and artifacts everywhere
         assert services[name]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
@@ -62,3 +63,27 @@ def test_the_image_installs_the_team_extra():
     dockerfile = (REPO_ROOT / "deployments" / "Dockerfile").read_text()
     assert "ARG EXTRAS=team" in dockerfile and 'pip install -e ".[${EXTRAS}]"' in dockerfile
     assert "WORKDIR /opt/catsdogs" in dockerfile  # one checkout path on every worker (prefect.yaml's pull step)
+
+
+def test_the_model_is_served_only_through_a_proxy_that_bounds_bodies_before_mlflow_reads_them():
+    """MLflow's scoring server reads whole bodies of any size and type: the proxy is the one place that bounds them.
+
+    tests/models/test_serving_limits.py runs this same proxy file in a real nginx where nginx is installed.
+    """
+    services = _services()
+    model, proxy = services["model"], services["model-proxy"]
+    serve = _command(model)
+    assert "mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local" in serve
+    assert "--port 5001" in serve and "--timeout 60" in serve
+    assert "ports" not in model and model["expose"] == ["5001"]  # not published: clients go through the proxy
+    assert int(model["environment"]["UVICORN_LIMIT_CONCURRENCY"]) >= 2  # requests in flight per process
+    assert proxy["image"].startswith("nginx:") and proxy["depends_on"] == ["model"]
+    assert proxy["ports"] == ["5001:8080"]
+    [mount] = proxy["volumes"]
+    source, target = mount.removesuffix(":ro").split(":")
+    assert target == "/etc/nginx/conf.d/default.conf"
+    conf = (COMPOSE.parent / source).read_text()
+    assert "listen 8080;" in conf and "proxy_pass http://model:5001;" in conf
+    assert "client_max_body_size 32m;" in conf and "proxy_request_buffering on;" in conf
+    assert "return 415" in conf and "application/json" in conf  # parquet, CSV and no Content-Type stop here
+    assert "proxy_read_timeout 75s;" in conf  # past the model server's own --timeout 60

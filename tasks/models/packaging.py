@@ -1,0 +1,103 @@
+"""What is logged with the served model, so that it loads and serves anywhere: signature, example,
+requirements, settings and code.
+
+tasks/models/tracking.py's `log_pyfunc_model` puts these next to `CatsDogsModel`
+(tasks/models/pyfunc.py): the signature MLflow checks requests against, a neutral input
+example, the exact requirements of a fresh environment (`--env-manager virtualenv`,
+`mlflow models build-docker`), the settings a server may override through
+`MLFLOW_PYFUNC_INFERENCE_CONFIG`, and the `tasks` package as the model's code.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.models.inputs import IMAGE_COLUMN, PIXELS_COLUMN
+from tasks.models.pyfunc import MAX_CONCURRENT, MAX_ROWS
+
+SERVING_PACKAGES: tuple[str, ...] = ("mlflow", "keras", "pillow", "numpy", "pandas", "h5py")
+"""What the served model imports, whatever the backend (h5py: Keras reads .keras weights with it)."""
+
+BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"),
+                                                "torch": ("torch",)}
+
+
+def model_signature() -> Any:
+    """The logged signature: optional `image` and `pixels` (both Any, see below) in; scores out.
+
+    `image` is typed Any, not binary: a binary column makes MLflow base64-decode it before the
+    model sees it, and one bad row would then fail the whole request. `pixels` is Any because
+    MLflow's nested-array checks would walk every pixel of every image in Python.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False),
+                     ColSpec(AnyType(), PIXELS_COLUMN, required=False)])
+    outputs = Schema([ColSpec(DataType.double, "p_dog", required=False), ColSpec(DataType.string, "label"),
+                      ColSpec(DataType.long, "label_index"), ColSpec(DataType.string, "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def example_image_bytes(size: int = 32) -> bytes:
+    """A small neutral JPEG used as the logged input example (no user data leaks into it)."""
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    pixels = np.stack([xx * 255 // max(size - 1, 1), yy * 255 // max(size - 1, 1),
+                       np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def input_example() -> pd.DataFrame:
+    """The logged input example: one row with a base64 JPEG in the `image` column, as JSON sends it."""
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image_bytes()).decode("ascii")]})
+
+
+def pip_requirements(backend: str | None = None) -> list[str]:
+    """Pinned requirements of the served model: what it imports and the Keras backend it was logged on.
+
+    Given explicitly (not inferred by MLflow, which would load the model in a subprocess) and
+    exactly: a fresh virtualenv made from these alone loads and serves the model (tested).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    if backend is None:
+        import keras
+
+        backend = keras.config.backend()
+    pins = []
+    for package in (*SERVING_PACKAGES, *BACKEND_PACKAGES.get(backend, ())):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def model_config(input_size: int) -> dict[str, Any]:
+    """Settings stored with the logged model: input size, the backend to load it on, and the request limits.
+
+    Each can be changed where the model is served, without logging it again, through MLflow's
+    `MLFLOW_PYFUNC_INFERENCE_CONFIG` (e.g. `'{"max_rows": 128, "max_concurrent": 1, "max_seconds": 20}'`);
+    MLflow takes only keys logged here, so `max_seconds` is logged as null: half the server's
+    `--timeout` unless set.
+    """
+    import keras
+
+    return {"input_size": int(input_size), "keras_backend": keras.config.backend(), "max_rows": MAX_ROWS,
+            "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
+
+
+def tasks_code_path() -> str:
+    """The `tasks` package folder, logged with the model so a server can unpickle `CatsDogsModel`."""
+    return str(Path(__file__).resolve().parents[1])

@@ -1,0 +1,263 @@
+"""The served model: an MLflow pyfunc that turns images into p(dog) and a label.
+
+Users meet the model in three places: `mlflow models serve` (JSON over HTTP), the batch
+`predict` flow, and `mlflow.pyfunc.load_model(...).predict(...)` in a notebook. All three go
+through `CatsDogsModel.predict`, which turns each input cell into pixels with
+tasks/models/inputs.py (the one input pipeline of training) and scores them in batches.
+
+Output: one row per input row: ``p_dog`` (nullable float: NA on error, null in JSON), ``label``
+("cat"/"dog", "" on error), ``label_index`` (0/1, -1 on error) and ``error`` ("" or one
+sentence). A corrupt, oversized or unreadable image yields an error row, never a failed request.
+
+What one request may cost is bounded where the model gets control, that is after MLflow's
+scoring server has read and parsed the body (what happens before that is bounded in front of
+the server: README "Serving the champion"). Under `mlflow models serve`:
+
+- a request of more than `max_rows` rows is refused as a whole (HTTP 400, one sentence),
+  before any per-row work, so a small body that parses into a million rows costs no more;
+- a request may spend `max_seconds` in the model (by default half the server's request
+  timeout, `mlflow models serve --timeout`): rows not begun by then get an error row, so its
+  work stops and its answer comes back before the server gives up on it (HTTP 504), whose
+  worker would otherwise go on computing for a client that is gone;
+- at most `max_concurrent` requests per process decode and score at once; the others wait
+  within their own time budget, and get HTTP 503 if it runs out before their turn.
+
+A request-level fault is raised as an MlflowException, which MLflow's server answers with its
+status and message and no stack trace. All limits can be set where the model is served
+(`MLFLOW_PYFUNC_INFERENCE_CONFIG`, see tasks/models/packaging.py's `model_config`). In-process
+callers (the batch flow, a notebook) choose their own batches: rows and time are not limited.
+
+What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward and
+.preprocess, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras and MLflow only,
+all in the model's requirements. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+from tasks.common.labels import CLASSES
+from tasks.learning.pixels import ImageError
+from tasks.models.inputs import RequestError, input_cells, model_input_pixels, row_count
+
+_log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS: tuple[str, ...] = ("p_dog", "label", "label_index", "error")
+"""Columns of every prediction frame, in order."""
+
+KERAS_ARTIFACT = "keras_model"
+"""Name of the `model.keras` artifact inside the logged pyfunc model."""
+
+DEFAULT_BATCH_SIZE = 64
+"""Images per forward pass: bounds memory for large requests and batch prediction."""
+
+MAX_ROWS = 512
+"""Rows per served request; a larger request is refused whole (split big jobs, or use flows.predict)."""
+
+MAX_CONCURRENT = 2
+"""Requests decoding and scoring at once per server process; others wait their turn."""
+
+REQUEST_TIME_SHARE = 0.5
+"""Share of the server's request timeout a request may spend in the model by default.
+
+The rest is for what comes before the model (reading and parsing a body of up to 32 MiB takes
+seconds) and for finishing the image and batch in hand when the time is up.
+"""
+
+THRESHOLD = 0.5
+"""p(dog) at or above which the label is "dog" (dog = 1, the Kaggle convention)."""
+
+
+def predictions_frame(scores: Sequence[float | None], errors: Sequence[str]) -> pd.DataFrame:
+    """The output frame: a probability for scored rows, an error (and null p_dog) for the others."""
+    rows = []
+    for p_dog, error in zip(scores, errors):
+        if error or p_dog is None:
+            rows.append({"p_dog": None, "label": "", "label_index": -1, "error": error or "not scored"})
+        else:
+            index = int(p_dog >= THRESHOLD)
+            rows.append({"p_dog": float(p_dog), "label": CLASSES[index], "label_index": index, "error": ""})
+    frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).astype({"label": object, "label_index": "int64",
+                                                                     "error": object})
+    # nullable Float64: a missing score is NA, which MLflow's JSON writes as null (NaN is not JSON)
+    frame["p_dog"] = pd.array([row["p_dog"] for row in rows], dtype="Float64")
+    return frame
+
+
+def load_keras_model(path: str | Path) -> Any:
+    """Load an end-to-end `.keras` model in safe mode, after registering the custom layer."""
+    import keras
+
+    import tasks.learning.preprocess  # noqa: F401  (registers Preprocess)
+
+    return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+
+
+def model_input_size(model: Any, configured: int | None = None) -> int:
+    """The square input size the model expects: from the logged config, else its input shape."""
+    if configured:
+        return int(configured)
+    shape = model.input_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    height, width = shape[1], shape[2]
+    if not height or height != width:
+        raise ValueError(f"the model input shape {shape} is not a fixed square image size")
+    return int(height)
+
+
+def server_request_timeout() -> float | None:
+    """The scoring server's request timeout in seconds, or None outside a scoring server.
+
+    `mlflow models serve` (and every MLflow scoring server) sets MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    in the environment of the process that loads the model, from its `--timeout` (default 60):
+    this is how the model knows that it answers requests, and how long each may take.
+    """
+    return float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()) if MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.is_set() \
+        else None
+
+
+def request_seconds(max_seconds: float | None, server_timeout: float | None) -> float | None:
+    """Seconds a served request may spend in the model: `max_seconds`, else a share of the server's timeout."""
+    if server_timeout is None:
+        return None
+    return float(max_seconds) if max_seconds else server_timeout * REQUEST_TIME_SHARE
+
+
+class CatsDogsModel(mlflow.pyfunc.PythonModel):
+    """Scores images with the end-to-end Keras model logged as the `keras_model` artifact.
+
+    Pickled by reference (`tasks.models.pyfunc.CatsDogsModel`); the `tasks` package is logged
+    as the model's code path, so a server process can import it without the project installed.
+    """
+
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_rows: int = MAX_ROWS,
+                 max_concurrent: int = MAX_CONCURRENT, max_seconds: float | None = None) -> None:
+        self.batch_size = batch_size
+        self.max_rows = max_rows
+        self.max_concurrent = max_concurrent
+        self.max_seconds = max_seconds
+        self._model: Any = None
+        self._input_size: int | None = None
+        self._forward: Any = None
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle settings only: the Keras model is an artifact, loaded by `load_context`."""
+        return {"batch_size": self.batch_size, "max_rows": self.max_rows, "max_concurrent": self.max_concurrent,
+                "max_seconds": self.max_seconds}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def load_context(self, context: Any) -> None:
+        """Load the Keras model once per process (server worker or batch flow).
+
+        The backend the model was logged with is used unless the environment names one:
+        Keras reads KERAS_BACKEND when it is first imported, which happens here.
+        """
+        config = getattr(context, "model_config", None) or {}
+        if config.get("keras_backend"):
+            os.environ.setdefault("KERAS_BACKEND", str(config["keras_backend"]))
+        self.max_rows = int(config.get("max_rows") or self.max_rows)
+        self.max_seconds = float(config["max_seconds"]) if config.get("max_seconds") else self.max_seconds
+        if int(config.get("max_concurrent") or self.max_concurrent) != self.max_concurrent:
+            self.max_concurrent = int(config["max_concurrent"])
+            self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"))
+
+    def attach(self, keras_model: Any, input_size: int | None = None) -> CatsDogsModel:
+        """Use an in-memory Keras model (tests, evaluation before anything is logged)."""
+        from tasks.learning.forward import compiled_forward
+
+        self._model = keras_model
+        self._input_size = model_input_size(keras_model, input_size)
+        self._forward = compiled_forward(keras_model)
+        return self
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score every usable row in batches; every other row becomes an error row, in input order.
+
+        MLflow passes a DataFrame; called directly, `model_input` may be anything
+        `input_cells` accepts. (The DataFrame hint is one MLflow does not turn into a schema.)
+        A fault of the whole request is an MlflowException (HTTP 400 under `mlflow models serve`).
+        """
+        if self._model is None:
+            raise RuntimeError("the model is not loaded; call load_context or attach first")
+        started = time.monotonic()
+        server_timeout = server_request_timeout()
+        try:
+            if server_timeout is not None and (rows := row_count(model_input)) > self.max_rows:
+                raise RequestError(f"the request has {rows:,} rows; at most {self.max_rows} are scored per request, "
+                                   "so send them in several requests")
+            seconds = request_seconds(self.max_seconds, server_timeout)
+            return self._score(input_cells(model_input), int((params or {}).get("batch_size") or self.batch_size),
+                               started + seconds if seconds else math.inf, seconds)
+        except RequestError as error:
+            raise MlflowException.invalid_parameter_value(str(error)) from None
+        except MlflowException:
+            raise
+        except Exception as error:
+            if server_timeout is None:
+                raise
+            # a 500 with one sentence for the client; the trace goes to the server's log, not the response
+            _log.exception("scoring a request failed")
+            raise MlflowException(f"the model failed on this request ({type(error).__name__}); the server's log "
+                                  "has the details") from None
+
+    def _score(self, cells: list[tuple[str, Any]], batch_size: int, deadline: float,
+               seconds: float | None) -> pd.DataFrame:
+        """Decode and score `cells` in batches while time is left; rows not begun by `deadline` are error rows."""
+        from tasks.learning.forward import to_numpy
+
+        size = int(self._input_size)
+        scores: list[float | None] = [None] * len(cells)
+        errors = [""] * len(cells)
+        wait = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+        if cells and not self._slots.acquire(timeout=wait):
+            raise MlflowException(f"the server was busy for the {seconds:g} s a request may wait and be scored "
+                                  "here; send it again", error_code=TEMPORARILY_UNAVAILABLE)
+        try:
+            for start in range(0, len(cells), batch_size):
+                rows = range(start, min(start + batch_size, len(cells)))
+                batch = np.zeros((len(rows), size, size, 3), dtype=np.uint8)
+                good = []
+                for offset, index in enumerate(rows):
+                    if time.monotonic() > deadline:
+                        break
+                    try:
+                        batch[offset] = model_input_pixels(*cells[index], size)
+                        good.append(offset)
+                    except ImageError as error:
+                        errors[index] = str(error)
+                    except Exception as error:  # noqa: BLE001 - a per-image fault must never stop the batch
+                        errors[index] = f"the image could not be read ({type(error).__name__}: {error})"
+                if good:
+                    outputs = to_numpy(self._forward(batch[good])).reshape(-1)
+                    for offset, p_dog in zip(good, outputs):
+                        scores[rows[offset]] = float(p_dog)
+                if time.monotonic() > deadline:
+                    break
+        finally:
+            if cells:
+                self._slots.release()
+        if seconds is not None:
+            for index in range(len(cells)):
+                if scores[index] is None and not errors[index]:
+                    errors[index] = (f"not scored: the request used up the {seconds:g} s it may take here; "
+                                     "send this row again in a smaller request")
+        return predictions_frame(scores, errors)

@@ -22,7 +22,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from tasks.common.databases import check_database
 from tasks.common.errors import ConfigError
 from tasks.common.prefect_api import TEMPORARY_API_ENV, prefect_api
 
@@ -44,6 +46,27 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def local_database() -> Path | None:
+    """The sqlite file a Prefect server started here would keep its state in (None for PostgreSQL)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url
+    url = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url or "")
+    prefix = "sqlite+aiosqlite:///"
+    return Path(url[len(prefix):]).expanduser() if url.startswith(prefix) else None
+
+
+def check_local_database() -> str:
+    """Check the database of the temporary server (DamagedDatabase names the file and the fix); what was checked."""
+    database = local_database()
+    if database is None:
+        return "Prefect database: not a local sqlite file"
+    if not database.is_file():
+        return f"Prefect database {database}: not created yet"
+    check_database(database, "Prefect's database", disposable=True)
+    return f"Prefect database {database}: intact"
 
 
 def _free_port() -> int:
@@ -105,6 +128,7 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    check_local_database()  # a damaged one is named before a server fails on it
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}

@@ -124,6 +124,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true",
                         help="instead of one run, serve the deployment retrain/weekly (its schedule is "
                              "deployments/prefect.yaml's) with these options as its parameters")
+    parser.add_argument("--store-check", action="store_true",
+                        help="instead of a run, check the MLflow store and Prefect's local database page by "
+                             "page and say which is damaged and how to repair it (every run checks them too)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, config = parsed
 
     def work() -> int:
+        if args.store_check:
+            from flows.prefect_server import check_local_database
+            from tasks.common.prefect_api import prefect_api
+            from tasks.models.store import check_store
+
+            api = prefect_api()
+            print(check_store())
+            print(check_local_database() if api is None or api.temporary else
+                  f"Prefect server {api.url}: keeps its own database")
+            return 0
         if args.serve:
             serve_weekly(config)
             return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from tasks.common.databases import check_database
 from tasks.common.errors import ConfigError
 from tasks.common.flock import exclusive_flock
 from tasks.models.naming import DEFAULT_EXPERIMENT
@@ -79,8 +80,23 @@ def sqlite_path(uri: str) -> Path | None:
     return None if not path or path == ":memory:" else Path(path).expanduser().resolve()
 
 
+def check_store(uri: str | None = None) -> str:
+    """Check a local sqlite store page by page (DamagedDatabase names the file and the repair); what was checked.
+
+    A server store (http://...) is its server's to keep; only its URI is returned.
+    """
+    uri = uri or resolve_tracking_uri()
+    database = sqlite_path(uri)
+    if database is None:
+        return f"MLflow store {uri}: a server, which keeps its own database"
+    if not database.is_file():
+        return f"MLflow store {database}: not created yet"
+    check_database(database, "The MLflow store")
+    return f"MLflow store {database}: intact"
+
+
 def _prepare(uri: str, *, create: bool) -> None:
-    """Create or migrate a local sqlite store once per process, serialised across processes."""
+    """Check, create or migrate a local sqlite store once per process, serialised across processes."""
     with _READY_LOCK:
         if uri in _READY:
             return
@@ -89,6 +105,7 @@ def _prepare(uri: str, *, create: bool) -> None:
             if not create and not database.is_file():
                 raise ConfigError(f"The MLflow store {database} does not exist; run a retrain first "
                                   "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
+            check_store(uri)  # a damaged store is named before a run relies on it (or trains for nothing)
             from mlflow.tracking import MlflowClient
 
             with exclusive_flock(database.with_name(f".{database.name}.init.lock"), timeout_s=INIT_LOCK_TIMEOUT_S):

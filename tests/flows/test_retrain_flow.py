@@ -22,7 +22,7 @@ from tests.imagegen import write_petimages_tree, zip_tree
 
 PER_CLASS = 20
 TINY = {
-    "backbones": ["mobilenet_v2"], "weights": None, "input_size": 32, "batch_size": 16,
+    "backbones": ["resnet50"], "weights": None, "input_size": 32, "batch_size": 16,
     "head_epochs": 2, "dense_units": 8, "patience": 1,
     "split_fractions": (0.6, 0.2, 0.2), "floor": 0.0,
     "thresholds": ValidationThresholds(min_per_class=10, min_per_class_per_split=1,
@@ -164,7 +164,9 @@ def test_flow_survives_pickling_by_value_as_flow_serve_does():
 def test_unchanged_names_every_version_built_from_this_data_and_config():
     built = [ChampionInfo(version=v, run_id=None, model_uri=f"models:/cats-vs-dogs/{v}", dataset_fingerprint="f" * 64,
                           config_hash="c" * 64, metrics={}) for v in ("4", "3")]
-    assert "registered version(s) 4, 3" in unchanged_reason("f" * 64, "c" * 64, built)
+    reason = unchanged_reason("f" * 64, "c" * 64, built)
+    assert "registered version(s) 4, 3" in reason
+    assert "another Keras backend or the precision this hardware picks is not a change: --force" in reason
     assert unchanged_reason("f" * 64, "c" * 64, []) is None
     assert unchanged_reason("", "", built) is None
 

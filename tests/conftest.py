@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -89,3 +90,27 @@ def pytest_collection_modifyitems(config, items):
     the end. Whole modules move, in their own order, so a module's fixtures are still built once."""
     slow_modules = {item.module for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.module not in slow_modules)
+
+
+@pytest.fixture(scope="session")
+def champion_store(tmp_path_factory, worker_id):
+    """One store whose `cats-vs-dogs@champion` is tests/fake_training's blue-minus-red model, for the whole run.
+
+    Built once, by the first worker that asks (the others wait on the lock and reuse it), because
+    every test that only reads a champion (serving, batch prediction, the model server) can share
+    one. Tests that register or promote make stores of their own.
+    """
+    from tasks.common.flock import exclusive_flock
+    from tasks.common.results import TrainResult
+    from tests.fake_training import promoted_champion
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "shared-champion"
+    with exclusive_flock(root.with_suffix(".lock"), timeout_s=600):
+        summary = root / "train_result.json"
+        if not summary.is_file():
+            uri, result = promoted_champion(root)
+            (root / "uri").write_text(uri)
+            summary.write_text(result.model_dump_json())
+    return SimpleNamespace(uri=(root / "uri").read_text(), root=root,
+                           result=TrainResult.model_validate_json(summary.read_text()))

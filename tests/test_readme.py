@@ -49,7 +49,7 @@ def blocks() -> dict[str, list[str]]:
 def serve_command_env() -> dict[str, str]:
     """The variables the README's serve command sets for the model server (all but the store and PATH).
 
-    tests/models/test_serving_limits.py and benchmarks/serving_memory.py start the server with them.
+    tests/models/test_model_server.py and benchmarks/serving_memory.py start the server with them.
     """
     [line] = blocks()["serve"]
     assignments = dict(word.split("=", 1) for word in re.match(r"((?:\w+=\S+\s+)*)", line).group(1).split())

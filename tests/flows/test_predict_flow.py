@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -12,7 +11,6 @@ from flows.predict import main
 from flows.predict import predict as predict_flow
 from tasks.common.errors import ConfigError, InputError
 from tasks.models.predictions import ERROR_LABEL
-from tests.fake_training import promoted_champion
 from tests.imagegen import image_bytes, truncated_jpeg, zip_tree
 
 LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
@@ -20,14 +18,6 @@ LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
 
 def predict(images: str, **options):
     return predict_flow(PredictConfig(images=images, **options))
-
-
-@pytest.fixture(scope="module")
-def champion_store(tmp_path_factory):
-    """A store whose `cats-vs-dogs@champion` separates the generated cats and dogs."""
-    root = tmp_path_factory.mktemp("predict")
-    uri, _ = promoted_champion(root, backbones=("resnet50",), fine_tune=False)
-    return SimpleNamespace(uri=uri, root=root)
 
 
 @pytest.fixture

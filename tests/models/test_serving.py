@@ -1,19 +1,16 @@
-"""The served pyfunc model: decoding, scoring, parity with training, and a real `mlflow models serve`.
+"""The served pyfunc model in this process: decoding, scoring, parity with training.
 
-The model under test is a real `.keras` file logged by `log_retrain` and promoted by the gate,
-so the in-process checks and the HTTP check exercise exactly what users load with
-`models:/cats-vs-dogs@champion`.
+The model under test is the session's champion (tests/conftest.py `champion_store`), a real
+`.keras` file logged by `log_retrain` and promoted by the gate, so these checks exercise exactly
+what users load with `models:/cats-vs-dogs@champion`. The same champion behind a real
+`mlflow models serve` is tests/models/test_model_server.py's.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,21 +18,11 @@ from PIL import Image
 
 from tasks.learning.pixels import decode_image, read_image, resize_pixels
 from tasks.models import inputs, packaging, pyfunc
-from tests.fake_training import promoted_champion
 from tests.imagegen import class_pixels, image_bytes, truncated_jpeg
-from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
 
 pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 CHAMPION_URI = "models:/cats-vs-dogs@champion"
-
-
-@pytest.fixture(scope="module")
-def champion_store(tmp_path_factory):
-    """A store whose `cats-vs-dogs@champion` is the tiny blue-minus-red model."""
-    root = tmp_path_factory.mktemp("serving")
-    uri, result = promoted_champion(root)
-    return SimpleNamespace(uri=uri, root=root, result=result)
 
 
 @pytest.fixture(scope="module")
@@ -169,35 +156,3 @@ def test_serving_scores_equal_the_training_pipeline(champion_store, champion, tm
     expected = to_numpy(compiled_forward(model)(np.stack([read_image(path, 32) for path in paths]))).reshape(-1)
     served = champion.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))["p_dog"].to_numpy()
     np.testing.assert_allclose(served, expected, atol=1e-4)
-
-
-# ------------------------------------------------------------------ a real `mlflow models serve`
-
-
-def test_mlflow_models_serve_answers_http_with_a_jpeg(champion_store, tmp_path):
-    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` answers a JPEG."""
-    port = free_port()
-    env = base_env(MLFLOW_TRACKING_URI=champion_store.uri,
-                   PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")  # serve runs `uvicorn` from PATH
-    args = [cli("mlflow"), "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
-            "-p", str(port), "-h", "127.0.0.1"]
-    with running(start_process("mlflow models serve", args, env=env, log_path=tmp_path / "serve.log",
-                               cwd=tmp_path)) as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/ping", timeout=240, process=process)
-        images = [image_bytes("cat", 50), image_bytes("dog", 51), b"\xff\xd8 corrupt jpeg"]
-        payload = {"dataframe_split": {"columns": ["image"],
-                                       "data": [[base64.b64encode(data).decode("ascii")] for data in images]}}
-        response = httpx.post(f"{url}/invocations", json=payload, timeout=120)
-        assert response.status_code == 200, response.text
-        rows = response.json()["predictions"]
-        assert [row["label"] for row in rows] == ["cat", "dog", ""]
-        assert rows[0]["p_dog"] < 0.5 < rows[1]["p_dog"]
-        assert rows[0]["error"] == "" and rows[2]["error"]
-        strict = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
-        assert strict["predictions"][2]["p_dog"] is None
-
-        pixels = {"dataframe_split": {"columns": ["pixels"], "data": [[class_pixels("dog", 52).tolist()]]}}
-        response = httpx.post(f"{url}/invocations", json=pixels, timeout=120)
-        assert response.status_code == 200, response.text
-        assert response.json()["predictions"][0]["label"] == "dog"

@@ -68,7 +68,7 @@ def test_the_image_installs_the_team_extra():
 def test_the_model_is_served_only_through_a_proxy_that_bounds_bodies_before_mlflow_reads_them():
     """MLflow's scoring server reads whole bodies of any size and type: the proxy is the one place that bounds them.
 
-    tests/models/test_serving_limits.py runs this same proxy file in a real nginx where nginx is installed.
+    tests/models/test_model_server.py runs this same proxy file in a real nginx where nginx is installed.
     """
     services = _services()
     model, proxy = services["model"], services["model-proxy"]

@@ -1,9 +1,10 @@
-"""Hostile and careless requests against a real `mlflow models serve`: every bad row is its own error,
-a bad request is one sentence, and the server's memory and time stay where they were.
+"""A real `mlflow models serve` of the champion: it answers images and pixels over HTTP, every bad row is
+its own error, a bad request is one sentence, and the server's memory and time stay where they were.
 
-One server for the module, started as users start it: the environment the README's serve command
-sets (tests/test_readme.py reads the same block), and the limits lowered through MLflow's own
-`MLFLOW_PYFUNC_INFERENCE_CONFIG` so that small requests reach them. The server's memory is the
+One server for the module (every HTTP test of the served model is here, so it starts once), serving
+the session's champion (tests/conftest.py `champion_store`) as users start it: the environment the
+README's serve command sets (tests/test_readme.py reads the same block), and the limits lowered
+through MLflow's own `MLFLOW_PYFUNC_INFERENCE_CONFIG` so that small requests reach them. The server's memory is the
 resident set of its whole process tree, sampled while a request is answered; the peaks under the
 probes' full-size loads, before and after these limits, are what benchmarks/serving_memory.py measures.
 What only a proxy in front of the server can bound (the body's size and content type) is checked at
@@ -28,8 +29,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.fake_training import promoted_champion
-from tests.imagegen import image_bytes
+from tests.imagegen import class_pixels, image_bytes
 from tests.memory import PeakRss, tree_rss
 from tests.servers import BIN_DIR, REPO_ROOT, base_env, cli, free_port, running, start_process, wait_for_http
 from tests.test_readme import serve_command_env
@@ -51,9 +51,9 @@ def _payload(cells: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving-limits")
-    uri, _ = promoted_champion(root)
+def server(tmp_path_factory, champion_store):
+    root = tmp_path_factory.mktemp("model-server")
+    uri = champion_store.uri
     port = free_port()
     readme = serve_command_env()
     env = base_env(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -82,6 +82,26 @@ def _one_sentence_error(response: httpx.Response, sentence: str) -> None:
     assert sentence in body["message"], body["message"][:500]
     assert "stack_trace" not in body and "Traceback" not in response.text and "site-packages" not in response.text
     assert len(response.content) < 4096
+
+
+def test_the_server_answers_jpegs_and_pixels_with_a_row_each(server):
+    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` answers over HTTP."""
+    images = [image_bytes("cat", 50), image_bytes("dog", 51), b"\xff\xd8 corrupt jpeg"]
+    payload = {"dataframe_split": {"columns": ["image"],
+                                   "data": [[base64.b64encode(data).decode("ascii")] for data in images]}}
+    response = _invoke(server, payload)
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert [row["label"] for row in rows] == ["cat", "dog", ""]
+    assert rows[0]["p_dog"] < 0.5 < rows[1]["p_dog"]
+    assert rows[0]["error"] == "" and rows[2]["error"]
+    strict = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert strict["predictions"][2]["p_dog"] is None
+
+    pixels = {"dataframe_split": {"columns": ["pixels"], "data": [[class_pixels("dog", 52).tolist()]]}}
+    response = _invoke(server, pixels)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] == "dog"
 
 
 def test_a_bad_base64_row_is_that_rows_error_and_the_others_are_scored(server):

@@ -1,14 +1,18 @@
 """A walk through the README in its order, with its own commands, on small generated data.
 
-    main job -> rerun -> the small-sample command -> MLflow UI -> serve + curl -> predict
-    -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run -> and back
+    main job -> the small-sample command (nothing changed) -> MLflow UI -> serve + curl
+    -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run
+    -> back to no server -> batch prediction
 
 The commands are read from the README's fenced blocks (the main command and the blocks marked
 `<!-- walk: ... -->`) and run in a scratch copy of the repository, as a user runs them from its
 root. What differs from a user's machine: `.venv/bin/` is this interpreter's folder, the fixed
 ports are free ones, the PetImages URL points at a loopback server holding a small archive
-(the internet is the one thing faked), and the main job gets the small-sample options the README
-gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here).
+(the internet is the one thing faked), the main job gets the small-sample options the README
+gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here), and until
+the walk reaches its own Prefect server the commands use the test session's (each command
+otherwise starts a temporary one: the last one does). Batch prediction runs last, once, without
+any server: one command costs tens of seconds here.
 """
 
 from __future__ import annotations
@@ -133,7 +137,6 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
             _main_job_and_rerun(walk, steps, small, root)
             _mlflow_ui(walk, steps)
             _serve_and_curl(walk, steps)
-            _predict(walk, steps, root)
             for process in walk.background:  # leave the cores to Prefect
                 process.stop()
             _prefect_deployment(walk, steps, small, root)
@@ -198,13 +201,6 @@ def _serve_and_curl(walk: Walk, steps: dict) -> None:
     serve.stop()
 
 
-def _predict(walk: Walk, steps: dict, root: Path) -> None:
-    done = walk.run(steps["predict"][0])
-    assert done.returncode == 0, done.stderr
-    submission = pd.read_csv(root / "submission.csv")
-    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
-
-
 def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
     """README steps 1-5 with the README's commands: server, PREFECT_API_URL, pool and worker, deploy, run."""
     server = walk.start("prefect-server", steps["prefect-server"][0] + f" --port {walk.ports['4200']}")
@@ -252,7 +248,10 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     stale = walk.run(steps["predict"][0])
     assert stale.returncode == 2 and "unset PREFECT_API_URL" in stale.stderr, stale.stderr
     del walk.env["PREFECT_API_URL"]
-    assert walk.run(steps["predict"][0]).returncode == 0  # with a temporary server of its own
+    done = walk.run(steps["predict"][0])  # the README's batch prediction, with a temporary server of its own
+    assert done.returncode == 0, done.stderr
+    submission = pd.read_csv(root / "submission.csv")
+    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
 
 
 def _weekly_spec(root: Path) -> tuple[dict, dict]:

@@ -92,7 +92,7 @@ def _wait_until_healthy(process: subprocess.Popen, url: str, timeout_s: float) -
                       "(prefect server start) and set PREFECT_API_URL.")
 
 
-def _drain_clients() -> None:
+def drain_clients() -> None:
     """Send the log lines and events Prefect still queues, while their server is up."""
     try:
         from prefect.events.worker import EventsWorker
@@ -146,7 +146,7 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
                 try:
                     yield url
                 finally:
-                    _drain_clients()
+                    drain_clients()
         finally:
             for name, value in previous.items():
                 if value is None:

@@ -60,6 +60,10 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     server = config.stash.get(_PREFECT_SERVER, None)
     if server is not None:
+        if "prefect" in sys.modules:  # this process ran flows (no xdist): send what it still queues first
+            from flows.prefect_server import drain_clients
+
+            drain_clients()
         server.stop()
 
 

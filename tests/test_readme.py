@@ -155,8 +155,8 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     assert all(re.match(r"^\d\d:\d\d:\d\d  ", line) for line in lines), lines
     for step in ("Acquire:", "Build manifest:", "Validate: passed", "Arrange:", "Chosen backbone:", "Version 1"):
         assert any(step in line for line in lines), step
-    for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting resnet50 features:",
-                      "Training the resnet50 head:", "Scoring models:/"):  # the default source, downloaded
+    for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting vgg16 features:",
+                      "Training the vgg16 head:", "Scoring models:/"):  # the default source, downloaded
         assert any(long_step in line and "/s" in line for line in lines), long_step  # count, rate, time left
     [log] = (root / "data" / "logs").glob("retrain-*.log")
     assert "Beginning flow run" in log.read_text()  # the details are kept, in the log file
@@ -224,7 +224,7 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
 
     bogus = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": {"bogus": 1}})))
     assert bogus.returncode != 0 and "bogus" in bogus.stdout + bogus.stderr  # refused before any run starts
-    config = {"weights": None, "input_size": 32, "floor": 0.0,
+    config = {"weights": None, "backbones": ["vgg16"], "input_size": 32, "floor": 0.0,
               "thresholds": {"min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0,
                              "max_quarantined_share": 0.3}}
     run = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": config})), timeout=600)

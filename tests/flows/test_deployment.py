@@ -28,8 +28,8 @@ def load_deployment_spec() -> tuple[dict, dict]:
 def tiny_params(source: Path, data_dir: Path) -> dict:
     """A config the worker trains in seconds: random 32 px backbone, loose dataset checks."""
     return {"config": {
-        "source": str(source), "data_dir": str(data_dir), "backbones": ["resnet50"], "weights": None,
-        "input_size": 32, "batch_size": 16, "head_epochs": 1, "dense_units": 8, "patience": 1,
+        "source": str(source), "data_dir": str(data_dir), "backbones": ["vgg16"], "weights": None,
+        "input_size": 32, "batch_size": 16, "head_epochs": 20, "dense_units": 8, "patience": 3,
         "split_fractions": [0.6, 0.2, 0.2], "floor": 0.0,
         "thresholds": {"min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0},
     }}

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 PER_CLASS = 20
 RUN_TIMEOUT_S = 900
-OPTIONS = ["--backbones", "resnet50", "--weights", "none", "--input-size", "32", "--batch-size", "16",
-           "--head-epochs", "2", "--dense-units", "8", "--patience", "1", "--split-fractions", "0.6", "0.2", "0.2",
+OPTIONS = ["--backbones", "vgg16", "--weights", "none", "--input-size", "32", "--batch-size", "16",
+           "--head-epochs", "20", "--dense-units", "8", "--patience", "3", "--split-fractions", "0.6", "0.2", "0.2",
            "--floor", "0", "--min-per-class", "10", "--min-per-class-per-split", "1", "--max-class-imbalance", "10",
            "--max-quarantined-share", "0.2"]
 

@@ -22,8 +22,8 @@ from tests.imagegen import write_petimages_tree, zip_tree
 
 PER_CLASS = 20
 TINY = {
-    "backbones": ["resnet50"], "weights": None, "input_size": 32, "batch_size": 16,
-    "head_epochs": 2, "dense_units": 8, "patience": 1,
+    "backbones": ["vgg16"], "weights": None, "input_size": 32, "batch_size": 16,
+    "head_epochs": 20, "dense_units": 8, "patience": 3,
     "split_fractions": (0.6, 0.2, 0.2), "floor": 0.0,
     "thresholds": ValidationThresholds(min_per_class=10, min_per_class_per_split=1,
                                        max_class_imbalance=10.0, max_quarantined_share=0.2),

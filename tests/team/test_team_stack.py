@@ -167,7 +167,7 @@ def race_to_promote(stack) -> dict[str, str]:
 
 def check_dask_extraction_and_postgres(stack, flow_run_id: str) -> None:
     """The weekly run's shards came from both Dask workers; Prefect and MLflow kept their state in PostgreSQL."""
-    [cache] = (stack.shared / "data-weekly" / "features").glob("resnet50-*")
+    [cache] = (stack.shared / "data-weekly" / "features").glob("vgg16-*")
     computed_by = shard_index(cache).workers
     assert len(computed_by) == 10  # 40 images, 4 per shard, one Prefect task each
     assert {name.rsplit("-", 1)[1] for name in computed_by.values()} == {"cpu0", "cpu1"}, computed_by

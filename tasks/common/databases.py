@@ -30,8 +30,8 @@ def integrity_problem(path: Path) -> str | None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as connection:
             rows = connection.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.DatabaseError as error:  # "file is not a database", "database disk image is malformed"
-        return str(error)
-    problems = [str(row[0]) for row in rows if str(row[0]) != "ok"]
+        return " ".join(str(error).split())
+    problems = [" ".join(str(row[0]).split()) for row in rows if str(row[0]) != "ok"]  # one line, for one sentence
     return "; ".join(problems[:2]) if problems else None
 
 

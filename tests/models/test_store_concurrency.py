@@ -19,7 +19,7 @@ import pytest
 from tests.servers import REPO_ROOT, base_env
 
 PROCESSES = 3
-TRIALS = 3
+TRIALS = 2  # without the lock, every trial measured failed; two keep a lucky race from passing unseen
 
 _READER = textwrap.dedent("""
     import sys, time

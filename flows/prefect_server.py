@@ -107,7 +107,10 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    # Its output lands in the run's log: plain text, and no question about profiles to a terminal it does not have.
+    env = {**{name: value for name, value in os.environ.items() if name != "FORCE_COLOR"},
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "PREFECT_CLI_PROMPT": "false",
+           "PREFECT_LOGGING_COLORS": "false", "NO_COLOR": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--no-ui", "--log-level", "WARNING"],

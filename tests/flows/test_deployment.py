@@ -8,6 +8,7 @@ on PostgreSQL, racing to promote).
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -48,3 +49,27 @@ def test_prefect_yaml_defines_the_weekly_retrain():
     [pull] = spec["pull"]
     assert "prefect.deployments.steps.set_working_directory" in pull
     RetrainConfig.model_validate(weekly["parameters"]["config"])  # the scheduled parameters are valid
+
+
+def test_deploy_all_asks_nothing_even_at_a_terminal(tmp_path, prefect_api_url):
+    """The README's `prefect deploy --all`, as at a terminal (prompts on) with no one to answer (stdin closed).
+
+    A deployment without `schedules` makes Prefect ask for one interactively; `retrain/on-demand`
+    declares an empty list, so the command runs through and registers it unscheduled.
+    """
+    import httpx
+
+    env = servers.base_env(PREFECT_API_URL=prefect_api_url, PREFECT_CLI_PROMPT="true",
+                           PREFECT_HOME=tmp_path / "prefect", PREFECT_PROFILES_PATH=tmp_path / "profiles.toml")
+    pool = ["work-pool", "create", "catsdogs-process", "--type", "process", "--overwrite"]
+    servers.run_cli([servers.cli("prefect"), *pool], env=env)
+    done = subprocess.run([servers.cli("prefect"), "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
+                          cwd=servers.REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "EOFError" not in done.stdout + done.stderr
+    deployed = {name: httpx.get(f"{prefect_api_url}/deployments/name/retrain/{name}", timeout=30).json()
+                for name in ("weekly", "on-demand")}
+    assert [s["schedule"]["cron"] for s in deployed["weekly"]["schedules"]] == ["0 3 * * 1"]
+    assert deployed["on-demand"]["schedules"] == []
+    assert {d["work_pool_name"] for d in deployed.values()} == {"catsdogs-process"}

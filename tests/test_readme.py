@@ -212,9 +212,9 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
 
     bogus = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": {"bogus": 1}})))
     assert bogus.returncode != 0 and "bogus" in bogus.stdout + bogus.stderr  # refused before any run starts
-    config = {"weights": None, "backbones": ["mobilenet_v2"], "input_size": 32, "floor": 0.0,
-              "thresholds": {"min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0,
-                             "max_quarantined_share": 0.3}}
+    config = {"weights": None, "backbones": ["mobilenet_v2"], "input_size": 32, "floor": 0.0,  # the options' names
+              "min_per_class": 10, "min_per_class_per_split": 1, "max_class_imbalance": 10.0,
+              "max_quarantined_share": 0.3}
     run = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": config})), timeout=600)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + worker.log_tail()
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)

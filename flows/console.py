@@ -226,6 +226,47 @@ def open_log(log_path: Path) -> None:
                           "pass --data-dir a folder you can write to.") from None
 
 
+@contextlib.contextmanager
+def child_runs_console() -> Iterator[None]:
+    """Flow runs that Prefect starts in child processes (`flow.serve`) show the pipeline's lines too.
+
+    A child does not run `console`: it configures logging from Prefect's logging file when it
+    imports Prefect. For the block, PREFECT_LOGGING_SETTINGS_PATH names a copy of Prefect's own
+    default file in which the console handler shows only the records marked as ours, on the
+    child's stdout (the terminal), and everything goes to its stderr as plain text (the run's
+    log, which the child inherits as file descriptor 2).
+    """
+    import tempfile
+
+    import yaml
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH
+
+    config = yaml.safe_load(DEFAULT_LOGGING_SETTINGS_PATH.read_text())  # "${SETTING}" templates stay as text
+    config.setdefault("filters", {})["ours"] = {"()": f"{__name__}._OursOnly"}
+    config["formatters"].update({"terminal": {"()": f"{__name__}._Terminal"}, "plain": {"format": LOG_FORMAT}})
+    config["handlers"]["console"] = {"class": "logging.StreamHandler", "level": "INFO", "stream": "ext://sys.stdout",
+                                     "filters": ["ours"], "formatter": "terminal"}
+    config["handlers"]["log"] = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"}
+    config["handlers"]["debug"]["formatter"] = "plain"
+    for name, logger in config["loggers"].items():
+        if "console" in logger.get("handlers", []):
+            logger["handlers"] = ["log" if handler == "console" else handler for handler in logger["handlers"]]
+    config["loggers"].update({name: {"level": "INFO"} for name in ("tasks", "flows")})
+    config["root"]["handlers"] = ["console", "log"]
+    previous = os.environ.get("PREFECT_LOGGING_SETTINGS_PATH")
+    with tempfile.TemporaryDirectory(prefix="catsdogs-logging-") as folder:
+        path = Path(folder) / "logging.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(path)
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_LOGGING_SETTINGS_PATH", None)
+            else:
+                os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = previous
+
+
 def _fileno(stream: Any) -> int | None:
     try:
         return stream.fileno()

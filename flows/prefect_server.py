@@ -115,6 +115,7 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--no-ui", "--log-level", "WARNING"],
         env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C is for the command: the server must outlive its goodbyes, then it is stopped
         preexec_fn=_die_with_parent(os.getpid()))
     try:
         _wait_until_healthy(process, url, timeout_s)

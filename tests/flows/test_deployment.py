@@ -75,6 +75,10 @@ def test_deploy_all_asks_nothing_and_params_take_the_command_line_names(tmp_path
     assert [s["schedule"]["cron"] for s in deployed["weekly"]["schedules"]] == ["0 3 * * 1"]
     assert deployed["on-demand"]["schedules"] == []
     assert {d["work_pool_name"] for d in deployed.values()} == {"catsdogs-process"}
+    from flows.retrain import _serving_notices
+
+    [notice] = _serving_notices()  # what `--serve` says before it takes this deployment over
+    assert notice.startswith("retrain/weekly was deployed to work pool 'catsdogs-process'; serving takes it over")
 
     # --params with the command line's flat names: the server accepts them, the flow reads them into thresholds
     from flows.config import RetrainConfig

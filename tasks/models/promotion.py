@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tasks.common.logs import run_logger
 from tasks.common.results import Promotion
 from tasks.models.gate import DEFAULT_METRIC, GateDecision, decide, finite
 from tasks.models.lock import promotion_lock
@@ -77,7 +78,8 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
     run_tags = client.get_run(run_id).data.tags
     tags = {TAG_FINGERPRINT: run_tags.get(TAG_FINGERPRINT, "") if dataset_fingerprint is None else dataset_fingerprint,
             TAG_CONFIG_HASH: run_tags.get(TAG_CONFIG_HASH, "") if config_hash is None else config_hash}
-    with promotion_lock(uri, model_name):  # sqlite copes badly with concurrent writers
+    with promotion_lock(uri, model_name) as how:  # sqlite copes badly with concurrent writers
+        run_logger(__name__).info("Promotion of %s serialised by the %s.", model_name, how)  # once, though held twice
         version = str(register(client, model_name, run_id, model_uri, tags).version)
 
     candidate = candidate_metrics.get(metric)

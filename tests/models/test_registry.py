@@ -127,9 +127,12 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_store, t
     assert mediocre_run != good_run
 
 
-def test_a_retried_registration_adds_no_version(mlflow_store, tmp_path):
+def test_a_retried_registration_adds_no_version(mlflow_store, tmp_path, caplog):
     run_id, model_uri = _logged(tmp_path, "once", GOOD)
+    caplog.set_level("INFO", logger="tasks")
     first = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
+    said = [record.getMessage() for record in caplog.records if "serialised by the" in record.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"Promotion of {MODEL_NAME} serialised by the ")  # once, held twice
     second = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
     assert first.version == second.version == "1" and second.alias == CHAMPION
     assert len(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")) == 1

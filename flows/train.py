@@ -23,7 +23,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ComputeConfig, TrainConfig
-from flows.runners import decode_workers
+from flows.runners import decode_workers, where_shards_run
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.logs import run_logger
 from tasks.common.processes import label_flow_run_owner
@@ -60,10 +60,13 @@ def train_model(data_dir: str | Path, config: TrainConfig = TrainConfig(),
 
 def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> TrainResult:
     logger = run_logger(__name__)
-    runner = type(FlowRunContext.get().task_runner).__name__
+    task_runner = FlowRunContext.get().task_runner
+    runner = type(task_runner).__name__
     if compute.uses_dask and runner != "DaskTaskRunner":
         logger.warning("compute asks for Dask workers but this run's task runner is %s; call "
                        "flows.runners.on_compute(train_model, compute) to run the shards on Dask.", runner)
+    elif where := where_shards_run(task_runner, compute):
+        logger.info("%s", where)
     data_dir = str(folder.root)
 
     counts = steps.check_prepared_data(data_dir)

@@ -167,8 +167,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from flows.options import build_parser as generated
+    from flows.options import program_name
 
-    return generated(RetrainConfig, "catsdogs-retrain",
+    return generated(RetrainConfig, program_name("flows.retrain", "catsdogs-retrain"),
                      "Prepare the Dogs vs. Cats data, train, log to MLflow and promote a champion through the gate.",
                      _own_options)
 

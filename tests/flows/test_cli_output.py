@@ -62,6 +62,16 @@ def test_help_is_quick_to_reach_and_lists_every_option(tmp_path):
     assert done.returncode == 0 and done.stderr == ""
     for option in ("--source", "--weights", "--min-per-class", "--precision", "--fine-tune", "--verbose", "--serve"):
         assert option in done.stdout
+    assert done.stdout.startswith("usage: python -m flows.retrain ")  # the command as it was typed
+    script = Path(sys.executable).with_name("catsdogs-retrain")  # the installed script calls itself by its name
+    if script.exists():
+        done = subprocess.run([str(script), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0 and done.stdout.startswith("usage: catsdogs-retrain "), done.stderr
+    predict = subprocess.run([sys.executable, "-m", "flows.predict", "--help"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert predict.returncode == 0 and "PydanticUndefined" not in predict.stdout
+    assert "test1)\n" in predict.stdout  # the positional argument's help ends with its own words, no default
 
 
 

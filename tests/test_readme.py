@@ -140,6 +140,7 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     assert not noisy, noisy  # the terminal carries the pipeline's lines only
     lines = first.stderr.strip().splitlines()
     assert all(re.match(r"^\d\d:\d\d:\d\d  ", line) for line in lines), lines
+    assert not [line for line in lines + first.stdout.splitlines() if re.search(r"\d\.\d{5,}", line)]  # 0.9994, not 0.99936...
     for step in ("Acquire:", "Build manifest:", "Validate: passed", "Arrange:", "Chosen backbone:", "Version 1"):
         assert any(step in line for line in lines), step
     for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting mobilenet_v2 features:",
@@ -162,6 +163,8 @@ def _mlflow_ui(walk: Walk, steps: dict) -> None:
     assert page.status_code == 200 and "<html" in page.text.lower()
     found = httpx.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=30).json()
     [experiment] = [e for e in found["experiments"] if e["name"] == "cats-vs-dogs"]
+    assert f"{base}/#/experiments/{experiment['experiment_id']}/runs" in walk.command(README.read_text())  # the link
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]  # opens on runs
     runs = httpx.post(f"{base}/api/2.0/mlflow/runs/search", timeout=30, json={
         "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`catsdogs.kind` = 'retrain'"}).json()["runs"]
     [run] = runs

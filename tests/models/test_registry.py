@@ -223,3 +223,18 @@ def test_unknown_alias_and_model_give_one_clear_sentence(mlflow_store, tmp_path)
     with pytest.raises(ConfigError, match="has no version 7"):
         load_pyfunc("models:/cats-vs-dogs/7")
     assert load_pyfunc("models:/cats-vs-dogs@challenger") is not None
+
+
+def test_a_version_says_what_it_is_in_one_line_and_the_experiment_opens_on_its_runs(tmp_path):
+    """The registry's description column and the MLflow 3 UI's experiment kind (runs, not its GenAI views)."""
+    from tasks.models.store import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+    from tests.fake_training import promoted_champion
+
+    uri, result = promoted_champion(tmp_path, backbones=("resnet50",), fine_tune=False)
+    client = MlflowClient(tracking_uri=uri)
+    described = client.get_model_version(MODEL_NAME, "1").description
+    assert described == ("resnet50; test roc_auc 0.9700, accuracy 0.9000, log_loss 0.3000; gate: champion, "
+                         "roc_auc 0.9700 passes the floor 0.5000; no champion yet: the first version to pass the "
+                         "floor is promoted")
+    experiment = client.get_experiment_by_name("cats-vs-dogs")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT

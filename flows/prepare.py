@@ -43,7 +43,7 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         log.info("Extract: %s", root)
 
         found = steps.find_candidates(root)
-        log.info("Find candidates: %s layout, %d files, labels %s", found.layout, found.candidates, found.labels)
+        log.info("Find candidates: %s layout, %d files: %s", found.layout, found.candidates, found.counts_text())
 
         inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side)
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",

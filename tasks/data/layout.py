@@ -291,6 +291,12 @@ class LayoutFound(BaseModel):
     labels: dict[str, int]
     source_splits: dict[str, int]
 
+    def counts_text(self) -> str:
+        """`cat 12, dog 12, 40 unlabelled`: the label counts as people read them (the pool's label is empty)."""
+        labelled = [f"{label} {n}" for label, n in sorted(self.labels.items()) if label]
+        unlabelled = [f"{self.labels['']} unlabelled"] if self.labels.get("") else []
+        return ", ".join(labelled + unlabelled) or "none"
+
 
 def describe_layout(root: str | os.PathLike[str]) -> LayoutFound:
     """Fail fast on an unknown layout and report what was found (the list itself stays on disk)."""

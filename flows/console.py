@@ -93,6 +93,12 @@ class LogFile:
         with contextlib.suppress(OSError):
             self._file.close()
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else a library asks of `sys.stderr` (`buffer`, `closed`, `name`) is the file's own."""
+        if name == "_file":
+            raise AttributeError(name)
+        return getattr(self._file, name)
+
     def _lose(self, error: OSError) -> None:
         self.lost, self.lost_at = error, time.strftime("%H:%M:%S")
 

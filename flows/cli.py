@@ -10,6 +10,7 @@ anything unexpected is one line naming the log file that holds the traceback, ex
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,31 +52,46 @@ def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) 
 
 
 def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
-    from flows.console import console
+    from flows.console import console, log_pointer, open_log
     from flows.prefect_server import temporary_server
-    from tasks.common.errors import InputError, UnreachableError
+    from tasks.common.diskspace import disk_full
+    from tasks.common.errors import InputError, UnreachableError, is_disk_full
 
+    data_dir = log_path.parent.parent  # log_path_for: <data_dir>/logs/<command>-<time>.log
+    try:
+        open_log(log_path)
+    except InputError as error:  # before the console: the log would be where the problem is
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     with console(log_path, verbose=verbose) as terminal:
-        try:
-            check_prefect_api()
-            with temporary_server():  # dies with the command, even under kill -9
-                return work()
-        except (InputError, UnreachableError) as error:
+
+        def stopped(error: BaseException) -> int:
             logging.getLogger("flows").info("Stopped: %s", error, exc_info=True)
             first, *details = str(error).splitlines()  # details (e.g. each failed expectation) are in the log
             if verbose:
                 print(f"error: {error}", file=terminal)
             else:
                 more = f"; {len(details)} more line(s) of detail" if details else ""
-                print(f"error: {first} (full log{more}: {log_path})", file=terminal)
+                print(f"error: {first} ({log_pointer(log_path, more)})", file=terminal)
             return 2
+
+        try:
+            check_prefect_api()
+            with temporary_server():  # dies with the command, even under kill -9
+                return work()
+        except (InputError, UnreachableError) as error:
+            return stopped(error)
         except KeyboardInterrupt:
-            print(f"error: interrupted (full log: {log_path})", file=terminal)
+            print(f"error: interrupted ({log_pointer(log_path)})", file=terminal)
             return 130
         except Exception as error:
+            if is_disk_full(error):
+                return stopped(disk_full(error, data_dir))
             if verbose:
                 raise
             logging.getLogger("flows").error("Unexpected failure", exc_info=True)
+            pointer = log_pointer(log_path)
+            where = f"traceback in {log_path}" if pointer.startswith("full log") else pointer
             print(f"error: unexpected {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                  f"(traceback in {log_path}; --verbose shows it here)", file=terminal)
+                  f"({where}; --verbose shows it here)", file=terminal)
             return 1

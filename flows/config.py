@@ -48,8 +48,26 @@ class _Section(BaseModel):
 S = TypeVar("S", bound=_Section)
 
 
+def _flat_threshold_properties(schema: dict[str, Any]) -> None:
+    """The flat threshold names in the JSON schema too, so Prefect accepts them in `--params` and forms."""
+    nested = ValidationThresholds.model_json_schema()["properties"]
+    for name, spec in nested.items():
+        spec = {key: value for key, value in spec.items() if key != "default"}  # absent means "not given"
+        spec["description"] = f"Same as thresholds.{name}, spelled as on the command line: {spec.get('description', '')}"
+        schema["properties"].setdefault(name, spec)
+
+
 class DataConfig(_Section):
-    """Where the data comes from and what the dataset must satisfy before anything trains."""
+    """Where the data comes from and what the dataset must satisfy before anything trains.
+
+    The dataset checks live in `thresholds`, but the names the command line uses are accepted
+    at the top level too (`{"min_per_class": 10}` means `{"thresholds": {"min_per_class": 10}}`),
+    so a deployment's `--params` can be written the way the options are; one value given both
+    ways differently is refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              json_schema_extra=lambda schema, _: _flat_threshold_properties(schema))
 
     source: str = Field(
         default="petimages",
@@ -68,6 +86,29 @@ class DataConfig(_Section):
         default_factory=ValidationThresholds,
         description="Dataset-level checks before training (and the image size limits of the manifest); the "
                     "defaults suit the full 25,000-image dataset.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_thresholds(cls, values: Any) -> Any:
+        """Move `min_per_class` & co. given at the top level into `thresholds`; refuse one given twice, differently."""
+        if not isinstance(values, dict):
+            return values
+        flat = {name: values[name] for name in ValidationThresholds.model_fields if name in values}
+        if not flat:
+            return values
+        nested = values.get("thresholds") or {}
+        if isinstance(nested, ValidationThresholds):
+            given = {name: getattr(nested, name) for name in nested.model_fields_set}
+            nested = nested.model_dump()
+        else:
+            given = nested = dict(nested) if isinstance(nested, dict) else nested
+        if not isinstance(nested, dict):
+            return values  # not a mapping: pydantic says what is wrong with `thresholds`
+        for name, value in flat.items():
+            if name in given and given[name] != value:
+                raise ValueError(f"{name} is given twice, {value!r} at the top and {given[name]!r} in thresholds; "
+                                 "give it once")
+        return {**{key: value for key, value in values.items() if key not in flat}, "thresholds": {**nested, **flat}}
 
     @field_validator("split_fractions")
     @classmethod

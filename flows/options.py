@@ -18,6 +18,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -42,6 +43,8 @@ def _without_none(annotation: Any) -> Any:
 
 
 def _default_text(field: Any) -> str:
+    if field.is_required():
+        return ""  # a positional argument: no default to show
     if field.default_factory is not None:
         value = field.default_factory()
     else:
@@ -152,6 +155,12 @@ def one_sentence(model: type[BaseModel], error: ValidationError, typed: Sequence
     first = error.errors()[0]
     message = str(first["msg"]).removeprefix("Value error, ")
     return f"invalid {field_option(model, first['loc'], typed)}: {message}."
+
+
+def program_name(module: str, script: str | None = None) -> str:
+    """What the usage line calls the command: the installed script when that is how it was started, else `python -m`."""
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script if script is not None and invoked == script else f"python -m {module}"
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str,

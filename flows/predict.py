@@ -37,8 +37,9 @@ def predict(config: PredictConfig) -> PredictSummary:
     steps.check_model(config.model_uri)
     folder = steps.locate_images(config.images, str(DataFolder.at(config.data_dir).extracted))
     summary = steps.score_images(folder, config.model_uri, target, config.batch_size)
-    logger.info("Scored %d images with %s (%d errors, %d other files skipped) -> %s", summary.n_images,
-                config.model_uri, summary.n_errors, summary.n_skipped, summary.output_csv)
+    logger.info("Scored %d images with %s (%d errors, %d left out without a Kaggle id, %d other files skipped) -> %s",
+                summary.n_images, config.model_uri, summary.n_errors, summary.n_left_out, summary.n_skipped,
+                summary.output_csv)
     return summary
 
 
@@ -57,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> int:
         summary = predict(config)
+        left_out = f", {summary.n_left_out} left out (no Kaggle id)" if summary.n_left_out else ""
         errors = f"; errors in {summary.errors_csv}" if summary.errors_csv else ""
-        print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{errors}.")
+        print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{left_out}{errors}.")
         return 0
 
     return run_main(work, log_path=log_path_for(config.data_dir, "predict"), verbose=args.verbose)

@@ -131,11 +131,15 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
     check_local_database()  # a damaged one is named before a server fails on it
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    # Its output lands in the run's log: plain text, and no question about profiles to a terminal it does not have.
+    env = {**{name: value for name, value in os.environ.items() if name != "FORCE_COLOR"},
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "PREFECT_CLI_PROMPT": "false",
+           "PREFECT_LOGGING_COLORS": "false", "NO_COLOR": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--no-ui", "--log-level", "WARNING"],
         env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C is for the command: the server must outlive its goodbyes, then it is stopped
         preexec_fn=_die_with_parent(os.getpid()))
     try:
         _wait_until_healthy(process, url, timeout_s)

@@ -43,7 +43,7 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         log.info("Extract: %s", root)
 
         found = steps.find_candidates(root)
-        log.info("Find candidates: %s layout, %d files, labels %s", found.layout, found.candidates, found.labels)
+        log.info("Find candidates: %s layout, %d files: %s", found.layout, found.candidates, found.counts_text())
 
         inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side)
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
@@ -57,6 +57,8 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         verdict = steps.validate(data_dir, config.thresholds, required)
         log.info("Validate: %s (%s), Data Docs at %s", "passed" if verdict.success else "FAILED",
                  "reused verdict" if verdict.reused else "validated", verdict.data_docs_path)
+        for failure in verdict.brief:  # the numbers on the terminal; the error names the options that loosen them
+            log.warning("Validate: %s", failure)
         verdict.raise_if_failed(split.path)
 
         arranged = steps.arrange(data_dir)

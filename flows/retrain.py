@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -110,13 +110,52 @@ def weekly_schedule(prefect_yaml: Path = PREFECT_YAML) -> dict[str, Any]:
     return {"cron": schedule["cron"], "timezone": schedule.get("timezone", "UTC")}
 
 
-def serve_weekly(config: RetrainConfig) -> None:
-    """Serve `retrain/weekly` from this process (no work pool needed); blocks until interrupted."""
+def serve_weekly(config: RetrainConfig) -> NoReturn:
+    """Serve `retrain/weekly` from this process (no work pool, no worker) until Ctrl-C, which raises KeyboardInterrupt.
+
+    Prefect's Runner polls for the deployment's runs and starts each in a child process, whose
+    pipeline lines reach the terminal like a command's own (flows/console.py). Its runs need this
+    process: stopped, the deployment is paused (Prefect's default) and runs nowhere until it is
+    served or deployed to the work pool again, which the terminal says at the start.
+    """
     from prefect.schedules import Cron
 
+    from flows.console import child_runs_console
+
     schedule = weekly_schedule()
-    retrain.serve(name="weekly", schedule=Cron(schedule["cron"], timezone=schedule["timezone"]),
-                  parameters={"config": config.model_dump(mode="json")}, tags=["catsdogs", "retrain"])
+    logger = run_logger(__name__)
+    logger.info("Serving retrain/weekly from this process, without a work pool: its runs (cron %s %s, or `prefect "
+                "deployment run 'retrain/weekly'`) start here; Ctrl-C stops serving and pauses it.",
+                schedule["cron"], schedule["timezone"])
+    for notice in _serving_notices():
+        logger.warning("%s", notice)
+    with child_runs_console():
+        retrain.serve(name="weekly", schedule=Cron(schedule["cron"], timezone=schedule["timezone"]),
+                      parameters={"config": config.model_dump(mode="json")}, tags=["catsdogs", "retrain"],
+                      print_starting_message=False)
+    raise KeyboardInterrupt  # serve returns only once interrupted (Ctrl-C or SIGTERM): the command ends with 130
+
+
+def _serving_notices() -> list[str]:
+    """What serving from here changes: a deployment of the work pool taken over, or a server that goes with us."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.common.prefect_api import prefect_api
+
+    api = prefect_api()
+    if api is None or api.temporary:
+        return ["No PREFECT_API_URL: the Prefect server is this command's own and stops with it, so only the "
+                "schedule starts runs; start a server and set PREFECT_API_URL to run it from elsewhere (README)."]
+    with get_client(sync_client=True) as client:
+        try:
+            deployed = client.read_deployment_by_name("retrain/weekly")
+        except ObjectNotFound:
+            return []
+    if deployed.work_pool_name:
+        return [f"retrain/weekly was deployed to work pool {deployed.work_pool_name!r}; serving takes it over until "
+                "you deploy again (prefect deploy --prefect-file deployments/prefect.yaml --all)."]
+    return []
 
 
 def _own_options(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +170,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from flows.options import build_parser as generated
+    from flows.options import program_name
 
-    return generated(RetrainConfig, "catsdogs-retrain",
+    return generated(RetrainConfig, program_name("flows.retrain", "catsdogs-retrain"),
                      "Prepare the Dogs vs. Cats data, train, log to MLflow and promote a champion through the gate.",
                      _own_options)
 
@@ -172,7 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.serve:
             serve_weekly(config)
-            return 0
         summary = retrain(config)
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0

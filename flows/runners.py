@@ -33,6 +33,7 @@ default install (no `team` extra) never needs them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -74,6 +75,27 @@ def task_runner(compute: ComputeConfig | None) -> Any:
 def on_compute(flow: F, compute: ComputeConfig | None) -> F:
     """`flow` with the task runner `compute` asks for (Prefect's `with_options`)."""
     return flow.with_options(task_runner=task_runner(compute))  # type: ignore[attr-defined]
+
+
+def where_shards_run(runner: Any, compute: ComputeConfig | None) -> str | None:
+    """One line for the terminal when shards go to Dask: local or existing cluster, its workers, its dashboard.
+
+    Reads the runner's `client` (prefect-dask's public property), which starts or connects to
+    the cluster as the first shard would. None for the in-process runner.
+    """
+    if compute is None or not compute.uses_dask or not hasattr(runner, "client"):
+        return None
+    client = runner.client
+    workers = len(worker_devices(compute)) if not compute.dask_address else len(client.nthreads())
+    kind = f"the Dask cluster at {compute.dask_address}" if compute.dask_address else "a local Dask cluster"
+    link = client.dashboard_link
+    if not link:
+        dashboard = "no dashboard"
+    elif importlib.util.find_spec("bokeh") is None and not compute.dask_address:
+        dashboard = f"dashboard {link} (needs bokeh: pip install bokeh)"
+    else:
+        dashboard = f"dashboard {link}"
+    return f"Feature shards on {kind}: {workers} worker(s), {dashboard}"
 
 
 # ---------------------------------------------------------------- local clusters
@@ -150,7 +172,9 @@ def cluster_spec(compute: ComputeConfig) -> dict[str, Any]:
         name = f"{host}-gpu{gpu}" if gpu is not None else f"{host}-cpu{index}"
         workers[name] = {"cls": Nanny, "options": {
             "nthreads": 1, "name": name, "env": worker_env(threads, gpu), "host": "127.0.0.1", "silence_logs": 40}}
-    return {"scheduler": {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}},
+    # The dashboard on a free port (never a clash on 8787); without bokeh its page says how to get it.
+    return {"scheduler": {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": True,
+                                                        "dashboard_address": "127.0.0.1:0"}},
             "workers": workers, "silence_logs": 40}
 
 

@@ -23,9 +23,10 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ComputeConfig, TrainConfig
-from flows.runners import decode_workers
+from flows.runners import decode_workers, where_shards_run
 from tasks.common.devices import CPU_BATCH_SIZE
 from tasks.common.logs import run_logger
+from tasks.common.numbers import decimals4
 from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
@@ -60,10 +61,13 @@ def train_model(data_dir: str | Path, config: TrainConfig = TrainConfig(),
 
 def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> TrainResult:
     logger = run_logger(__name__)
-    runner = type(FlowRunContext.get().task_runner).__name__
+    task_runner = FlowRunContext.get().task_runner
+    runner = type(task_runner).__name__
     if compute.uses_dask and runner != "DaskTaskRunner":
         logger.warning("compute asks for Dask workers but this run's task runner is %s; call "
                        "flows.runners.on_compute(train_model, compute) to run the shards on Dask.", runner)
+    elif where := where_shards_run(task_runner, compute):
+        logger.info("%s", where)
     data_dir = str(folder.root)
 
     counts = steps.check_prepared_data(data_dir)
@@ -86,8 +90,9 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
             **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
             input_size=input_size, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
             features_computed=features.computed, features_reused=features.reused)
-        logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %.4f", name,
-                    features.computed, features.reused, features.failed, head.val_auc, head.val_loss)
+        logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %s", name,
+                    features.computed, features.reused, features.failed, decimals4(head.val_auc),
+                    decimals4(head.val_loss))
 
     ranking = rank_backbones(backbones)
     chosen = ranking[0]
@@ -104,8 +109,8 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     if exported.history_path:
         history_paths["fine_tune"] = exported.history_path
     plots = steps.plots(work_dir, data_dir, evaluation.predictions_path, evaluation.metrics, history_paths)
-    logger.info("Test accuracy %.4f, ROC AUC %s on %d images", evaluation.metrics["accuracy"],
-                evaluation.metrics["roc_auc"], evaluation.count)
+    logger.info("Test accuracy %s, ROC AUC %s on %d images", decimals4(evaluation.metrics["accuracy"]),
+                decimals4(evaluation.metrics["roc_auc"]), evaluation.count)
     if exported.head_agreement > HEAD_AGREEMENT_TOLERANCE:
         logger.warning("The end-to-end model differs from the validated head by up to %.4f in p(dog); "
                        "check that preprocessing and weights match the feature cache.", exported.head_agreement)

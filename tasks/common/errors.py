@@ -6,6 +6,7 @@ Its message is one sentence that names the file and the fix.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -33,6 +34,10 @@ class ConfigError(InputError):
     """A configuration value (backbone name, weights file, model alias) is not usable."""
 
 
+class DiskFullError(InputError):
+    """A disk the run writes to has no room left: a person frees space or points the run at another disk."""
+
+
 class UnreachableError(OSError):
     """Something the run needs over the network stayed unreachable through every retry.
 
@@ -42,11 +47,26 @@ class UnreachableError(OSError):
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError."""
+    """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError nor a full disk."""
     try:
         state.result()
     except InputError:
         return False
-    except Exception:
-        return True
+    except Exception as error:
+        return not is_disk_full(error)
     return True
+
+
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""No space left on the device, or the user's quota on it is spent: waiting a few seconds frees nothing."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a write that met a full disk."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

@@ -205,5 +205,9 @@ class PredictSummary(_Result):
     n_images: int
     n_errors: int
     n_skipped: int
+    n_left_out: int = 0
+    """Images without a Kaggle id (a name that is not a number) in a folder of numbered ones: in the errors file only."""
     model_uri: str
     images_dir: str
+    sample_submission: str | None = None
+    """Kaggle's sampleSubmission.csv the ids were checked against (None when none was found)."""

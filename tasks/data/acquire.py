@@ -32,7 +32,8 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from tasks.common.errors import AcquireError, UnreachableError
+from tasks.common.diskspace import ensure_room, no_room
+from tasks.common.errors import AcquireError, UnreachableError, is_disk_full
 from tasks.common.files import atomic_write_json, read_json_object, sha256_file, sha256_file_cached, write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
@@ -336,6 +337,9 @@ def _fetch(url: str, part: Path, meta: Path, session: requests.Session, expected
             if offset:
                 log.info("%s does not resume partial downloads; restarting from the first byte", url)
             offset, mode = 0, "wb"
+        name = part.name[: -len('.part')]
+        if total is not None:  # refuse before the first byte rather than fill the disk
+            ensure_room(part.parent, total - offset, f"Downloading {name}")
         atomic_write_json(meta, {"url": url, "total": total,
                                  "validator": response.headers.get("ETag") or response.headers.get("Last-Modified")})
         hasher = hashlib.sha256()
@@ -343,13 +347,17 @@ def _fetch(url: str, part: Path, meta: Path, session: requests.Session, expected
             with open(part, "rb") as existing:
                 for chunk in iter(lambda: existing.read(_CHUNK), b""):
                     hasher.update(chunk)
-        progress = Progress(f"Downloading {part.name[: -len('.part')]}", total, "MB", scale=1e6, done=offset,
-                            logger_name=__name__)
-        with open(part, mode) as out:
-            for chunk in response.iter_content(_NET_CHUNK):
-                out.write(chunk)
-                hasher.update(chunk)
-                progress.advance(len(chunk))
+        progress = Progress(f"Downloading {name}", total, "MB", scale=1e6, done=offset, logger_name=__name__)
+        try:
+            with open(part, mode) as out:
+                for chunk in response.iter_content(_NET_CHUNK):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    progress.advance(len(chunk))
+        except OSError as error:
+            if is_disk_full(error):  # the partial stays: the download resumes once there is room
+                raise no_room(part.parent) from error
+            raise
         progress.finish()
     if total is not None and part.stat().st_size != total:
         raise TransientDownloadError(f"{url} ended after {part.stat().st_size} of {total} bytes")

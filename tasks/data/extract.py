@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.common.errors import AcquireError, UnsafeArchiveError
+from tasks.common.diskspace import ensure_room, no_room
+from tasks.common.errors import AcquireError, UnsafeArchiveError, is_disk_full
 from tasks.common.files import atomic_directory, atomic_write_text, link_stat_key, sha256_file, sha256_file_cached
 from tasks.common.logs import run_logger
 
@@ -326,6 +327,7 @@ def _unpack_zip(archive: Path, label: str, root: Path, prefix: tuple[str, ...], 
     size = archive.stat().st_size
     with zipfile.ZipFile(archive) as zf:
         entries = _place(_zip_entries(zf, label, size, run), label, prefix, depth, run)
+        _ensure_room(root, entries, label)
         writer = _Writer(root, label, size, run)
         for entry in entries:
             if entry.is_dir:
@@ -341,6 +343,7 @@ def _unpack_tar(archive: Path, label: str, root: Path, prefix: tuple[str, ...], 
     size = archive.stat().st_size
     with tarfile.open(archive, "r:*") as tf:
         entries = _place(_tar_entries(tf, label, size, root, run), label, prefix, depth, run)
+    _ensure_room(root, entries, label)
     by_index = {entry.ref: entry for entry in entries}
     writer = _Writer(root, label, size, run)
     with tarfile.open(archive, "r:*") as tf:
@@ -359,6 +362,11 @@ def _unpack_tar(archive: Path, label: str, root: Path, prefix: tuple[str, ...], 
             with source:
                 writer.write(entry, source)
     return [entry for entry in entries if entry.nested]
+
+
+def _ensure_room(root: Path, entries: list[_Entry], label: str) -> None:
+    """Refuse before the first write when the members, as their headers declare them, cannot fit."""
+    ensure_room(root.parent, sum(entry.size for entry in entries), f"Extracting {label}")
 
 
 def _unpack(archive: Path, label: str, root: Path, prefix: tuple[str, ...], depth: int, run: _Run) -> None:
@@ -419,9 +427,14 @@ def extract_archive(source_path: Path, extracted_root: Path, *, limits: ExtractL
                         source_path.name, shown)
     log.info("Extracting %s into %s", source_path, target)
     run = _Run(limits or ExtractLimits())
-    with atomic_directory(target) as tmp:
-        _unpack(source_path, label, tmp, (), 0, run)
-        write_index(tmp, run.digests)
+    try:
+        with atomic_directory(target) as tmp:  # a full disk mid-way leaves nothing half-extracted
+            _unpack(source_path, label, tmp, (), 0, run)
+            write_index(tmp, run.digests)
+    except OSError as error:
+        if is_disk_full(error):
+            raise no_room(extracted_root) from error
+        raise
     log.info("Extracted %d members (%d bytes) from %s", run.members, run.written, source_path.name)
     return target
 

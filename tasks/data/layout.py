@@ -263,6 +263,25 @@ def find_candidates(root: str | os.PathLike[str]) -> tuple[str, list[Candidate]]
     raise _unrecognised(root)
 
 
+def kaggle_unlabelled_folder(root: str | os.PathLike[str]) -> Path | None:
+    """Kaggle's unlabelled pool (`test1/`) when `root` holds the competition layout, else None.
+
+    The competition zip unpacks to `train/` (labelled `cat.N.jpg`, `dog.N.jpg`), `test1/` (the
+    images a submission scores) and `sampleSubmission.csv`; a prediction given the whole of it
+    means its `test1/`.
+    """
+    for base in _bases(Path(root)):
+        dirs = _visible_dirs(base)
+        if KAGGLE_TRAIN not in dirs or set(dirs) - {KAGGLE_TRAIN, *KAGGLE_UNLABELLED_FOLDERS}:
+            continue
+        if not any(_KAGGLE_NAME.match(path.name) for path in _visible_files(_unwrap_same_name(dirs[KAGGLE_TRAIN]))):
+            continue
+        for name in KAGGLE_UNLABELLED_FOLDERS:
+            if name in dirs:
+                return _unwrap_same_name(dirs[name])
+    return None
+
+
 class LayoutFound(BaseModel):
     """What `describe_layout` found: the layout and how many candidates of each label and source split."""
 
@@ -271,6 +290,12 @@ class LayoutFound(BaseModel):
     candidates: int
     labels: dict[str, int]
     source_splits: dict[str, int]
+
+    def counts_text(self) -> str:
+        """`cat 12, dog 12, 40 unlabelled`: the label counts as people read them (the pool's label is empty)."""
+        labelled = [f"{label} {n}" for label, n in sorted(self.labels.items()) if label]
+        unlabelled = [f"{self.labels['']} unlabelled"] if self.labels.get("") else []
+        return ", ".join(labelled + unlabelled) or "none"
 
 
 def describe_layout(root: str | os.PathLike[str]) -> LayoutFound:

@@ -283,6 +283,62 @@ def failure_lines(validations: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _number(value: Any) -> str:
+    """30, 1000 (not 1000.0), 0.3333: counts and shares as people write them."""
+    value = _plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _against(value: Any, low: Any, high: Any) -> str:
+    """`30 < 1000`: a value with the bound it breaks."""
+    try:
+        if low is not None and float(value) < float(low):
+            return f"{_number(value)} < {_number(low)}"
+        if high is not None and float(value) > float(high):
+            return f"{_number(value)} > {_number(high)}"
+    except (TypeError, ValueError):
+        pass
+    return _number(value)
+
+
+def brief_failures(validations: dict[str, dict], shown: int = 6) -> list[str]:
+    """One short line per failed expectation, numbers first: `enough_images_per_class: cat 12 < 1000, dog 14 < 1000`.
+
+    What a person reads on the terminal; `failure_lines` (the log, the error) and Data Docs keep the whole story.
+    """
+    lines = []
+    for validation in validations.values():
+        for result in validation.get("results", []):
+            if result.get("success"):
+                continue
+            config = result.get("expectation_config") or {}
+            kwargs = config.get("kwargs") or {}
+            check = (config.get("meta") or {}).get("check", config.get("type"))
+            low, high = kwargs.get("min_value"), kwargs.get("max_value")
+            details = result.get("result") or {}
+            if (result.get("exception_info") or {}).get("raised_exception"):
+                lines.append(f"{check}: could not be evaluated (see the log)")
+                continue
+            if "observed_value" in details:
+                lines.append(f"{check}: {_against(details['observed_value'], low, high)}")
+                continue
+            column = kwargs.get("column", "")
+            what = "" if column == "images" else f"{column.replace('_', ' ')} "
+            items = [item for item in details.get("partial_unexpected_index_list") or [] if isinstance(item, dict)]
+            parts = []
+            for item in items[:shown]:
+                where = str(item.get("key", item.get("relative_path", ""))).removeprefix("all/")
+                parts.append(f"{where} {what}{_against(item.get(column), low, high)}".strip())
+            if not parts:
+                parts = [_number(value) for value in (details.get("partial_unexpected_list") or [])[:shown]]
+            total = int(details.get("unexpected_count") or len(parts))
+            more = f", ... ({total} in all)" if total > len(parts) else ""
+            lines.append(f"{check}: {', '.join(parts)}{more}")
+    return lines
+
+
 def _read_cached(out_dir: Path, key: str) -> dict | None:
     """The stored verdict when it was made for this very manifest and thresholds."""
     try:
@@ -310,6 +366,8 @@ class Verdict(BaseModel):
 
     success: bool
     failed: list[str]
+    brief: list[str] = []
+    """The failures in short, with their numbers (`enough_images_per_class: cat 12 < 1000`), for the terminal."""
     result_path: str
     data_docs_path: str
     fingerprint: str
@@ -333,7 +391,7 @@ class Verdict(BaseModel):
 
 def _summary(stored: dict, out_dir: Path, reused: bool) -> Verdict:
     return Verdict(success=bool(stored["success"]), failed=list(stored["failed"]),
-                   result_path=str(out_dir / RESULT_FILE), data_docs_path=str(out_dir / DATA_DOCS_DIR / "index.html"),
+                   brief=brief_failures(stored.get("validations") or {}), result_path=str(out_dir / RESULT_FILE), data_docs_path=str(out_dir / DATA_DOCS_DIR / "index.html"),
                    fingerprint=stored["manifest_fingerprint"], reused=reused)
 
 

@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.common.logs import run_logger
 from tasks.models.naming import MODEL_NAME
 from tasks.common.flock import LockTimeout, exclusive_flock
 from tasks.common.prefect_api import prefect_api
@@ -113,6 +112,4 @@ def promotion_lock(tracking_uri: str, model_name: str = MODEL_NAME,
                 raise TimeoutError(f"another promotion holds {path} for over {timeout_s:g} s; "
                                    "check for a hung retrain") from None
             what.append(f"file lock {path}")
-        description = " and ".join(what)
-        run_logger(__name__).info("Promotion of %s serialised by the %s.", model_name, description)
-        yield description
+        yield " and ".join(what)

@@ -3,10 +3,15 @@
 The submission is exactly Kaggle's format, `id,label` with label = p(dog): Kaggle's checker
 rejects any other column. An image that cannot be scored still gets its row, with 0.5 (the
 uninformative score, which costs the least log loss), and its reason goes to a side file
-`<submission>.errors.csv`. When the images came with Kaggle's `sampleSubmission.csv`, the
-written file is checked against it (same ids, same order, same columns) before it is called
-done. Nothing is written when the model or the input is unusable, and a reader never sees
-half a file.
+`<submission>.errors.csv`. A Kaggle submission carries Kaggle ids only, which are numbers
+(`test1/123.jpg` is id 123): in a folder of numbered images, a file whose name is not a number
+is left out of the submission and listed in the errors file instead; a folder with no numbered
+image at all (your own photos) is scored by file name. When the images came with Kaggle's
+`sampleSubmission.csv`, the ids are checked against it (same ids, same order) before anything
+is scored, and the written file again (same columns) before it is called done; the log says
+whether one was found. Given the competition zip (or its extracted folder) as a whole, its
+unlabelled `test1/` is what is scored. Nothing is written when the model or the input is
+unusable, and a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pandas as pd
 
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_path
+from tasks.common.logs import run_logger
 from tasks.common.results import PredictSummary
 from tasks.models.registry import load_pyfunc
 from tasks.models.scoring import score_files
@@ -54,11 +60,18 @@ def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathL
     `extracted_root` (the data folder's extracted/, beside the prepare flow's own extractions).
     """
     from tasks.data.extract import extract_archive
+    from tasks.data.layout import kaggle_unlabelled_folder
 
     source = Path(images).expanduser()
     if not source.exists():
         raise InputError(f"Images {source} do not exist; pass a folder or a .zip/.tar archive of images.")
-    return extract_archive(source, Path(extracted_root))
+    folder = extract_archive(source, Path(extracted_root))
+    pool = kaggle_unlabelled_folder(folder)
+    if pool is None:
+        return folder
+    run_logger(__name__).info("Images: %s is Kaggle's competition layout; scoring its unlabelled %s/ (%s)",
+                              source.name, pool.name, pool)
+    return pool
 
 
 def image_id(path: Path) -> int | str:
@@ -100,13 +113,23 @@ def find_sample_submission(folder: Path) -> Path | None:
     return None
 
 
-def check_against_sample(frame: pd.DataFrame, sample_path: Path) -> None:
-    """Kaggle's checks, before the file is called done: the same columns, ids and order as the sample."""
+def kaggle_numbered(images: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(images to score, images left out): in a folder of numbered images, those whose names are not numbers.
+
+    Kaggle's ids are numbers; a row `broken,0.5` would make the whole submission fail there. A
+    folder with no numbered image is not Kaggle's and keeps every image (ids are the names).
+    """
+    numbered = [path for path in images if path.stem.isdigit()]
+    if not numbered:
+        return images, []
+    return numbered, [path for path in images if not path.stem.isdigit()]
+
+
+def check_ids_against_sample(ids: list[int | str], sample_path: Path) -> None:
+    """Kaggle's check of the ids, before anything is scored: the same ids in the same order as its sample."""
     sample = pd.read_csv(sample_path)
-    if list(sample.columns) != list(frame.columns):
-        raise InputError(f"The submission's columns {list(frame.columns)} differ from {sample_path}'s "
-                         f"{list(sample.columns)}; score the folder the sample belongs to.")
-    ours, theirs = frame["id"].astype(str).tolist(), sample["id"].astype(str).tolist()
+    theirs = sample["id"].astype(str).tolist() if "id" in sample.columns else []
+    ours = [str(image) for image in ids]
     if ours != theirs:
         missing = sorted(set(theirs) - set(ours))[:5]
         extra = sorted(set(ours) - set(theirs))[:5]
@@ -115,13 +138,27 @@ def check_against_sample(frame: pd.DataFrame, sample_path: Path) -> None:
                          "score the whole test1 folder that came with it.")
 
 
+def check_against_sample(frame: pd.DataFrame, sample_path: Path) -> None:
+    """Kaggle's checks, before the file is called done: the same columns, ids and order as the sample."""
+    sample = pd.read_csv(sample_path, nrows=0)
+    if list(sample.columns) != list(frame.columns):
+        raise InputError(f"The submission's columns {list(frame.columns)} differ from {sample_path}'s "
+                         f"{list(sample.columns)}; score the folder the sample belongs to.")
+    check_ids_against_sample(frame["id"].tolist(), sample_path)
+
+
+NOT_A_KAGGLE_ID = "not a Kaggle id: its name is not a number, so it is left out of the submission"
+
+
 def write_submission(target: Path, ids: list[int | str], scores: list[float], files: list[str],
-                     errors: list[str], sample: Path | None = None) -> tuple[Path, Path | None]:
-    """Write `id,label` (and `<name>.errors.csv` when some image failed), each atomically."""
+                     errors: list[str], sample: Path | None = None,
+                     left_out: list[Path] = ()) -> tuple[Path, Path | None]:
+    """Write `id,label` (and `<name>.errors.csv` when some image failed or was left out), each atomically."""
     frame = pd.DataFrame({"id": ids, "label": scores}, columns=list(SUBMISSION_COLUMNS))
     if sample is not None:
         check_against_sample(frame, sample)
     failed = [(image, file, error) for image, file, error in zip(ids, files, errors) if error]
+    failed += [(path.stem, path.name, NOT_A_KAGGLE_ID) for path in left_out]
     errors_path = target.with_name(f"{target.stem}.errors.csv")
     if failed:
         with atomic_path(errors_path, suffix=".csv") as tmp:
@@ -134,13 +171,26 @@ def write_submission(target: Path, ids: list[int | str], scores: list[float], fi
 
 
 def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int) -> PredictSummary:
-    """Score every image of `folder` with the model and write the submission."""
+    """Score every image of `folder` with the model and write the submission; the ids are checked first."""
     import numpy as np
 
+    log = run_logger(__name__)
     images, skipped = list_images(folder)
     if not images:
         raise InputError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                          "pass a folder or archive that contains images.")
+    images, left_out = kaggle_numbered(images)
+    if left_out:
+        shown = ", ".join(path.name for path in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        log.warning("%d image(s) without a Kaggle id (a number) left out of the submission, listed in its errors "
+                    "file: %s", len(left_out), shown)
+    ids = csv_ids(images, folder)
+    sample = find_sample_submission(folder)
+    if sample is None:
+        log.info("No %s beside or above %s: the ids are not checked against Kaggle's", SAMPLE_SUBMISSION, folder)
+    else:
+        check_ids_against_sample(ids, sample)
+        log.info("Ids checked against Kaggle's %s: the same %d ids in the same order", sample, len(ids))
     from tasks.common.progress import Progress
 
     model = load_pyfunc(model_uri)
@@ -148,8 +198,9 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     scores, errors = score_files(model, images, batch_size, progress.advance)
     progress.finish()
     labels = [ERROR_LABEL if error else float(score) for score, error in zip(np.asarray(scores), errors)]
-    target, errors_path = write_submission(output_csv, csv_ids(images, folder), labels,
-                                           [path.name for path in images], errors, find_sample_submission(folder))
+    target, errors_path = write_submission(output_csv, ids, labels, [path.name for path in images], errors, sample,
+                                           left_out)
     return PredictSummary(output_csv=str(target), errors_csv=str(errors_path) if errors_path else None,
                           n_images=len(images), n_errors=sum(1 for error in errors if error), n_skipped=skipped,
-                          model_uri=model_uri, images_dir=str(folder))
+                          n_left_out=len(left_out), model_uri=model_uri, images_dir=str(folder),
+                          sample_submission=str(sample) if sample else None)

@@ -21,10 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tasks.common.logs import run_logger
+from tasks.common.numbers import decimals4
 from tasks.common.results import Promotion
 from tasks.models.gate import DEFAULT_METRIC, GateDecision, at_chance, decide, finite
 from tasks.models.lock import promotion_lock
-from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_CONFIG_HASH, TAG_FINGERPRINT
+from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_BACKBONE, TAG_CONFIG_HASH, TAG_FINGERPRINT
 from tasks.models.registry import (GATE_DECISION_TAG, SERVED_TEST_PREFIX, alias_version, register, run_test_metrics,
                                    version_uri)
 from tasks.models.store import run_url, use_tracking
@@ -77,7 +79,8 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
     run_tags = client.get_run(run_id).data.tags
     tags = {TAG_FINGERPRINT: run_tags.get(TAG_FINGERPRINT, "") if dataset_fingerprint is None else dataset_fingerprint,
             TAG_CONFIG_HASH: run_tags.get(TAG_CONFIG_HASH, "") if config_hash is None else config_hash}
-    with promotion_lock(uri, model_name):  # sqlite copes badly with concurrent writers
+    with promotion_lock(uri, model_name) as how:  # sqlite copes badly with concurrent writers
+        run_logger(__name__).info("Promotion of %s serialised by the %s.", model_name, how)  # once, though held twice
         version = str(register(client, model_name, run_id, model_uri, tags).version)
 
     candidate = candidate_metrics.get(metric)
@@ -104,11 +107,20 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
             if decision.promote and current is not None:
                 client.set_model_version_tag(model_name, str(current.version), "gate.superseded_by", version)
         _record(client, uri, run_id, model_name, version, decision, metric, floor, margin, candidate_metrics)
+        client.update_model_version(model_name, version, description=version_description(
+            run_tags.get(TAG_BACKBONE, ""), candidate_metrics, decision, metric))
     champion_metrics = dict(score.metrics) if score is not None and decision.champion_version else None
     return Promotion(version=version, model_uri=version_uri(version, model_name), alias=decision.alias,
                      promoted=decision.promote, reasons=list(decision.reasons), metric=metric,
                      candidate_value=decision.candidate_value, champion_value=decision.champion_value,
                      champion_metrics=champion_metrics, previous_champion_version=decision.champion_version)
+
+
+def version_description(backbone: str, metrics: Mapping[str, Any], decision: GateDecision, metric: str) -> str:
+    """The version's one line in the registry: what it is, how it scored on its test split, what the gate said."""
+    shown = [name for name in dict.fromkeys((metric, "roc_auc", "accuracy", "log_loss")) if name in metrics]
+    scores = ", ".join(f"{name} {decimals4(metrics[name])}" for name in shown)
+    return f"{backbone or 'model'}; test {scores}; gate: {decision.alias}, {'; '.join(decision.reasons[:2])}"
 
 
 def _record(client: Any, tracking_uri: str, run_id: str, model_name: str, version: str, decision: GateDecision,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks.common.numbers import decimals4
 from tasks.common.results import ChampionInfo, RetrainSummary
 from tasks.models.naming import MODEL_NAME
+from tasks.models.store import experiment_url
 
 REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
 
@@ -37,10 +39,8 @@ def _number(value: Any) -> str:
     """A metric for a table cell: 4 decimals, or a dash when missing."""
     if isinstance(value, bool) or value is None:
         return "–"
-    try:
-        return f"{float(value):.4f}"
-    except (TypeError, ValueError):
-        return str(value)
+    shown = decimals4(value)
+    return str(value) if shown == "n/a" else shown
 
 
 def summary_markdown(summary: RetrainSummary) -> str:
@@ -78,6 +78,7 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines += ["", "## Decision", "", f"Training skipped: {summary.reason}.",
                   "Run with `force: true` (CLI `--force`) to train anyway."]
     lines += ["", "## Links", "", f"- MLflow run: [{summary.mlflow.run_id}]({summary.mlflow.run_url})",
+              f"- All training runs: {experiment_url(summary.mlflow.experiment_id, summary.mlflow.tracking_uri)}",
               f"- Tracking URI: `{summary.mlflow.tracking_uri}`"]
     if decision:
         lines.append(f"- Model: `{decision.model_uri}`")

@@ -149,6 +149,11 @@ def experiment_artifact_location(uri: str, name: str) -> str | None:
     return (store_dir / _slug(name)).as_uri()
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+"""The experiment kind the MLflow 3 UI reads: training runs, so it opens on the runs table, not its GenAI views."""
+
+
 def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     """The id of experiment `name`, created (artifacts beside the db) or restored when needed.
 
@@ -160,7 +165,8 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=experiment_artifact_location(uri, name))
+            return client.create_experiment(name, artifact_location=experiment_artifact_location(uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
@@ -169,7 +175,14 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) is None:  # made by an older version of this project
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     return experiment.experiment_id
+
+
+def experiment_url(experiment_id: str, tracking_uri: str | None = None) -> str:
+    """A link to the experiment's runs table in the MLflow UI (see `run_url` for the address)."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs"
 
 
 def run_url(run_id: str, experiment_id: str, tracking_uri: str | None = None) -> str:
@@ -178,6 +191,11 @@ def run_url(run_id: str, experiment_id: str, tracking_uri: str | None = None) ->
     A tracking server serves its own UI; a local store is browsed with `mlflow ui`, whose
     address is `MLFLOW_UI_URL` when set, else its default http://127.0.0.1:5000.
     """
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_base(tracking_uri: str | None = None) -> str:
+    """The MLflow UI's address: `MLFLOW_UI_URL`, a tracking server's own, else `mlflow ui`'s default."""
     uri = tracking_uri or resolve_tracking_uri()
     base = os.environ.get(UI_URL_ENV) or (uri if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL)
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return base.rstrip("/")

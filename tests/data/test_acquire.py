@@ -17,8 +17,10 @@ import requests
 
 from tasks.data import acquire as acq
 from tasks.data import steps
-from tasks.common.errors import AcquireError, InputError, UnreachableError, retry_unless_input_error
+from tasks.common.diskspace import size_text
+from tasks.common.errors import AcquireError, DiskFullError, InputError, UnreachableError, retry_unless_input_error
 from tests.httpserver import FileServer
+from tests.smalldisk import small_disk
 from tests.imagegen import write_petimages_tree, zip_tree
 
 
@@ -213,6 +215,32 @@ def test_published_size_is_enforced(server, archive_bytes, tmp_path):
     with pytest.raises(AcquireError, match="Size mismatch"):
         acq.download_url(url, tmp_path / "downloads", expected_size=len(archive_bytes) + 1)
     assert not (tmp_path / "downloads" / "pets.zip").exists()
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_the_first_byte(server, archive_bytes, tmp_path):
+    url = server.serve("/pets.zip", archive_bytes)
+    with small_disk(tmp_path / "disk", "256k") as disk:
+        downloads = disk / "data" / "downloads"
+        with pytest.raises(DiskFullError) as caught:
+            acq.download_url(url, downloads)
+        message = str(caught.value)
+        assert message.startswith(f"Downloading pets.zip needs {size_text(len(archive_bytes))} in {downloads}, "
+                                  "but its disk has ") and len(message.splitlines()) == 1
+        assert _names(downloads) == set()
+    assert isinstance(caught.value, InputError)  # never retried by Prefect
+
+
+def test_a_disk_that_fills_up_mid_download_is_one_sentence_and_the_partial_is_kept(server, tmp_path):
+    """Room for the file as announced, but not for it and the download's own small state file beside it."""
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        payload = random.Random(1).randbytes((1 << 20) - 1000)
+        url = server.serve("/pets.zip", payload)
+        downloads = disk / "downloads"
+        with pytest.raises(DiskFullError) as caught:
+            acq.download_url(url, downloads)
+        assert str(caught.value).startswith(f"The disk holding {downloads} is full (")
+        assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == 28
+        assert "pets.zip" not in _names(downloads) and "pets.zip.part" in _names(downloads)  # resumable, not final
 
 
 def test_petimages_url_is_overridable_and_trusted_on_first_use(server, archive_bytes, tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ from tasks.data import extract as ex
 from tasks.common import files
 from tasks.common.files import DIGEST_CACHE_NAME
 from tasks.data import steps
-from tasks.common.errors import InputError, UnsafeArchiveError, retry_unless_input_error
+from tasks.common.errors import DiskFullError, InputError, UnsafeArchiveError, retry_unless_input_error
+from tests.smalldisk import small_disk
 from tests.imagegen import image_bytes, tar_tree, write_kaggle_tree, write_presplit_tree, zip_tree
 
 
@@ -294,6 +295,30 @@ def test_folder_is_returned_unchanged_and_missing_path_is_an_input_error(tmp_pat
     assert not (tmp_path / "extracted").exists()
     with pytest.raises(InputError, match="does not exist"):
         ex.extract_archive(tmp_path / "missing.zip", tmp_path / "extracted")
+
+
+def test_an_archive_larger_than_the_free_space_is_refused_before_any_write(tmp_path):
+    archive = _zip(tmp_path / "pets.zip", {"PetImages/Cat/big.jpg": os.urandom(3 << 20)})
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        root = disk / "data" / "extracted"
+        with pytest.raises(DiskFullError) as caught:
+            ex.extract_archive(archive, root)
+        message = str(caught.value)
+        assert message.startswith(f"Extracting {archive} needs 3 MiB in {root}, but its disk has ")
+        assert "--data-dir" in message and len(message.splitlines()) == 1
+        assert [p.name for p in root.iterdir()] == [DIGEST_CACHE_NAME]  # nothing half-extracted
+
+
+def test_a_disk_that_fills_up_mid_extraction_is_one_sentence_and_leaves_nothing(tmp_path):
+    """800 members of 100 bytes declare 80 KB but take a 4 KiB page each on tmpfs: the disk fills mid-way."""
+    archive = _zip(tmp_path / "many.zip", {f"cats/{i}.jpg": os.urandom(100) for i in range(800)})
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        root = disk / "extracted"
+        with pytest.raises(DiskFullError) as caught:
+            ex.extract_archive(archive, root)
+        assert str(caught.value).startswith(f"The disk holding {root} is full (")
+        assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == 28
+        assert [p.name for p in root.iterdir()] == [DIGEST_CACHE_NAME]  # the temporary folder is gone
 
 
 def test_task_retries_io_only():

@@ -189,3 +189,4 @@ def test_task_returns_a_small_summary(tmp_path):
         "layout": "kaggle", "root": str(root), "candidates": 5,
         "labels": {"cat": 2, "dog": 2, "": 1}, "source_splits": {"train": 4, "unlabelled": 1},
     }
+    assert summary.counts_text() == "cat 2, dog 2, 1 unlabelled"  # Kaggle's test1 pool has no label: said so

@@ -209,3 +209,17 @@ def test_thresholds_are_checked_and_json_friendly():
         ValidationThresholds(min_per_clas=3)  # a typo is an error, not a silent default
     assert ValidationThresholds.model_validate_json(THRESHOLDS.model_dump_json()) == THRESHOLDS
     assert ValidationThresholds(max_class_imbalance=1.5).share_bounds() == pytest.approx((0.4, 0.6))
+
+
+@pytest.mark.parametrize("fault, brief", [
+    (_too_few, ["enough_images_per_class: cat 14 < 20, dog 14 < 20"]),
+    (_missing_class_in_test, ["enough_images_per_class_per_split: test/dog 0 < 4",
+                              "class_balance: test/cat class share 1 > 0.6, test/dog class share 0 < 0.4"]),
+    (_too_many_quarantined, ["quarantined_share: 0.1228 > 0.1"]),
+    (_too_small_kept, ["width_in_bounds: cat/train/3.jpg width 8 < 32"]),
+])
+def test_each_failure_has_a_short_line_with_its_numbers_for_the_terminal(tmp_path, fault, brief):
+    verdict = validate_manifest(fault(good_manifest()), tmp_path / "validation", THRESHOLDS)
+    assert verdict.brief == brief
+    reused = validate_manifest(fault(good_manifest()), tmp_path / "validation", THRESHOLDS)
+    assert reused.reused and reused.brief == brief  # a reused verdict tells the same numbers

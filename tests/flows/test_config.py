@@ -84,3 +84,36 @@ def test_a_weights_file_enters_the_hash_by_content_not_path(tmp_path):
     before = config.config_hash()
     first.write_bytes(b"weights two: replaced at the same path")
     assert config.config_hash() != before
+
+
+def test_threshold_names_of_the_command_line_are_accepted_at_the_top_level():
+    """`--params '{"config": {"min_per_class": 10}}'` means what `--min-per-class 10` means."""
+    from flows.config import DataConfig, RetrainConfig
+    from tasks.data.validate import ValidationThresholds
+
+    flat = RetrainConfig.model_validate({"min_per_class": 10, "max_class_imbalance": 3,
+                                         "thresholds": {"min_per_class_per_split": 1}})
+    assert flat.thresholds == ValidationThresholds(min_per_class=10, max_class_imbalance=3.0, min_per_class_per_split=1)
+    assert flat == RetrainConfig.model_validate(flat.model_dump(mode="json"))  # dumps nested, reads back the same
+    assert DataConfig.model_validate({"min_per_class": 10}).thresholds.min_per_class == 10
+    same = RetrainConfig.model_validate({"min_per_class": 10, "thresholds": {"min_per_class": 10}})
+    assert same.thresholds.min_per_class == 10  # given twice alike is no conflict
+    with pytest.raises(ValidationError, match="min_per_class is given twice, 10 at the top and 20 in thresholds; "
+                                              "give it once"):
+        RetrainConfig.model_validate({"min_per_class": 10, "thresholds": {"min_per_class": 20}})
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        RetrainConfig.model_validate({"min_per_class": -1})  # checked like the nested field
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        RetrainConfig.model_validate({"min_per_klass": 10})
+
+
+def test_the_deployment_schema_lists_the_flat_threshold_names_so_prefect_accepts_them():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.retrain import retrain
+
+    schema = parameter_schema(retrain).model_dump()["definitions"]["RetrainConfig"]
+    assert schema["additionalProperties"] is False  # unknown keys are still refused before a run is created
+    assert schema["properties"]["min_per_class"]["type"] == "integer"
+    assert "default" not in schema["properties"]["min_per_class"]  # absent: the nested value (or its default) holds
+    assert schema["properties"]["min_per_class"]["description"].startswith("Same as thresholds.min_per_class")

@@ -130,3 +130,67 @@ def test_the_submission_is_checked_against_kaggles_sample(store, tmp_path):
     with pytest.raises(InputError, match="ids differ from .*sampleSubmission.csv"):
         predict(str(folder), output_csv=str(out))
     assert not out.exists()  # nothing that Kaggle would reject is called done
+
+
+def _competition_zip(tmp_path):
+    """Kaggle's dogs-vs-cats.zip: train.zip (cat.N.jpg, dog.N.jpg), test1.zip (N.jpg) and sampleSubmission.csv."""
+    from tests.imagegen import write_kaggle_tree
+
+    tree = write_kaggle_tree(tmp_path / "tree", per_class=4, unlabelled=6)
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    zip_tree(tree / "train", outer / "train.zip", prefix="train")
+    zip_tree(tree / "test1", outer / "test1.zip", prefix="test1")
+    (outer / "sampleSubmission.csv").write_text("id,label\n" + "".join(f"{i},0\n" for i in range(1, 7)))
+    return zip_tree(outer, tmp_path / "dogs-vs-cats.zip")
+
+
+def test_the_competition_zip_itself_scores_its_test1_checked_against_its_sample(store, tmp_path, caplog):
+    caplog.set_level("INFO", logger="prefect")
+    out = tmp_path / "submission.csv"
+    summary = predict(str(_competition_zip(tmp_path)), output_csv=str(out), data_dir=str(tmp_path / "data"))
+    assert summary.n_images == 6 and summary.images_dir.endswith("test1")  # not train/'s labelled images
+    assert summary.sample_submission.endswith("sampleSubmission.csv")
+    assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert "is Kaggle's competition layout; scoring its unlabelled test1/" in caplog.text
+    assert "Ids checked against Kaggle's " in caplog.text and "the same 6 ids in the same order" in caplog.text
+
+
+def test_a_folder_without_kaggles_sample_says_its_ids_were_not_checked(store, tmp_path, caplog):
+    caplog.set_level("INFO", logger="prefect")
+    folder = _test1_folder(tmp_path / "unlabelled")
+    summary = predict(str(folder), output_csv=str(tmp_path / "submission.csv"))
+    assert summary.sample_submission is None
+    assert f"No sampleSubmission.csv beside or above {folder}: the ids are not checked against Kaggle's" in caplog.text
+
+
+def test_a_file_without_a_kaggle_id_is_left_out_and_named_in_the_errors(store, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="prefect")  # an earlier main() in this process quietened Prefect for its exit
+    folder = _test1_folder(tmp_path / "test1")
+    (folder / "broken.jpg").write_bytes(truncated_jpeg())
+    (folder / "my_cat.jpg").write_bytes(image_bytes("cat", 7))
+    out = tmp_path / "submission.csv"
+    code = main([str(folder), "--output-csv", str(out)])
+    assert code == 0
+    assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 10, 11]  # Kaggle ids only: no `broken,0.500000`
+    errors = pd.read_csv(out.with_name("submission.errors.csv")).set_index("file")
+    assert errors.loc["broken.jpg", "error"].startswith("not a Kaggle id: its name is not a number")
+    assert errors.loc["my_cat.jpg", "id"] == "my_cat"
+    captured = capsys.readouterr()
+    assert "2 left out (no Kaggle id)" in captured.out
+    assert "2 image(s) without a Kaggle id (a number) left out of the submission" in captured.err
+    own = tmp_path / "own"  # no numbered image at all: your own photos, scored by name
+    own.mkdir()
+    (own / "my_cat.jpg").write_bytes(image_bytes("cat", 7))
+    predict(str(own), output_csv=str(tmp_path / "own.csv"))
+    assert pd.read_csv(tmp_path / "own.csv")["id"].tolist() == ["my_cat"]
+
+
+def test_ids_that_differ_from_kaggles_sample_fail_before_any_image_is_scored(store, tmp_path, monkeypatch):
+    from tasks.models import predictions
+
+    folder = _test1_folder(tmp_path / "comp" / "test1")
+    (tmp_path / "comp" / "sampleSubmission.csv").write_text("id,label\n" + "".join(f"{i},0\n" for i in range(1, 13)))
+    monkeypatch.setattr(predictions, "load_pyfunc", lambda uri: pytest.fail("the model was loaded to score"))
+    with pytest.raises(InputError, match="ids differ from .*sampleSubmission.csv"):
+        predict(str(folder), output_csv=str(tmp_path / "submission.csv"))

@@ -203,3 +203,4 @@ def test_summary_markdown_shows_metrics_decision_and_link():
     assert "| train | 8 | 9 |" in text
     assert "promoted to **champion**" in text and "- beats the champion" in text
     assert "[r1](http://127.0.0.1:5000/#/experiments/1/runs/r1)" in text and "models:/cats-vs-dogs/2" in text
+    assert "- All training runs: http://127.0.0.1:5000/#/experiments/1/runs\n" in text  # the MLflow UI's runs table

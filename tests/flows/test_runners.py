@@ -129,3 +129,19 @@ def test_dask_workers_report_to_the_flows_own_ephemeral_server(tmp_path):
     assert {shard["api"] for shard in result["shards"]} == {result["api"]}  # no worker started a server of its own
     assert {shard["flow_run"] for shard in result["shards"]} == {result["flow_run"]}
     assert len({shard["worker"] for shard in result["shards"]}) == 2
+
+
+def test_a_dask_run_says_where_its_shards_go_and_links_the_dashboard():
+    """`--workers 2` is one line on the terminal: the local cluster, its workers, a dashboard that answers."""
+    import httpx
+
+    from flows.runners import in_process_runner, where_shards_run
+
+    assert where_shards_run(in_process_runner(), ComputeConfig()) is None  # in-process: nothing to say
+    compute = ComputeConfig(workers=2, threads_per_worker=1)
+    with task_runner(compute) as runner:
+        line = where_shards_run(runner, compute)
+        assert line.startswith("Feature shards on a local Dask cluster: 2 worker(s), dashboard http://127.0.0.1:")
+        link = line.split("dashboard ")[1].split()[0]
+        assert link.endswith("/status") and ":8787/" not in link  # a free port: two runs never clash
+        assert httpx.get(link, timeout=30).status_code == 200  # the page answers (or says it needs bokeh)

@@ -148,9 +148,12 @@ def test_gate_promotes_only_better_models_on_the_same_test_split(mlflow_store, t
     assert mediocre_run != good_run
 
 
-def test_a_retried_registration_adds_no_version(mlflow_store, tmp_path):
+def test_a_retried_registration_adds_no_version(mlflow_store, tmp_path, caplog):
     run_id, model_uri = _logged(tmp_path, "once", GOOD)
+    caplog.set_level("INFO", logger="tasks")
     first = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
+    said = [record.getMessage() for record in caplog.records if "serialised by the" in record.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"Promotion of {MODEL_NAME} serialised by the ")  # once, held twice
     second = register_and_gate(run_id, model_uri, {"roc_auc": 0.9}, evaluate_champion=None, floor=FLOOR, margin=0.0)
     assert first.version == second.version == "1" and second.alias == CHAMPION
     assert len(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")) == 1
@@ -241,3 +244,18 @@ def test_unknown_alias_and_model_give_one_clear_sentence(mlflow_store, tmp_path)
     with pytest.raises(ConfigError, match="has no version 7"):
         load_pyfunc("models:/cats-vs-dogs/7")
     assert load_pyfunc("models:/cats-vs-dogs@challenger") is not None
+
+
+def test_a_version_says_what_it_is_in_one_line_and_the_experiment_opens_on_its_runs(tmp_path):
+    """The registry's description column and the MLflow 3 UI's experiment kind (runs, not its GenAI views)."""
+    from tasks.models.store import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+    from tests.fake_training import promoted_champion
+
+    uri, result = promoted_champion(tmp_path, backbones=("resnet50",), fine_tune=False)
+    client = MlflowClient(tracking_uri=uri)
+    described = client.get_model_version(MODEL_NAME, "1").description
+    assert described == ("resnet50; test roc_auc 0.9700, accuracy 0.9000, log_loss 0.3000; gate: champion, "
+                         "roc_auc 0.9700 passes the floor 0.5000; no champion yet: the first version to pass the "
+                         "floor is promoted")
+    experiment = client.get_experiment_by_name("cats-vs-dogs")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder", default="opencv", choices=["opencv", "pillow"], help="decoder of the e2e runs")
     parser.add_argument("--decode-images", type=int, default=128, help="photos in each per-core decode round")
     parser.add_argument("--decode-repeats", type=int, default=7)
+    parser.add_argument("--decode-only", action="store_true", help="only the per-core decode comparison")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     parser.add_argument("--photos", type=Path, default=Path(tempfile.gettempdir()) / "catsdogs-bench-photos")
     args = parser.parse_args(argv)
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  pillow {np.median(pillow):7.0f} img/s   opencv {np.median(opencv):7.0f} img/s   "
           f"opencv/pillow {np.median(opencv / pillow):.2f} (rounds {np.min(opencv / pillow):.2f}-"
           f"{np.max(opencv / pillow):.2f}; target >= 2.5)")
+    if args.decode_only:
+        return
     root = Path(tempfile.mkdtemp(prefix="extraction-bench-"))
     try:
         for backbone in args.backbones.split(","):

@@ -3,8 +3,11 @@
 Run: python benchmarks/extraction_throughput.py [--images 256] [--backbones resnet50] [--precisions float32,bfloat16]
      KERAS_BACKEND=jax python benchmarks/extraction_throughput.py      # the same on Keras' JAX backend
 
-On photo-like 500x375 JPEGs (quality 85) at the backbone's native size, weights=None (timing
-does not depend on weight values), for each backbone and precision it prints:
+On photo-like 500x375 JPEGs (quality 85), weights=None (timing does not depend on weight values):
+  - decode img/s per core, OpenCV and Pillow (tasks/learning/pixels.py's `decode_image`, one
+    thread, bytes in memory, 500x375 -> 224), interleaved rounds, and OpenCV / Pillow (target >= 2.5),
+  - what `--precision auto` measures on this host for each backbone (bfloat16 / float32) and picks,
+and at the backbone's native size, for each backbone and precision, with the --decoder (OpenCV by default):
   - bare:   the compiled forward pass on uint8 batches already decoded in memory (the compute bound),
   - e2e:    the project's own extraction (plan -> decode in parallel -> model -> shards on disk),
   - e2e / bare at the same precision (target >= 0.9),
@@ -39,7 +42,8 @@ from tasks.learning.extractor import cached_extractor, close_decoders  # noqa: E
 from tasks.learning.features import extract_features  # noqa: E402
 from tasks.learning.backbones import weights_fingerprint  # noqa: E402
 from tasks.learning.forward import to_numpy  # noqa: E402
-from tasks.learning.pixels import Decoder  # noqa: E402
+from tasks.learning.pixels import Decoder, decode_image  # noqa: E402
+from tasks.learning.precision import resolve_precision  # noqa: E402
 from tasks.learning.shards import load_features  # noqa: E402
 
 
@@ -57,12 +61,27 @@ def naive_loop(model, paths: list[str], size: int, batch_size: int) -> None:
         model.predict(batch, verbose=0)
 
 
+def decode_per_core(photos: list[Path], size: int, repeats: int) -> dict[str, list[float]]:
+    """img/s of `decode_image` on one thread, per decoder, in interleaved rounds (bytes already in memory)."""
+    blobs = [path.read_bytes() for path in photos]
+    rates: dict[str, list[float]] = {"pillow": [], "opencv": []}
+    for name in rates:
+        decode_image(blobs[0], size, decoder=name)  # imports and first calls outside the timing
+    for _ in range(repeats):
+        for name in rates:
+            start = time.perf_counter()
+            for blob in blobs:
+                decode_image(blob, size, decoder=name)
+            rates[name].append(len(blobs) / (time.perf_counter() - start))
+    return rates
+
+
 def bench(root: Path, photos: list[Path], backbone: str, precision: str, weights: Path, batch_size: int,
-          repeats: int, naive: bool) -> dict:
+          repeats: int, naive: bool, decoder: str) -> dict:
     size = resolve_input_size(backbone, None)
     model, forward = cached_extractor(backbone, str(weights), size, precision, weights_fingerprint(weights))
-    with Decoder(size, batch_size) as decoder:
-        batches = [batch.pixels.copy() for batch in decoder.batches(photos)]
+    with Decoder(size, batch_size, decoder=decoder) as batch_decoder:
+        batches = [batch.pixels.copy() for batch in batch_decoder.batches(photos)]
     for batch in (batches[0], batches[-1]):
         to_numpy(forward(batch))  # compile every batch shape before timing
     n = len(photos)
@@ -71,10 +90,11 @@ def bench(root: Path, photos: list[Path], backbone: str, precision: str, weights
         bare.append(timed(lambda: [to_numpy(forward(batch)) for batch in batches])[0])
         folder = prepared_folder(root / f"{backbone}-{precision}-{repeat}", photos)
         seconds, result = timed(extract_features, folder, backbone,
-                                str(weights), size, batch_size, precision=precision)
-        assert result.computed == n, result
+                                str(weights), size, batch_size, precision=precision, decoder=decoder)
+        assert result.computed == n and result.decoder == decoder, result
         e2e.append(seconds)
-        warm.append(timed(extract_features, folder, backbone, str(weights), size, batch_size, precision=precision)[0])
+        warm.append(timed(extract_features, folder, backbone, str(weights), size, batch_size, precision=precision,
+                          decoder=decoder)[0])
         if naive and precision == "float32":
             naive_t.append(timed(naive_loop, model, [str(p) for p in photos], size, batch_size)[0])
     features = load_features(result.cache_dir, DataFolder.at(folder).labelled_rows()["sha256"].tolist())
@@ -85,6 +105,10 @@ def bench(root: Path, photos: list[Path], backbone: str, precision: str, weights
             "warm_fraction": float(np.median(np.asarray(warm) / e2e_t)), "features": features}
 
 
+def _load() -> str:
+    return "/".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -92,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", default="resnet50")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decoder", default="opencv", choices=["opencv", "pillow"], help="decoder of the e2e runs")
+    parser.add_argument("--decode-images", type=int, default=128, help="photos in each per-core decode round")
+    parser.add_argument("--decode-repeats", type=int, default=7)
+    parser.add_argument("--decode-only", action="store_true", help="only the per-core decode comparison")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     parser.add_argument("--photos", type=Path, default=Path(tempfile.gettempdir()) / "catsdogs-bench-photos")
     args = parser.parse_args(argv)
@@ -100,21 +128,34 @@ def main(argv: list[str] | None = None) -> None:
 
     from tasks.common.devices import configure_devices
 
-    photos = write_photos(args.photos, args.images)
-    setup = configure_devices("auto")
+    photos = write_photos(args.photos, max(args.images, args.decode_images))
+    setup = configure_devices("float32")
     print(f"{args.images} photo-like JPEGs 500x375 q85, batch {args.batch_size}, Keras {keras.__version__} on "
-          f"{setup.backend}, {setup.device_name}, {os.cpu_count()} cpus, auto precision here: {setup.precision} "
-          f"({setup.reason}), median of {args.repeats} interleaved repeats, load average {os.getloadavg()[0]:.1f}")
+          f"{setup.backend}, {setup.device_name}, {os.cpu_count()} cpus, e2e decoder {args.decoder}, median of "
+          f"{args.repeats} interleaved repeats, load average {_load()}")
+
+    rates = decode_per_core(photos[:args.decode_images], 224, args.decode_repeats)
+    pillow, opencv = (np.asarray(rates[name]) for name in ("pillow", "opencv"))
+    print(f"\ndecode 500x375 -> 224 on one core, median of {args.decode_repeats} interleaved rounds of "
+          f"{args.decode_images} (load average {_load()}):")
+    print(f"  pillow {np.median(pillow):7.0f} img/s   opencv {np.median(opencv):7.0f} img/s   "
+          f"opencv/pillow {np.median(opencv / pillow):.2f} (rounds {np.min(opencv / pillow):.2f}-"
+          f"{np.max(opencv / pillow):.2f}; target >= 2.5)")
+    if args.decode_only:
+        return
     root = Path(tempfile.mkdtemp(prefix="extraction-bench-"))
     try:
         for backbone in args.backbones.split(","):
             size = resolve_input_size(backbone, None)
             weights = root / f"{backbone}.weights.h5"
             build_backbone(backbone, None, size).save_weights(str(weights))
-            results = {precision: bench(root, photos, backbone, precision, weights, args.batch_size, args.repeats,
-                                        not args.no_naive) for precision in args.precisions.split(",")}
+            auto, why = resolve_precision(DataFolder.at(root / "auto"), backbone, str(weights), size, "auto")
+            print(f"\n--precision auto for {backbone} at {size} px: {auto} ({why}; load average {_load()})")
+            results = {precision: bench(root, photos[:args.images], backbone, precision, weights, args.batch_size,
+                                        args.repeats, not args.no_naive, args.decoder)
+                       for precision in args.precisions.split(",")}
             today = results.get("float32", next(iter(results.values())))["bare_ips"]
-            print(f"\n{backbone} at {size} px")
+            print(f"\n{backbone} at {size} px, {args.decoder} decoder (load average {_load()})")
             print(f"{'precision':<10}{'bare img/s':>11}{'e2e img/s':>10}{'e2e/bare':>9}{'e2e/fp32 bare':>14}"
                   f"{'bare/fp32 bare':>15}{'warm/cold':>10}{'naive img/s':>12}{'e2e/naive':>10}")
             for precision, r in results.items():

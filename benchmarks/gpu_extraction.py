@@ -8,7 +8,8 @@ Expectations: it imports only the compute modules. On a lent H200 box (see READM
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     KERAS_BACKEND=jax python3 benchmarks/gpu_extraction.py --images 4096
 
-Per backbone it prints, measured in the same run on the same photo-like 500x375 JPEGs at 224 px:
+Per backbone it prints, measured in the same run on the same photo-like 500x375 JPEGs at 224 px,
+with the --decoder (OpenCV by default; `--decoder pillow` for the old figure):
   decode-only img/s   the one input pipeline on all cores, no model;
   model-only img/s    the compiled forward on a uint8 batch already on the device;
   end-to-end img/s    tasks.learning.features.extract_features (plan, decode, forward, shards on disk);
@@ -59,10 +60,10 @@ def block(outputs):
     return to_numpy(outputs)
 
 
-def decode_only(paths: list[Path], size: int, batch_size: int, workers: int) -> float:
+def decode_only(paths: list[Path], size: int, batch_size: int, workers: int, decoder_name: str) -> float:
     from tasks.learning.pixels import Decoder
 
-    with Decoder(size, batch_size, workers=workers) as decoder:
+    with Decoder(size, batch_size, decoder=decoder_name, workers=workers) as decoder:
         for _ in decoder.batches(paths[: batch_size * 4]):  # start the workers
             pass
         start = time.perf_counter()
@@ -87,7 +88,7 @@ def model_only(forward, size: int, batch_size: int, steps: int) -> float:
 
 
 def fine_tune_rate(folder, backbone: str, weights: str, size: int, cache_dir: str, batch_size: int,
-                   precision: str, work: Path) -> float:
+                   precision: str, work: Path, decoder: str) -> float:
     import keras
 
     from tasks.learning.finetune import FineTuneParams, build_end_to_end, fine_tune_model
@@ -105,7 +106,7 @@ def fine_tune_rate(folder, backbone: str, weights: str, size: int, cache_dir: st
             times.append(time.perf_counter() - self.start)
 
     params = FineTuneParams(epochs=3, batch_size=batch_size, learning_rate=1e-5, patience=10)
-    fine_tune_model(model, folder, backbone, size, params, float("inf"), callbacks=[EpochTimer()])
+    fine_tune_model(model, folder, backbone, size, params, float("inf"), callbacks=[EpochTimer()], decoder=decoder)
     train = len(folder.split_rows("train"))
     validation = len(folder.split_rows("validation"))
     return (train + validation) / min(times[1:] or times)  # later epochs: compiled, steady
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the GPU probe (32 on CPU)")
     parser.add_argument("--decode-workers", type=int, default=None, help="default: every core")
+    parser.add_argument("--decoder", default="opencv", choices=["auto", "opencv", "pillow"])
     parser.add_argument("--fine-tune-images", type=int, default=4096)
     parser.add_argument("--model-steps", type=int, default=50)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "catsdogs-gpu-bench")
@@ -134,37 +136,44 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.learning.backbones import build_backbone, weights_fingerprint
     from tasks.learning.extractor import cached_extractor, close_decoders
     from tasks.learning.features import extract_features
-    from tasks.learning.pixels import default_workers
+    from tasks.learning.pixels import default_workers, resolve_decoder
+    from tasks.learning.precision import resolve_precision
 
     setup = configure_devices(args.precision)
     workers = args.decode_workers or default_workers()
+    decoder = resolve_decoder(args.decoder)
     print(f"Keras {keras.__version__} on {setup.backend}, {setup.device_name} ({setup.gpus} GPU), {workers} decode "
-          f"workers, precision {setup.precision} ({setup.reason}); TensorFlow loaded: {'tensorflow' in sys.modules}")
+          f"workers, {decoder} decoder; TensorFlow loaded: {'tensorflow' in sys.modules}; load average "
+          f"{'/'.join(f'{value:.1f}' for value in os.getloadavg())}")
     size = 224
     try:
         for number, backbone in enumerate(args.backbones.split(",")):
             weights = args.work / f"{backbone}.weights.h5"
             if not weights.exists():
                 build_backbone(backbone, None, size).save_weights(str(weights))
-            _, forward = cached_extractor(backbone, str(weights), size, setup.precision, weights_fingerprint(weights))
+            # the GPU rule, or on a CPU what auto measures here (cached under --work between runs)
+            precision, why = resolve_precision(DataFolder(args.work / "verdicts"), backbone, str(weights), size,
+                                               args.precision)
+            print(f"{backbone:<10} precision {precision} ({why})")
+            _, forward = cached_extractor(backbone, str(weights), size, precision, weights_fingerprint(weights))
             batch = args.batch_size or pick_batch_size(forward, size, on_gpu=setup.device == "GPU")
-            decode = decode_only(photos, size, batch, workers)
+            decode = decode_only(photos, size, batch, workers, decoder)
             model = model_only(forward, size, batch, args.model_steps)
             shutil.rmtree(args.work / "data", ignore_errors=True)
             folder = DataFolder(prepared_folder(args.work / "data", photos))
             start = time.perf_counter()
-            result = extract_features(folder, backbone, str(weights), size, batch, precision=setup.precision,
-                                      decode_workers=workers, shard_size=max(512, batch * 8))
+            result = extract_features(folder, backbone, str(weights), size, batch, precision=precision,
+                                      decoder=decoder, decode_workers=workers, shard_size=max(512, batch * 8))
             e2e = result.computed / (time.perf_counter() - start)
             bound = min(decode, model)
             print(f"{backbone:<10} batch {batch:>4}: decode-only {decode:>8.0f} img/s, model-only {model:>8.0f} img/s, "
                   f"end-to-end {e2e:>8.0f} img/s, e2e/min(decode, model) {e2e / bound:.2f}")
             if number == 0 and args.fine_tune_images:
                 tune = prepared_folder(args.work / "tune", photos[: args.fine_tune_images], splits=("train", "validation"))
-                tuned = extract_features(tune, backbone, str(weights), size, batch, precision=setup.precision,
-                                         decode_workers=workers)
+                tuned = extract_features(tune, backbone, str(weights), size, batch, precision=precision,
+                                         decoder=decoder, decode_workers=workers)
                 rate = fine_tune_rate(DataFolder(tune), backbone, str(weights), size, tuned.cache_dir,
-                                      min(batch, 128), setup.precision, args.work / "run")
+                                      min(batch, 128), precision, args.work / "run", decoder)
                 print(f"{backbone:<10} fine-tuning the top block from JPEG files (augmentation on): {rate:>8.0f} img/s")
     finally:
         close_decoders()

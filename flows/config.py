@@ -132,8 +132,12 @@ class TrainConfig(_Section):
         default=None, ge=16, le=1024, description="Square input side in pixels; none uses each backbone's native size.")
     precision: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto",
-        description="Backbone compute dtype: auto picks bfloat16 where the hardware has it "
-                    "(Ampere+ GPUs, CPUs with AMX), else float32.")
+        description="Backbone compute dtype: auto picks bfloat16 on Ampere+ GPUs, and on a CPU where it measured "
+                    "at least 1.1x float32 for the backbone (timed once per host, cached in the data folder).")
+    decoder: Literal["auto", "opencv", "pillow"] = Field(
+        default="auto",
+        description="Image decoder of features, fine-tuning, evaluation and the served model: auto is OpenCV "
+                    "where installed (2-3x faster per core), else Pillow; their pixels differ by a level or two.")
     batch_size: int | None = Field(
         default=None, ge=1, le=4096,
         description="Images per batch for features and fine-tuning; none picks 32 on CPU and probes a GPU.")

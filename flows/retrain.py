@@ -1,6 +1,6 @@
 """The `retrain` flow: the product's main job, from a data source to a gated champion.
 
-    hold the data folder (a second run waits) -> check weights files
+    hold the data folder (a second run waits) -> check weights files and the image decoder
     -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
@@ -61,6 +61,7 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     config_hash = config.config_hash()
     for backbone in config.backbones:
         learning.check_weights(backbone, config.weights)
+    learning.check_decoder(config.decoder)
     logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
 
     prepared = prepare_data(config.section(DataConfig).model_copy(update={"data_dir": data_dir}))

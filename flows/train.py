@@ -2,8 +2,8 @@
 
 A recipe of task calls (tasks/learning/steps.py), no ML inside:
 
-    check the prepared folder -> configure devices
-    for each backbone: plan features -> extract shards (mapped) -> train a head
+    check the prepared folder -> configure devices -> the image decoder
+    for each backbone: precision -> plan features -> extract shards (mapped) -> train a head
     comparison table -> choose the best backbone (validation AUC, then validation loss)
     -> end-to-end model (optionally fine-tuned) -> evaluate on the test split -> plots
     -> the run folder gets its name
@@ -72,23 +72,27 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
 
     counts = steps.check_prepared_data(data_dir)
     devices = steps.configure_devices(config.precision)
-    precision = devices.precision
-    logger.info("Training %s on %s with Keras/%s on %s (%s: %s)", config.backbones, data_dir, devices.backend,
-                devices.device_name, precision, devices.reason)
+    decoder = steps.check_decoder(config.decoder)
+    logger.info("Training %s on %s with Keras/%s on %s, images decoded by %s", config.backbones, data_dir,
+                devices.backend, devices.device_name, decoder)
     partial, final = folder.new_training_run(config.config_hash())
     work_dir = str(partial)
 
     backbones: dict[str, BackboneResult] = {}
+    setups = {}
     for name in config.backbones:
         input_size = config.input_size_for(name)
         weights = steps.resolve_weights(data_dir, name, config.weights, config.seed)
-        plan = steps.plan_features(data_dir, name, weights, input_size, precision, compute.shard_size)
+        setups[name] = steps.choose_precision(data_dir, name, weights, input_size, config.precision, devices)
+        precision = setups[name].precision
+        logger.info("%s at %d px computes in %s: %s", name, input_size, precision, setups[name].reason)
+        plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size)
         shards = steps.extract_all_shards(plan, config.batch_size, name, decode_workers(compute))
         features = steps.feature_summary(plan, shards)
         head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config))
         backbones[name] = BackboneResult(
             **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
-            input_size=input_size, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
+            input_size=input_size, precision=precision, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
             features_computed=features.computed, features_reused=features.reused)
         logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %s", name,
                     features.computed, features.reused, features.failed, decimals4(head.val_auc),
@@ -103,8 +107,8 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     batch_size = config.batch_size or (GPU_TRAIN_BATCH_SIZE if devices.device == "GPU" else CPU_BATCH_SIZE)
     exported = steps.export_model(data_dir, work_dir, chosen, best.weights, best.input_size, best.head_path,
                                   best.feature_cache_dir, config.fine_tune, steps.fine_tune_params(config, batch_size),
-                                  precision)
-    evaluation = steps.evaluate(exported.model_path, data_dir, work_dir, best.input_size, batch_size)
+                                  best.precision, decoder)
+    evaluation = steps.evaluate(exported.model_path, data_dir, work_dir, best.input_size, batch_size, decoder)
     history_paths = {f"head:{name}": entry.history_path for name, entry in backbones.items()}
     if exported.history_path:
         history_paths["fine_tune"] = exported.history_path
@@ -122,6 +126,6 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
         output_dir=work_dir, plots=plots, comparison_path=str(comparison_path), history_paths=history_paths,
         predictions_path=evaluation.predictions_path, metrics_path=str(partial / "metrics.json"),
         fine_tuned=exported.fine_tuned, fine_tune=exported.fine_tune, head_agreement=exported.head_agreement,
-        devices=devices, counts=counts, config=config.model_dump(mode="json"), config_hash=config.config_hash(),
+        devices=setups[chosen], decoder=decoder, counts=counts, config=config.model_dump(mode="json"), config_hash=config.config_hash(),
         data_dir=data_dir, data_fingerprint=fingerprint)
     return steps.finish_run(result, work_dir, str(final))

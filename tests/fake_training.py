@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from tasks.common.results import BackboneResult, DeviceSetup, PreparePaths, PrepareSummary, TrainResult
+from tasks.learning.pixels import resolve_decoder
 
 TINY_SIZE = 32
 
@@ -84,7 +85,7 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         path.write_text(json.dumps(history))
         history_paths[f"head:{name}"] = str(path)
         summaries[name] = BackboneResult(
-            backbone=name, weights="imagenet", input_size=size, feature_dim=3, feature_cache_dir=str(out / "cache"),
+            backbone=name, weights="imagenet", input_size=size, precision="float32", feature_dim=3, feature_cache_dir=str(out / "cache"),
             features_computed=24, features_reused=0, head_path=str(out / "heads" / f"{name}.keras"),
             history_path=str(path), val_accuracy=0.88 - index / 10, val_loss=0.42 + index / 10,
             val_auc=0.95 - index / 10, epochs_run=3, best_epoch=3)
@@ -114,6 +115,7 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         metrics_path=str(out / "metrics.json"), fine_tuned=fine_tune, fine_tune=None, head_agreement=0.0,
         devices=DeviceSetup(backend=keras.config.backend(), device="CPU", gpus=0, device_name="test CPU",
                             precision="float32", reason="tests"),
+        decoder=resolve_decoder("auto"),
         counts={"train": {"cat": 10, "dog": 10}}, config=config, config_hash="c" * 64, data_dir=str(out),
         data_fingerprint="f" * 64)
 

@@ -4,13 +4,15 @@ The compute path runs on any Keras 3 backend (TensorFlow by default, JAX and PyT
 so nothing here imports TensorFlow unless TensorFlow is the backend. CI has no GPU: the GPU
 branches are correct by construction and measured on a lent GPU host (benchmarks/).
 
-Precision follows the hardware, as measured: bfloat16 on NVIDIA Ampere and newer (compute
-capability >= 8.0) and on x86 CPUs with AMX tiles (amx_bf16), float32 elsewhere. A CPU with
-avx512_bf16 but no AMX stays float32 under "auto": on this project's build machines (Xeon,
-avx512_bf16, no AMX) Keras' mixed_bfloat16 ResNet50 forward ran at 0.66x the float32 one on
-TensorFlow (1.05x with XLA), so bf16 would only cost precision; `--precision bfloat16` still
-forces it where someone measures otherwise. The chosen precision is part of every
-feature-cache key and logged parameter, so features of different precision never mix.
+Precision: `--precision bfloat16|float32` is taken as given and nothing is measured. Under
+"auto" an NVIDIA GPU of compute capability 8.0 or newer (Ampere and later, whose tensor cores
+run bfloat16 at several times float32) computes in bfloat16 and an older one in float32, by
+rule. On a CPU no rule holds: flags do not predict it (bfloat16 ResNet50 measured 0.36-0.77x
+float32 on a Xeon with avx512_bf16 and no AMX, 1.17-1.66x on this project's AMD EPYC with
+avx512_bf16; it also differs between TensorFlow and JAX), so "auto" asks `measure`, which
+tasks/learning/precision.py supplies: it times the backbone both ways once per host and caches
+the verdict. The chosen precision is part of every feature-cache key and logged parameter, so
+features of different precision never mix.
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 32
 """Batch size on CPU: larger batches do not make a CPU faster, they only cost memory."""
-
-BF16_CPU_FLAGS = ("amx_bf16",)
-"""/proc/cpuinfo flags of x86 CPUs on which bfloat16 pays: AMX tiles (avx512_bf16 alone measured slower)."""
 
 POLICIES = {"bfloat16": "mixed_bfloat16", "float32": "float32"}
 """Keras dtype policy per precision (mixed: bf16 compute, float32 variables)."""
@@ -101,8 +100,12 @@ def _enable_memory_growth(tf: Any, device: Any) -> None:
 
 
 def choose_precision(requested: str = "auto", *, gpu_list: tuple | None = None,
-                     flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """(precision, why) for `requested` "auto", "bfloat16" or "float32" on this hardware."""
+                     measure: Callable[[], tuple[str, str]] | None = None) -> tuple[str, str]:
+    """(precision, why) for `requested` "auto", "bfloat16" or "float32" on this hardware.
+
+    A forced precision and a GPU's rule need no measurement; a CPU's "auto" is `measure()`
+    (float32 when there is nothing to measure with).
+    """
     if requested in ("bfloat16", "float32"):
         return requested, f"{requested} as configured"
     if requested != "auto":
@@ -115,24 +118,26 @@ def choose_precision(requested: str = "auto", *, gpu_list: tuple | None = None,
         if all(capability is not None and tuple(capability) >= (8, 0) for capability in capabilities):
             return "bfloat16", f"GPU {found[0][0]} has bfloat16 (compute capability {found[0][1]})"
         return "float32", f"GPU {found[0][0]} lacks fast bfloat16 (compute capability below 8.0)"
-    flags = cpu_flags() if flags is None else flags
-    present = sorted(set(BF16_CPU_FLAGS) & flags)
-    if present:
-        return "bfloat16", f"CPU has {', '.join(present)}"
-    if "avx512_bf16" in flags:
-        return "float32", "CPU has avx512_bf16 but no AMX, where bfloat16 measured slower (--precision bfloat16 forces it)"
-    return "float32", "CPU without bfloat16 arithmetic (avx512_bf16/AMX)"
+    if measure is None:
+        return "float32", "CPU: float32 until bfloat16 is measured against it for a backbone"
+    return measure()
 
 
-def configure_devices(precision: str = "auto") -> DeviceSetup:
-    """What this process computes on: backend, device, precision (and GPU memory growth on TensorFlow)."""
+def configure_devices(precision: str = "auto", *,
+                      measure: Callable[[], tuple[str, str]] | None = None) -> DeviceSetup:
+    """What this process computes on: backend, device, precision (and GPU memory growth on TensorFlow).
+
+    On a CPU, "auto" is decided by `measure` (see `choose_precision`); the train flow decides it
+    per backbone (tasks/learning/precision.py) and records the chosen backbone's.
+    """
     found = gpus()
-    chosen, why = choose_precision(precision, gpu_list=found)
+    chosen, why = choose_precision(precision, gpu_list=found, measure=measure)
     return DeviceSetup(backend=backend(), device="GPU" if found else "CPU", gpus=len(found),
-                       device_name=found[0][0] if found else _cpu_name(), precision=chosen, reason=why)
+                       device_name=found[0][0] if found else cpu_name(), precision=chosen, reason=why)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (the machine type where /proc/cpuinfo does not say)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

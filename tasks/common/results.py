@@ -64,7 +64,7 @@ class DeviceSetup(_Result):
     precision: Literal["bfloat16", "float32"]
     """Compute dtype of the backbone; features and outputs are stored as float32 either way."""
     reason: str
-    """Why this precision (the hardware found, or the config's choice)."""
+    """Why this precision (the config's choice, a GPU's rule, or what was measured on this CPU)."""
 
 
 class HeadScores(_Result):
@@ -86,6 +86,8 @@ class BackboneResult(HeadScores):
     weights: str
     """"imagenet" or the weights file the features were computed with (the kept random draw for None)."""
     input_size: int
+    precision: Literal["bfloat16", "float32"]
+    """The backbone's compute dtype (under "auto" measured per backbone on a CPU)."""
     feature_dim: int
     feature_cache_dir: str
     features_computed: int
@@ -126,6 +128,9 @@ class TrainResult(_Result):
     head_agreement: float
     """Largest p(dog) gap between the shipped model and the validated head (should be ~0)."""
     devices: DeviceSetup
+    """Where the run computed, at the chosen backbone's precision."""
+    decoder: Literal["opencv", "pillow"]
+    """The image decoder of its features, evaluation and served model (config "auto" resolved)."""
     counts: dict[str, dict[str, int]]
     config: dict[str, Any]
     config_hash: str

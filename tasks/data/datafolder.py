@@ -15,6 +15,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     prepare_summary.json       what prepare_data returned
     features/<cache key>/      bottleneck feature shards, one folder per feature space
     features/random_init/      the kept random draw of each backbone (weights=None)
+    precision/<host>-<backbone>-<size>-<backend>.json   what `--precision auto` measured on a host
     training/<time>-<hash>/    one folder per training run: models, plots, metrics
     logs/<command>-<time>.log  the full log of each command-line run
     .lock                      held by the run that works in the folder (tasks/data/folderlock.py)
@@ -80,7 +81,7 @@ class DataFolder:
         (an archive may well contain a file called `.x.tmp`), and arrange removes its own strays.
         """
         return [(self.root, False), (self.training, False), (self.extracted, False), (self.converted, False),
-                (self.features, True), (self.validation, False)]
+                (self.features, True), (self.validation, False), (self.precision_verdicts, False)]
 
     def remove_leftovers(self) -> list[str]:
         """Remove what killed runs left half-written (only while holding the lock); their relative paths.
@@ -188,6 +189,14 @@ class DataFolder:
     def random_weights(self, backbone: str) -> Path:
         """The weights=None draw of a backbone, kept so every step sees the same random backbone."""
         return self.features / "random_init" / f"{backbone}.weights.h5"
+
+    @property
+    def precision_verdicts(self) -> Path:
+        return self.root / "precision"
+
+    def precision_verdict(self, key: str) -> Path:
+        """What `--precision auto` measured for one host, backbone, input size and backend (tasks/learning/precision.py)."""
+        return self.precision_verdicts / f"{key}.json"
 
     @property
     def training(self) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,28 +83,50 @@ def pixel_limit(max_pixels: int) -> int:
     return max_pixels if pillow_limit is None else min(max_pixels, pillow_limit)
 
 
+def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker byte, offset) of the JPEG header's segments, up to and including the first start of scan.
+
+    Stops early at bytes that are not a marker, so a damaged header yields fewer markers, never an error.
+    """
+    index = 2
+    while index + 4 <= len(data):
+        if data[index] != 0xFF:
+            return
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        yield marker, index
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            index += 2
+        else:
+            index += 2 + int.from_bytes(data[index + 2 : index + 4], "big")
+
+
 def jpeg_frame_marker(data: bytes) -> int | None:
     """The JPEG start-of-frame marker byte (0xC0 baseline, 0xC2 progressive, 0xC9 arithmetic, ...).
 
     Pillow records only "progressive"; arithmetic-coded and lossless JPEGs are what some
     decoders lack, so the frame type is read from the marker segments themselves.
     """
-    index = 2
-    while index + 4 <= len(data):
-        if data[index] != 0xFF:
-            return None
-        marker = data[index + 1]
-        if marker == 0xFF:  # fill byte
-            index += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            index += 2
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+    for marker, _ in _jpeg_markers(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             return marker
-        elif marker == 0xDA:  # start of scan before any frame header
-            return None
-        else:
-            index += 2 + int.from_bytes(data[index + 2 : index + 4], "big")
     return None
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """True when an end-of-image marker (FF D9) follows the JPEG's first scan: a file cut short has none.
+
+    Pillow refuses a truncated JPEG ("image file is truncated"); libjpeg inside OpenCV pads it
+    with grey and only warns, so the OpenCV decoder asks this first to fail the same files.
+    FF D9 cannot occur inside entropy-coded data (an FF there is always followed by 00 or a
+    restart marker), and an EXIF thumbnail's own FF D9 lies before the first scan.
+    """
+    scan = next((offset for marker, offset in _jpeg_markers(data) if marker == 0xDA), None)
+    return scan is not None and data.rfind(b"\xff\xd9") > scan
 
 
 def _orientation(image: Image.Image) -> int:

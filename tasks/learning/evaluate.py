@@ -78,10 +78,11 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
 
 
 def predict_paths(model: Any, paths: list[str], input_size: int, batch_size: int,
-                  forward: Any = None) -> tuple[np.ndarray, list[str]]:
+                  forward: Any = None, *, decoder: str = "auto") -> tuple[np.ndarray, list[str]]:
     """(p(dog) float32, error per path) through the one input pipeline and a compiled forward pass.
 
     A file that cannot be decoded gets NaN and its reason; the others are scored normally.
+    `decoder` must be the one the model's features were computed with (tasks/learning/pixels.py).
     """
     from tasks.learning.extractor import shared_decoder
     from tasks.learning.forward import compiled_forward, run_ahead
@@ -91,7 +92,7 @@ def predict_paths(model: Any, paths: list[str], input_size: int, batch_size: int
     if not paths:
         return scores, errors
     forward = forward or compiled_forward(model)
-    for batch, outputs in run_ahead(forward, shared_decoder(input_size, batch_size).batches(paths),
+    for batch, outputs in run_ahead(forward, shared_decoder(input_size, batch_size, decoder=decoder).batches(paths),
                                     lambda b: b.pixels):
         rows = slice(batch.start, batch.start + len(batch.errors))
         scores[rows] = outputs.reshape(-1)
@@ -129,7 +130,7 @@ class Evaluation(BaseModel):
 
 
 def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input_size: int,
-                   batch_size: int = 32, split: str = "test") -> Evaluation:
+                   batch_size: int = 32, split: str = "test", *, decoder: str = "auto") -> Evaluation:
     """Reload the saved model in safe mode, predict the split, write predictions.csv and <split>_metrics.json.
 
     Images that cannot be decoded are counted in `failed` and left out of the metrics.
@@ -140,7 +141,7 @@ def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input
 
     rows = folder.split_rows(split)
     model = keras.saving.load_model(model_path, safe_mode=True)
-    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size)
+    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size, decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
     rows, p_dog = rows[ok], p_dog[ok]
     metrics = binary_metrics(rows["y"].to_numpy(), p_dog)

@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from tasks.learning.backbones import build_backbone, get_backbone, resolve_input_size
-from tasks.learning.pixels import Decoder
+from tasks.learning.pixels import Decoder, resolve_decoder
 
 
 def feature_model(backbone: str, weights: str | os.PathLike[str] | None, input_size: int | None,
@@ -57,15 +57,15 @@ _DECODER: dict[tuple, Decoder] = {}
 _DECODER_LOCK = threading.Lock()
 
 
-def shared_decoder(size: int, batch_size: int, workers: int | None = None) -> Decoder:
-    """One decoder per process (its worker processes are expensive to start), replaced on a new shape."""
-    key = (size, batch_size, workers)
+def shared_decoder(size: int, batch_size: int, workers: int | None = None, decoder: str = "auto") -> Decoder:
+    """One decoder per process (its worker processes are expensive to start), replaced on a new shape or decoder."""
+    key = (size, batch_size, workers, resolve_decoder(decoder))
     with _DECODER_LOCK:
         if key not in _DECODER:
             for old in _DECODER.values():
                 old.close()
             _DECODER.clear()
-            _DECODER[key] = Decoder(size, batch_size, workers=workers)
+            _DECODER[key] = Decoder(size, batch_size, decoder=key[-1], workers=workers)
         return _DECODER[key]
 
 

@@ -163,7 +163,7 @@ def unfreeze_top(model: Any, backbone_name: str) -> dict[str, int]:
 
 
 def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size: int,
-                     shuffle_seed: int | None) -> Any:
+                     shuffle_seed: int | None, *, decoder: str = "auto") -> Any:
     """(uint8 pixels, label, weight) batches of one split, decoded by the one input pipeline.
 
     A `keras.utils.PyDataset`, so Keras' fit runs it on every backend. With a seed the order is
@@ -183,7 +183,7 @@ def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size
 
         def __init__(self) -> None:
             super().__init__()
-            self.decoder = Decoder(input_size, batch_size)
+            self.decoder = Decoder(input_size, batch_size, decoder=decoder)
             self.epoch = 0
             self.order = self._order()
             self._stream: Any = None
@@ -228,14 +228,16 @@ def keep_if_better(model: Any, before: list[np.ndarray], history: dict[str, list
 
 def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_size: int,
                     params: FineTuneParams, baseline_val_loss: float,
-                    callbacks: list[Any] | None = None) -> tuple[dict[str, list[float]], FineTuneReport]:
+                    callbacks: list[Any] | None = None, *,
+                    decoder: str = "auto") -> tuple[dict[str, list[float]], FineTuneReport]:
     """Fine-tune in place; returns (history, report). `baseline_val_loss` is the head-only
     model's validation loss (see `keep_if_better`)."""
     import keras
 
     keras.utils.set_random_seed(params.seed)
-    train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed)
-    validation = labelled_batches(folder, "validation", input_size, params.batch_size, shuffle_seed=None)
+    train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed, decoder=decoder)
+    validation = labelled_batches(folder, "validation", input_size, params.batch_size, shuffle_seed=None,
+                                  decoder=decoder)
     counts = unfreeze_top(model, backbone_name)
     compile_binary(model, params.learning_rate)
     before = model.get_weights()
@@ -267,17 +269,19 @@ class ExportedModel(BaseModel):
 
 def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weights: str | None, input_size: int,
                  head_path: Path, cache_dir: Path, fine_tune: bool, params: FineTuneParams,
-                 precision: str = "float32", callbacks: list[Any] | None = None) -> ExportedModel:
+                 precision: str = "float32", callbacks: list[Any] | None = None, *,
+                 decoder: str = "auto") -> ExportedModel:
     """Build the end-to-end model, fine-tune it if asked, save output_dir/model.keras.
 
     `fine_tuned` says whether the saved weights come from fine-tuning; `val_metrics` are of
-    the saved model; `head_agreement` (see `head_agreement`) compares it with the head.
+    the saved model; `head_agreement` (see `head_agreement`) compares it with the head, so
+    `decoder` must be the one the head's features were computed with.
     """
     from tasks.learning.forward import compiled_forward
 
     model = build_end_to_end(backbone_name, weights, input_size, head_path, seed=params.seed, precision=precision)
     rows = folder.split_rows("validation")
-    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size)
+    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size, decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
     agreement = head_agreement(p_dog[ok], head_path, cache_dir, rows["sha256"][ok].tolist())
     val_metrics = binary_metrics(rows["y"].to_numpy()[ok], p_dog[ok])
@@ -286,11 +290,11 @@ def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weigh
     output_dir = Path(output_dir)
     if fine_tune:
         history, report = fine_tune_model(model, folder, backbone_name, input_size, params,
-                                          val_metrics["log_loss"], callbacks)
+                                          val_metrics["log_loss"], callbacks, decoder=decoder)
         history_path = str(atomic_write_json(output_dir / "fine_tune.history.json", history))
         if report.improved:
             p_dog, _ = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size,
-                                     compiled_forward(model))
+                                     compiled_forward(model), decoder=decoder)
             val_metrics = binary_metrics(rows["y"].to_numpy()[ok], p_dog[ok])
     model_path = save_model(inference_copy(model), output_dir / "model.keras")
     return ExportedModel(model_path=str(model_path), fine_tuned=bool(report and report.improved),

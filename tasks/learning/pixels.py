@@ -5,24 +5,42 @@ through `decode_image`, so they all see identical pixels. Batches leave the host
 (a quarter of float32's bytes); the cast and the backbone's preprocessing run inside the
 model (tasks/learning/preprocess.py).
 
-Decoding: Pillow, with the JPEG DCT-domain downscale (`Image.draft`) when the source is at
-least twice the target size, so a 12000 x 12000 photo costs a 1500 x 1500 decode; EXIF
-orientation applied; transparency over white; then one bilinear resize to the square input
-(aspect ratio not kept, as Keras' `image_dataset_from_directory` does). An image larger than
-the pixel limit is refused from its header, before a single pixel is decoded.
+Two decoders, chosen by name (`--decoder auto|opencv|pillow`; auto is OpenCV where it is
+installed). The name is recorded wherever the pixels matter (feature cache key, run
+parameters, the served model's config), because the two give pixels a level or two apart:
 
-Parallelism: `BatchReader` decodes a batch's images in parallel, in order, a few batches ahead
-of the consumer: threads on small hosts (Pillow releases the GIL while decoding and
+- "pillow": Pillow, with the JPEG DCT-domain downscale (`Image.draft`) when the source is at
+  least twice the target on both sides; EXIF orientation applied; transparency over white;
+  then Pillow's bilinear resize (antialiased when it shrinks).
+- "opencv": the same header check through Pillow (lazy: no pixel is decoded), then OpenCV's
+  libjpeg-turbo for JPEGs in RGB or grey, reduced by 1/2, 1/4 or 1/8 while decoding on the
+  same rule as Pillow's draft, EXIF orientation applied by OpenCV; every other image (PNG,
+  GIF, CMYK, 16-bit, alpha) is decoded by Pillow as above. Then OpenCV's bilinear resize after
+  a smoothing of the same spread as Pillow's antialiasing filter on each shrunk axis: mean
+  |difference| from Pillow's pixels about 0.4 of 255 at 224 px, and 2-3x the speed per core
+  (Pillow's resize alone costs more than the whole JPEG decode; benchmarks/extraction_throughput.py).
+  OpenCV's INTER_AREA is further from Pillow (0.8) and slower; INTER_LINEAR alone aliases (2.0).
+
+Either way the image is squashed to the square input (aspect ratio not kept, as Keras'
+`image_dataset_from_directory` does), and an image larger than the pixel limit is refused
+from its header, before a single pixel is decoded.
+
+Parallelism: `Decoder` decodes a batch's images in parallel, in order, a few batches ahead
+of the consumer: threads on small hosts (Pillow and OpenCV release the GIL while decoding and
 resizing), worker processes writing straight into shared-memory batches on many-core hosts,
-where the GIL would otherwise cap a Python-driven decoder. A file that cannot be read or
+where the GIL would otherwise cap a Python-driven decoder. OpenCV's own thread pool is set to
+one thread per process: the workers are the parallelism. A file that cannot be read or
 decoded fails alone, with its reason; its row in the batch is zeros and is marked.
 
-This module imports only numpy and Pillow: the served model and decode workers load it cheaply.
+This module imports only numpy and Pillow (and OpenCV when that decoder is used): the served
+model and decode workers load it cheaply.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import multiprocessing
 import os
 from collections import deque
@@ -31,16 +49,67 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.data.images import MAX_PIXELS, pixel_limit, upright_rgb
+from tasks.common.errors import ConfigError
+from tasks.data.images import MAX_PIXELS, jpeg_is_complete, pixel_limit, upright_rgb
+
+OPENCV = "opencv"
+PILLOW = "pillow"
+DECODERS = (OPENCV, PILLOW)
+"""Decoder names, as the config, the feature cache key and the served model's config spell them."""
+
+_OPENCV_FORMATS = ("JPEG", "MPO")
+"""Formats OpenCV decodes (MPO: a camera's JPEG with more pictures after it; the first is the image)."""
+
+_OPENCV_MODES = ("RGB", "L")
+"""JPEG modes OpenCV decodes to the same pixels as Pillow (CMYK/YCCK JPEGs go through Pillow)."""
 
 
 class ImageError(ValueError):
     """One image cannot be used; the message is the reason, in a few words a person can read."""
+
+
+@functools.cache
+def _opencv() -> ModuleType | None:
+    """OpenCV, imported once per process with its thread pool off (None where it is not installed).
+
+    The decode workers are the parallelism: N workers each starting N OpenCV threads would only
+    fight over the cores. The setting is process-wide, and this process uses OpenCV for nothing else.
+    """
+    try:
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def opencv_installed() -> bool:
+    """Whether the OpenCV decoder can run here (opencv-python-headless imports)."""
+    return _opencv() is not None
+
+
+def resolve_decoder(requested: str = "auto") -> str:
+    """The decoder that runs for `requested`: "auto" is OpenCV where installed, else Pillow.
+
+    A decoder named explicitly must be installed: pixels decoded another way than asked would
+    silently differ from those a model was trained on.
+    """
+    if requested == "auto":
+        return OPENCV if opencv_installed() else PILLOW
+    if requested == PILLOW:
+        return PILLOW
+    if requested == OPENCV:
+        if not opencv_installed():
+            raise ConfigError("the OpenCV image decoder is not installed here; pip install opencv-python-headless, "
+                              "or choose the Pillow decoder (--decoder pillow)")
+        return OPENCV
+    raise ConfigError(f"decoder {requested!r} is unknown; use auto, opencv or pillow (--decoder).")
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -63,39 +132,100 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def resize(image: Image.Image, size: int) -> np.ndarray:
-    """The one resize: bilinear to size x size, as uint8 (h, w, 3)."""
+def _reduction(width: int, height: int, size: int) -> int:
+    """1, 2, 4 or 8: the largest DCT-domain downscale that keeps both sides at least `size` (Pillow's draft rule)."""
+    return next((scale for scale in (8, 4, 2) if min(width, height) >= scale * size), 1)
+
+
+@functools.lru_cache(maxsize=512)
+def _antialias_taps(source: int, size: int) -> np.ndarray:
+    """1-D smoothing taps that make OpenCV's bilinear shrink of `source` pixels to `size` match Pillow's.
+
+    Pillow's bilinear filter widens with the shrink s into a triangle of variance s**2 / 6;
+    bilinear sampling of the smoothed image adds the variance of a unit triangle, 1/6, so the
+    taps supply (s**2 - 1) / 6: none when nothing shrinks, three taps of exactly that variance
+    while it is too small to sample a Gaussian from (shrinks up to 2), a Gaussian to +-2 sigma beyond.
+    """
+    shrink = source / size
+    variance = (shrink * shrink - 1.0) / 6.0
+    if variance <= 0.0:
+        return np.ones(1, dtype=np.float32)
+    if variance <= 0.5:
+        side = variance / 2.0
+        return np.array([side, 1.0 - 2.0 * side, side], dtype=np.float32)
+    radius = math.ceil(2.0 * math.sqrt(variance))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-offsets * offsets / (2.0 * variance))
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def _resize_opencv(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The OpenCV decoder's one resize: antialiasing taps on each shrunk axis, then bilinear to size x size."""
+    cv2 = _opencv()
+    height, width = pixels.shape[:2]
+    if (width, height) == (size, size):
+        return pixels
+    taps_x, taps_y = _antialias_taps(width, size), _antialias_taps(height, size)
+    if len(taps_x) > 1 or len(taps_y) > 1:
+        pixels = cv2.sepFilter2D(pixels, -1, taps_x, taps_y)
+    return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _resize_pillow(image: Image.Image, size: int) -> np.ndarray:
+    """The Pillow decoder's one resize: bilinear to size x size, as uint8 (h, w, 3)."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 
-def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def _decode_opencv(image: Image.Image, data: bytes, size: int) -> np.ndarray:
+    cv2 = _opencv()
+    if image.format not in _OPENCV_FORMATS or image.mode not in _OPENCV_MODES:
+        return _resize_opencv(np.asarray(upright_rgb(image), dtype=np.uint8), size)
+    if not jpeg_is_complete(data):
+        raise ImageError("the image cannot be decoded (the JPEG data ends before its end marker: the file is "
+                         "truncated)")
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[_reduction(*image.size, size)]
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)  # EXIF orientation applied
+    if pixels is None:
+        raise ImageError("the image cannot be decoded (OpenCV could not decode the JPEG data)")
+    return cv2.cvtColor(_resize_opencv(pixels, size), cv2.COLOR_BGR2RGB)  # resizing is per channel: BGR is fine
+
+
+def decode_image(data: bytes, size: int, *, decoder: str = "auto", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> (size, size, 3) uint8 RGB; raises ImageError with the reason."""
+    name = resolve_decoder(decoder)
     image = _open(data, max_pixels)
     try:
         with image:
+            if name == OPENCV:
+                return _decode_opencv(image, data, size)
             if image.format == "JPEG" and min(image.size) >= 2 * size:
                 image.draft("RGB", (size, size))  # DCT-domain downscale by 1/2, 1/4 or 1/8
-            return resize(upright_rgb(image), size)
+            return _resize_pillow(upright_rgb(image), size)
     except ImageError:
         raise
     except Exception as error:  # noqa: BLE001 - truncated/corrupt data surfaces as many exception types
         raise ImageError(f"the image cannot be decoded ({type(error).__name__}: {str(error)[:120]})") from None
 
 
-def resize_pixels(array: np.ndarray, size: int) -> np.ndarray:
-    """An RGB uint8 array (h, w, 3) of any size through the same resize as decoded images."""
-    return resize(Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB"), size)
+def resize_pixels(array: np.ndarray, size: int, *, decoder: str = "auto") -> np.ndarray:
+    """An RGB uint8 array (h, w, 3) of any size through the same resize as the decoder's decoded images."""
+    pixels = np.ascontiguousarray(array, dtype=np.uint8)
+    if resolve_decoder(decoder) == OPENCV:
+        return _resize_opencv(pixels, size)
+    return _resize_pillow(Image.fromarray(pixels, "RGB"), size)
 
 
-def read_image(path: str | os.PathLike[str], size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], size: int, *, decoder: str = "auto",
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A file through `decode_image`; an unreadable file is an ImageError naming the problem."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise ImageError(f"cannot read the file ({error.strerror or error})") from None
-    return decode_image(data, size, max_pixels=max_pixels)
+    return decode_image(data, size, decoder=decoder, max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------- parallel batches
@@ -108,7 +238,7 @@ class Batch:
     `pixels` is (n, size, size, 3) uint8; `errors[i]` is "" or the reason row i failed (its
     pixels are then zeros). With process workers `pixels` is a view of shared memory that is
     reused a few batches later: consume it (or copy it) before asking for more than
-    `BatchReader.in_flight` further batches.
+    `Decoder.in_flight` further batches.
     """
 
     start: int
@@ -129,11 +259,11 @@ PROCESS_THRESHOLD = 4
 """From this many workers on, decoding runs in processes: Pillow threads stop scaling near 4 cores."""
 
 
-def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, max_pixels: int) -> list[str]:
+def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, max_pixels: int, decoder: str) -> list[str]:
     errors = []
     for row, path in enumerate(paths):
         try:
-            out[row] = read_image(path, size, max_pixels=max_pixels)
+            out[row] = read_image(path, size, decoder=decoder, max_pixels=max_pixels)
             errors.append("")
         except ImageError as error:
             out[row] = 0
@@ -150,23 +280,26 @@ def _attach(name: str, shape: tuple[int, ...]) -> None:
     _SHARED.update(memory=memory, ring=np.ndarray(shape, dtype=np.uint8, buffer=memory.buf))
 
 
-def _decode_shared(slot: int, offset: int, paths: Sequence[str], size: int, max_pixels: int) -> list[str]:
+def _decode_shared(slot: int, offset: int, paths: Sequence[str], size: int, max_pixels: int,
+                   decoder: str) -> list[str]:
     ring = _SHARED["ring"]
-    return _decode_into(ring[slot, offset:offset + len(paths)], paths, size, max_pixels)
+    return _decode_into(ring[slot, offset:offset + len(paths)], paths, size, max_pixels, decoder)
 
 
 class Decoder:
     """Decodes lists of paths into (size, size, 3) uint8 batches, in parallel and in order.
 
     `in_flight` batches are decoded ahead of the consumer, so decoding overlaps the model.
-    `workers` defaults to every core; `processes` defaults to True from PROCESS_THRESHOLD
-    workers on. A decoder keeps its workers between calls of `batches` (one per shard, say);
+    `decoder` is resolved once here (`resolve_decoder`): "auto" fails nothing, a decoder that is
+    not installed fails before any work. `workers` defaults to every core; `processes`
+    defaults to True from PROCESS_THRESHOLD workers on. A decoder keeps its workers between calls of `batches` (one per shard, say);
     use it as a context manager, or call `close`, to stop them.
     """
 
-    def __init__(self, size: int, batch_size: int, *, workers: int | None = None,
+    def __init__(self, size: int, batch_size: int, *, decoder: str = "auto", workers: int | None = None,
                  processes: bool | None = None, in_flight: int = 2, max_pixels: int = MAX_PIXELS) -> None:
         self.size, self.batch_size, self.max_pixels = int(size), int(batch_size), max_pixels
+        self.decoder = resolve_decoder(decoder)
         self.workers = max(1, workers or default_workers())
         self.processes = self.workers >= PROCESS_THRESHOLD if processes is None else processes
         self.in_flight = max(1, in_flight)
@@ -211,10 +344,11 @@ class Decoder:
         for offset in range(0, len(chunk_paths), step):
             chunk = chunk_paths[offset:offset + step]
             if self.processes:
-                futures.append(self._pool.submit(_decode_shared, slot, offset, chunk, self.size, self.max_pixels))
+                futures.append(self._pool.submit(_decode_shared, slot, offset, chunk, self.size, self.max_pixels,
+                                                 self.decoder))
             else:
                 view = self._ring[slot, offset:offset + len(chunk)]
-                futures.append(self._pool.submit(_decode_into, view, chunk, self.size, self.max_pixels))
+                futures.append(self._pool.submit(_decode_into, view, chunk, self.size, self.max_pixels, self.decoder))
         return slot, futures
 
     def batches(self, paths: Sequence[str | os.PathLike[str]]) -> Iterator[Batch]:

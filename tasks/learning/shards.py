@@ -2,9 +2,9 @@
 
 Why it is built this way:
 - The cache key is the feature space, (backbone, weights fingerprint, input size, precision,
-  Keras backend), for the folder, and the image sha256 inside it: a second run computes
-  nothing, 10% new images cost about 10%, and features of different precision or backend
-  never mix. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
+  Keras backend, image decoder), for the folder, and the image sha256 inside it: a second run
+  computes nothing, 10% new images cost about 10%, and features of different precision,
+  backend or decoder (OpenCV's pixels are a level or two from Pillow's) never mix. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
 - A shard is written atomically under a name made of the hashes it is planned to hold.
   Shards computed anywhere (another process, another Dask worker) merge by construction, a
   killed run keeps every finished shard, and no reader ever sees half of one.
@@ -36,6 +36,7 @@ from tasks.common.files import atomic_path, write_if_changed
 from tasks.common.logs import run_logger
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import get_backbone, resolve_input_size, resolve_weights, weights_fingerprint
+from tasks.learning.pixels import resolve_decoder
 
 CACHE_FORMAT = 2
 """Version of the shard layout, recorded in each cache's meta.json (2: uint8 pipeline, failures kept)."""
@@ -43,35 +44,37 @@ CACHE_FORMAT = 2
 SHARD_GLOB = "shard-*.npz"
 
 
-def cache_key(backbone: str, weights_id: str, input_size: int, precision: str, backend: str) -> str:
-    """The folder name of one feature space: `<backbone>-<weights>-<size>-<precision>-<backend>`."""
-    return f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}"
+def cache_key(backbone: str, weights_id: str, input_size: int, precision: str, backend: str, decoder: str) -> str:
+    """The folder name of one feature space: `<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`."""
+    return f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}-{decoder}"
 
 
 def feature_cache_dir(folder: DataFolder, backbone: str, weights: str | os.PathLike[str] | None,
-                      input_size: int | None, precision: str = "float32") -> Path:
+                      input_size: int | None, precision: str = "float32", decoder: str = "auto") -> Path:
     """data_dir/features/<cache key>: one cache per feature space.
 
     weights=None means the data folder's kept random draw (`random_weights_file`), so the
     cache always names weights that can be loaded again, never an unrepeatable random build.
+    The decoder enters resolved ("auto" is the one that runs here).
     """
     from tasks.common.devices import backend
 
     size = resolve_input_size(backbone, input_size)
     fingerprint = weights_fingerprint(resolve_weights(folder, backbone, weights))
-    return folder.feature_cache(cache_key(backbone, fingerprint, size, precision, backend()))
+    return folder.feature_cache(cache_key(backbone, fingerprint, size, precision, backend(), resolve_decoder(decoder)))
 
 
-def _cache_meta(backbone: str, weights: str, input_size: int, precision: str) -> dict:
+def _cache_meta(backbone: str, weights: str, input_size: int, precision: str, decoder: str) -> dict:
     from tasks.common.devices import backend
 
     spec = get_backbone(backbone)
     return {"format": CACHE_FORMAT, "backbone": spec.name, "weights": weights_fingerprint(weights),
             "input_size": input_size, "feature_dim": spec.feature_dim, "preprocess": spec.preprocess_mode,
-            "precision": precision, "backend": backend()}
+            "precision": precision, "backend": backend(), "decoder": decoder}
 
 
-def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: int, precision: str) -> None:
+def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: int, precision: str,
+                    decoder: str) -> None:
     """Make `cache_dir` ready for shards: the folder, minus what killed runs left, and its meta.json.
 
     meta.json is written only when it changed: a run that adds images leaves the folder's old files as they were.
@@ -79,7 +82,7 @@ def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: in
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)
     write_if_changed(cache_dir / "meta.json",
-                     (json.dumps(_cache_meta(backbone, weights, input_size, precision), indent=2, sort_keys=True)
+                     (json.dumps(_cache_meta(backbone, weights, input_size, precision, decoder), indent=2, sort_keys=True)
                       + "\n").encode())
 
 

@@ -37,6 +37,24 @@ def configure_devices(precision: str) -> DeviceSetup:
     return configure(precision)
 
 
+@task(name="choose-precision", cache_policy=NO_CACHE)
+def choose_precision(data_dir: str, backbone: str, weights: str, input_size: int, requested: str,
+                     devices: DeviceSetup) -> DeviceSetup:
+    """`devices` at this backbone's precision: as configured, a GPU's rule, or measured once on this CPU and cached."""
+    from tasks.learning.precision import resolve_precision
+
+    precision, why = resolve_precision(DataFolder.at(data_dir), backbone, weights, input_size, requested)
+    return devices.model_copy(update={"precision": precision, "reason": why})
+
+
+@task(name="check-decoder", cache_policy=NO_CACHE)
+def check_decoder(decoder: str) -> str:
+    """The image decoder that runs for the config's choice; one that is not installed fails here, before any data work."""
+    from tasks.learning.pixels import resolve_decoder
+
+    return resolve_decoder(decoder)
+
+
 @task(name="check-weights", cache_policy=NO_CACHE)
 def check_weights(backbone: str, weights: str | None) -> None:
     """A weights file that does not fit the backbone fails here, before any data work."""
@@ -54,12 +72,13 @@ def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int
 
 
 @task(name="plan-features", cache_policy=NO_CACHE)
-def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str,
+def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, decoder: str,
                   shard_size: int = 512) -> PlanRef:
     """Which images still need features, cut into shards (a warm cache plans nothing)."""
     from tasks.learning.features import plan_extraction
 
-    return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size).ref()
+    return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size,
+                           decoder).ref()
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
@@ -114,20 +133,23 @@ def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, pa
 
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)
 def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
-                 cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str) -> ExportedModel:
+                 cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str,
+                 decoder: str) -> ExportedModel:
     """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras."""
     from tasks.learning.finetune import export_model as export
 
     return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
-                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision)
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int) -> Evaluation:
+def evaluate(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int,
+             decoder: str) -> Evaluation:
     """Test-split evaluation of the saved end-to-end model, as it ships."""
     from tasks.learning.evaluate import evaluate_model
 
-    return evaluate_model(Path(model_path), DataFolder.at(data_dir), Path(output_dir), input_size, batch_size)
+    return evaluate_model(Path(model_path), DataFolder.at(data_dir), Path(output_dir), input_size, batch_size,
+                          decoder=decoder)
 
 
 @task(name="plots", cache_policy=NO_CACHE)

@@ -10,12 +10,14 @@ The served model (tasks/models/pyfunc.py) accepts two input columns, both option
   grey), values 0..255; any size, it is resized like an image.
 
 Every cell goes through the one input pipeline of training (tasks/learning/pixels.py: EXIF
-orientation, RGB, the same bilinear resize), so served scores equal evaluated ones. A cell is
+orientation, RGB, the same bilinear resize, with the decoder the model was trained with), so
+served scores equal evaluated ones. A cell is
 refused before it costs memory: an encoded image over `MAX_IMAGE_BYTES` before its base64 is
 decoded, an image over the pixel limit (training's 25 MP) from its header or shape. A refusal
 is an `ImageError` whose message is the reason, in words a client can act on.
 
-This module imports only numpy, pandas and Pillow (through tasks.learning.pixels).
+This module imports only numpy, pandas and Pillow (through tasks.learning.pixels; OpenCV too when
+that is the model's decoder).
 """
 
 from __future__ import annotations
@@ -152,10 +154,10 @@ def input_cells(model_input: Any) -> list[tuple[str, Any]]:
                      f"with a column '{IMAGE_COLUMN}' (base64 image text) or '{PIXELS_COLUMN}' (arrays)")
 
 
-def model_input_pixels(kind: str, value: Any, size: int) -> np.ndarray:
+def model_input_pixels(kind: str, value: Any, size: int, decoder: str = "auto") -> np.ndarray:
     """One cell through the one input pipeline: (size, size, 3) uint8, or ImageError with the reason."""
     if kind == IMAGE_COLUMN:
-        return decode_image(encoded_bytes(value), size)
+        return decode_image(encoded_bytes(value), size, decoder=decoder)
     if kind == PIXELS_COLUMN:
-        return resize_pixels(coerce_pixels(value), size)
+        return resize_pixels(coerce_pixels(value), size, decoder=decoder)
     raise ImageError(str(value))

@@ -23,6 +23,9 @@ from tasks.models.pyfunc import MAX_CONCURRENT, MAX_ROWS
 SERVING_PACKAGES: tuple[str, ...] = ("mlflow", "keras", "pillow", "numpy", "pandas", "h5py")
 """What the served model imports, whatever the backend (h5py: Keras reads .keras weights with it)."""
 
+DECODER_PACKAGES: dict[str, tuple[str, ...]] = {"opencv": ("opencv-python-headless",), "pillow": ()}
+"""What the image decoder the model was trained with adds (Pillow reads every image's header either way)."""
+
 BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"),
                                                 "torch": ("torch",)}
 
@@ -63,8 +66,8 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image_bytes()).decode("ascii")]})
 
 
-def pip_requirements(backend: str | None = None) -> list[str]:
-    """Pinned requirements of the served model: what it imports and the Keras backend it was logged on.
+def pip_requirements(backend: str | None = None, decoder: str = "pillow") -> list[str]:
+    """Pinned requirements of the served model: what it imports, the Keras backend it was logged on, its decoder.
 
     Given explicitly (not inferred by MLflow, which would load the model in a subprocess) and
     exactly: a fresh virtualenv made from these alone loads and serves the model (tested).
@@ -76,7 +79,7 @@ def pip_requirements(backend: str | None = None) -> list[str]:
 
         backend = keras.config.backend()
     pins = []
-    for package in (*SERVING_PACKAGES, *BACKEND_PACKAGES.get(backend, ())):
+    for package in (*SERVING_PACKAGES, *BACKEND_PACKAGES.get(backend, ()), *DECODER_PACKAGES[decoder]):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -84,18 +87,21 @@ def pip_requirements(backend: str | None = None) -> list[str]:
     return pins
 
 
-def model_config(input_size: int) -> dict[str, Any]:
-    """Settings stored with the logged model: input size, the backend to load it on, and the request limits.
+def model_config(input_size: int, decoder: str = "pillow") -> dict[str, Any]:
+    """Settings stored with the logged model: input size, decoder, the backend to load it on, the request limits.
 
-    Each can be changed where the model is served, without logging it again, through MLflow's
-    `MLFLOW_PYFUNC_INFERENCE_CONFIG` (e.g. `'{"max_rows": 128, "max_concurrent": 1, "max_seconds": 20}'`);
-    MLflow takes only keys logged here, so `max_seconds` is logged as null: half the server's
-    `--timeout` unless set.
+    `decoder` is the image decoder the model was trained with ("opencv" or "pillow"), so that
+    served pixels are training's. Each setting can be changed where the model is served, without
+    logging it again, through MLflow's `MLFLOW_PYFUNC_INFERENCE_CONFIG` (e.g.
+    `'{"max_rows": 128, "max_concurrent": 1, "max_seconds": 20}'`, or `'{"decoder": "pillow"}'` to
+    serve an OpenCV-trained model where OpenCV cannot be installed, accepting pixels a level or two
+    apart); MLflow takes only keys logged here, so `max_seconds` is logged as null: half the
+    server's `--timeout` unless set.
     """
     import keras
 
-    return {"input_size": int(input_size), "keras_backend": keras.config.backend(), "max_rows": MAX_ROWS,
-            "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
+    return {"input_size": int(input_size), "decoder": decoder, "keras_backend": keras.config.backend(),
+            "max_rows": MAX_ROWS, "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
 
 
 def tasks_code_path() -> str:

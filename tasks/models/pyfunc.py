@@ -27,9 +27,16 @@ status and message and no stack trace. All limits can be set where the model is 
 (`MLFLOW_PYFUNC_INFERENCE_CONFIG`, see tasks/models/packaging.py's `model_config`). In-process
 callers (the batch flow, a notebook) choose their own batches: rows and time are not limited.
 
+Pixels: the model decodes with the decoder it was trained with, recorded in its config
+(`decoder`: "opencv" or "pillow"; a model logged before decoders were recorded was trained
+with Pillow). Where that decoder is not installed the model fails to load with a sentence
+saying what to install, rather than serving pixels a level or two from training's under
+scores that the gate never saw; the server may choose otherwise explicitly
+(`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"decoder": "pillow"}'`).
+
 What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward and
-.preprocess, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras and MLflow only,
-all in the model's requirements. Nothing here imports Prefect.
+.preprocess, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
+OpenCV-trained model, OpenCV, all in the model's requirements. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -80,6 +87,9 @@ seconds) and for finishing the image and batch in hand when the time is up.
 
 THRESHOLD = 0.5
 """p(dog) at or above which the label is "dog" (dog = 1, the Kaggle convention)."""
+
+LEGACY_DECODER = "pillow"
+"""The decoder of a logged model whose config names none: every model before decoders were recorded used Pillow."""
 
 
 def predictions_frame(scores: Sequence[float | None], errors: Sequence[str]) -> pd.DataFrame:
@@ -153,6 +163,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self.max_seconds = max_seconds
         self._model: Any = None
         self._input_size: int | None = None
+        self.decoder: str | None = None
         self._forward: Any = None
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
@@ -178,12 +189,25 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         if int(config.get("max_concurrent") or self.max_concurrent) != self.max_concurrent:
             self.max_concurrent = int(config["max_concurrent"])
             self._slots = threading.BoundedSemaphore(self.max_concurrent)
-        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"))
+        decoder = str(config.get("decoder") or LEGACY_DECODER)
+        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder)
 
-    def attach(self, keras_model: Any, input_size: int | None = None) -> CatsDogsModel:
-        """Use an in-memory Keras model (tests, evaluation before anything is logged)."""
+    def attach(self, keras_model: Any, input_size: int | None = None, decoder: str = "auto") -> CatsDogsModel:
+        """Use an in-memory Keras model (tests, evaluation before anything is logged).
+
+        `decoder` is the one the model was trained with; one that is not installed here is a
+        ConfigError that says what to install.
+        """
+        from tasks.common.errors import ConfigError
         from tasks.learning.forward import compiled_forward
+        from tasks.learning.pixels import OPENCV, opencv_installed, resolve_decoder
 
+        if decoder == OPENCV and not opencv_installed():
+            raise ConfigError("this model was trained on images decoded by OpenCV, which is not installed here; "
+                              "pip install opencv-python-headless (it is in the model's requirements), or serve it "
+                              "with MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"decoder\": \"pillow\"}' to accept pixels a "
+                              "level or two from training's")
+        self.decoder = resolve_decoder(decoder)
         self._model = keras_model
         self._input_size = model_input_size(keras_model, input_size)
         self._forward = compiled_forward(keras_model)
@@ -240,7 +264,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                     if time.monotonic() > deadline:
                         break
                     try:
-                        batch[offset] = model_input_pixels(*cells[index], size)
+                        batch[offset] = model_input_pixels(*cells[index], size, self.decoder)
                         good.append(offset)
                     except ImageError as error:
                         errors[index] = str(error)

@@ -21,18 +21,20 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
     """Why training can be skipped, or None: a registered version was built from this very data and config.
 
     Any version counts, champion or not: retraining would only register its identical twin.
-    The Keras backend and the precision "auto" picked on this hardware are deliberately not part
-    of the check: they decide how the same model is computed, not which model it is (a model
-    saved on one backend predicts the same on another, and float32 and bfloat16 features train
-    heads that agree: tests/learning/test_backends.py and test_precision.py). Moving the
-    schedule to a GPU host must not retrain everything; `--force` does when someone wants it.
+    The Keras backend, and the precision and image decoder that "auto" picks on this host, are
+    deliberately not part of the check: they decide how the same model is computed, not which
+    model it is (a model saved on one backend predicts the same on another; float32 and bfloat16
+    features, and OpenCV's and Pillow's pixels, train heads that agree: tests/learning/
+    test_backends.py, test_precision.py and test_pixels.py). The configured values ("auto",
+    "opencv", ...) are in the config hash like every training field. Moving the schedule to a GPU
+    host, or installing OpenCV, must not retrain everything; `--force` does when someone wants it.
     """
     if not fingerprint or not config_hash or not built:
         return None
     versions = ", ".join(version.version for version in built)
     return (f"nothing changed: dataset fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} "
-            f"equal those of registered version(s) {versions} (another Keras backend or the precision this "
-            "hardware picks is not a change: --force trains anyway)")
+            f"equal those of registered version(s) {versions} (another Keras backend, or the precision or image "
+            "decoder that auto picks on this host, is not a change: --force trains anyway)")
 
 
 def _number(value: Any) -> str:
@@ -54,7 +56,7 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines.append(f"- Chosen backbone: **{summary.chosen_backbone}**")
     if summary.devices:
         lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
-                     f"{summary.devices.precision}")
+                     f"{summary.devices.precision} ({summary.devices.reason})")
     if data.counts:
         lines += ["", "## Data", "", "| split | cat | dog |", "|---|---:|---:|"]
         lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]

@@ -249,21 +249,25 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
                 metrics.extend(history_metrics(Path(path), phase))
                 client.log_artifact(child.info.run_id, path, "history")
         _log_batch(client, child.info.run_id, metrics=metrics,
-                   params={"backbone": name, "input_size": backbone.input_size,
+                   params={"backbone": name, "input_size": backbone.input_size, "precision": backbone.precision,
                            "weights": Path(backbone.weights).name, "feature_cache": Path(backbone.feature_cache_dir).name})
         client.set_terminated(child.info.run_id, "FINISHED")
         child_ids[name] = child.info.run_id
     return child_ids
 
 
-def log_pyfunc_model(model_path: str | Path, input_size: int, *, name: str = "model") -> Any:
+def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "auto", *, name: str = "model") -> Any:
     """Log a trained `.keras` file as the pyfunc serving model in the active run.
 
     The model is tasks/models/pyfunc.py's `CatsDogsModel`; what travels with it (signature,
     input example, settings, the `tasks` package as code so `mlflow models serve` can load it
     anywhere, requirements naming only what the served model imports) is
-    tasks/models/packaging.py. Returns MLflow's ModelInfo.
+    tasks/models/packaging.py. `decoder` is the image decoder the model was trained with
+    ("auto": the one that runs here); the served model decodes with it. Returns MLflow's ModelInfo.
     """
+    from tasks.learning.pixels import resolve_decoder
+
+    decoder = resolve_decoder(decoder)
     from tasks.models import packaging, pyfunc
 
     return mlflow.pyfunc.log_model(
@@ -273,8 +277,8 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, *, name: str = "mo
         signature=packaging.model_signature(),
         input_example=packaging.input_example(),
         code_paths=[packaging.tasks_code_path()],
-        pip_requirements=packaging.pip_requirements(),
-        model_config=packaging.model_config(input_size),
+        pip_requirements=packaging.pip_requirements(decoder=decoder),
+        model_config=packaging.model_config(input_size, decoder),
     )
 
 
@@ -307,7 +311,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
                    **scalar_metrics(validation, "val_")}
         params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
-                  "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name}
+                  "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,
+                  "resolved.decoder": trained.decoder}
         _log_batch(client, run_id, params=params,
                    metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
         client.set_tag(run_id, "mlflow.note.content", _run_note(data, trained))
@@ -316,7 +321,7 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         _log_training_artifacts(run_id, client, trained)
         child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
                                        {key: value for key, value in tags.items() if key != TAG_KIND})
-        model_info = log_pyfunc_model(trained.model_path, trained.input_size)
+        model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder)
     return MlflowRun(run_id=run_id, experiment_id=experiment_id, run_url=run_url(run_id, experiment_id, uri),
                      tracking_uri=uri, model_uri=model_info.model_uri, child_run_ids=child_ids)
 
@@ -325,7 +330,7 @@ def _run_note(data: PrepareSummary, trained: TrainResult) -> str:
     """A short markdown description shown at the top of the run page."""
     test = scalar_metrics(trained.test_metrics)
     lines = [f"Retrain on dataset `{data.fingerprint[:12]}`, chosen backbone **{trained.chosen_backbone}** "
-             f"(Keras/{trained.devices.backend}, {trained.devices.precision}).", "",
+             f"(Keras/{trained.devices.backend}, {trained.devices.precision}, {trained.decoder} decoder).", "",
              "| split | cat | dog |", "|---|---|---|"]
     lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]
     lines += ["", "Test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))]

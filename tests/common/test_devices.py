@@ -1,7 +1,8 @@
 """Devices and precision: a clean answer on this CPU, and the GPU rules exercised with stand-in devices.
 
 CI has no GPU, so the GPU branches are driven by passing the device list the backend would
-report; the rules they apply (compute capability 8.0+, CPU bf16 flags, OOM back-off) are real.
+report; the rules they apply (compute capability 8.0+, OOM back-off) are real. What a CPU's
+"auto" measures is tests/learning/test_precision.py.
 """
 
 from __future__ import annotations
@@ -15,32 +16,30 @@ from tasks.common import devices
 pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 
-def test_this_cpu_gets_bfloat16_when_it_has_avx512_bf16_and_float32_when_forced():
+def test_this_cpu_asks_the_measurement_under_auto_and_never_when_forced():
     setup = devices.configure_devices("auto")
     assert setup.backend == keras.config.backend() and setup.device == "CPU" and setup.gpus == 0
-    has_bf16 = bool(set(devices.BF16_CPU_FLAGS) & devices.cpu_flags())
-    assert setup.precision == ("bfloat16" if has_bf16 else "float32"), setup.reason
-    forced = devices.configure_devices("float32")
+    assert setup.precision == "float32" and "until bfloat16 is measured" in setup.reason  # nothing to time with
+    measured = devices.configure_devices("auto", measure=lambda: ("bfloat16", "measured 1.4x"))
+    assert measured.precision == "bfloat16" and measured.reason == "measured 1.4x"
+    forced = devices.configure_devices("float32", measure=lambda: pytest.fail("a forced precision is never measured"))
     assert forced.precision == "float32" and "configured" in forced.reason
     assert keras.config.dtype_policy().name == "float32"  # configuring never changes the global policy
 
 
-@pytest.mark.parametrize("gpus, flags, expected, words", [
-    ((("NVIDIA H200", (9, 0)),), frozenset(), "bfloat16", "compute capability"),
-    ((("NVIDIA A100", (8, 0)), ("NVIDIA A100", (8, 0))), frozenset(), "bfloat16", "A100"),
-    ((("Tesla T4", (7, 5)),), frozenset({"amx_bf16"}), "float32", "below 8.0"),
-    ((), frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), "bfloat16", "amx_bf16"),
-    ((), frozenset({"avx512f", "avx512_bf16"}), "float32", "measured slower"),  # as on this project's CPUs
-    ((), frozenset({"avx2"}), "float32", "without"),
+@pytest.mark.parametrize("gpus, expected, words", [
+    ((("NVIDIA H200", (9, 0)),), "bfloat16", "compute capability"),
+    ((("NVIDIA A100", (8, 0)), ("NVIDIA A100", (8, 0))), "bfloat16", "A100"),
+    ((("Tesla T4", (7, 5)),), "float32", "below 8.0"),
 ])
-def test_auto_precision_follows_the_hardware(gpus, flags, expected, words):
-    precision, why = devices.choose_precision("auto", gpu_list=gpus, flags=flags)
+def test_auto_precision_on_a_gpu_follows_its_compute_capability_without_measuring(gpus, expected, words):
+    precision, why = devices.choose_precision("auto", gpu_list=gpus, measure=lambda: pytest.fail("GPUs go by rule"))
     assert precision == expected and words in why
 
 
 def test_forced_and_unknown_precisions():
     assert devices.choose_precision("float32", gpu_list=(("H200", (9, 0)),))[0] == "float32"
-    assert devices.choose_precision("bfloat16", gpu_list=(), flags=frozenset())[0] == "bfloat16"
+    assert devices.choose_precision("bfloat16", gpu_list=())[0] == "bfloat16"
     from tasks.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--precision"):

@@ -60,7 +60,8 @@ def test_help_is_quick_to_reach_and_lists_every_option(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.retrain", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == ""
-    for option in ("--source", "--weights", "--min-per-class", "--precision", "--fine-tune", "--verbose", "--serve"):
+    for option in ("--source", "--weights", "--min-per-class", "--precision", "--decoder", "--fine-tune", "--verbose",
+                   "--serve"):
         assert option in done.stdout
     assert done.stdout.startswith("usage: python -m flows.retrain ")  # the command as it was typed
     script = Path(sys.executable).with_name("catsdogs-retrain")  # the installed script calls itself by its name

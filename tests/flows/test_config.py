@@ -58,9 +58,10 @@ def test_config_hash_is_content_only_and_sensitive_to_every_field():
     assert config.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()  # no id(), no hash() salt
     assert TrainConfig(input_size=32, weights=None, backbones=["vgg16"]).config_hash() == config.config_hash()
     hashes = {config.config_hash()}
-    for change in ({"seed": 1}, {"fine_tune": True}, {"input_size": 48}, {"dropout": 0.3}, {"weights": "imagenet"}):
+    for change in ({"seed": 1}, {"fine_tune": True}, {"input_size": 48}, {"dropout": 0.3}, {"weights": "imagenet"},
+                   {"decoder": "pillow"}, {"precision": "float32"}):
         hashes.add(config.model_copy(update=change).config_hash())
-    assert len(hashes) == 6
+    assert len(hashes) == 8
 
 
 def test_subclasses_hash_only_the_training_fields():

@@ -139,9 +139,10 @@ def test_cli_rejects_an_unknown_backbone_before_running(tmp_path, capsys):
 def test_cli_options_map_onto_the_config_and_keep_defaults():
     args = build_parser().parse_args(["--source", "x.zip", "--backbones", "vgg16,resnet50", "mobilenet_v2",
                                       "--weights", "none", "--epochs", "3", "--fine-tune",
-                                      "--min-per-class", "5"])
+                                      "--min-per-class", "5", "--decoder", "pillow", "--precision", "float32"])
     config = config_from_args(args)
     assert config.backbones == ["vgg16", "resnet50", "mobilenet_v2"]
+    assert config.decoder == "pillow" and config.precision == "float32"
     assert config.weights is None and config.head_epochs == 3 and config.fine_tune is True
     assert config.thresholds.min_per_class == 5 and config.thresholds.min_per_class_per_split == 50
     assert config.force is False and config.data_dir == "data"  # untouched options keep the model's defaults
@@ -166,7 +167,8 @@ def test_unchanged_names_every_version_built_from_this_data_and_config():
                           config_hash="c" * 64, metrics={}) for v in ("4", "3")]
     reason = unchanged_reason("f" * 64, "c" * 64, built)
     assert "registered version(s) 4, 3" in reason
-    assert "another Keras backend or the precision this hardware picks is not a change: --force" in reason
+    assert "another Keras backend, or the precision or image decoder that auto picks on this host, is not a change: --force" \
+        in reason
     assert unchanged_reason("f" * 64, "c" * 64, []) is None
     assert unchanged_reason("", "", built) is None
 

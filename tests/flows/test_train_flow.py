@@ -85,6 +85,12 @@ def test_result_follows_the_contract_and_every_path_exists(first_run):
     assert not list(output_dir.rglob(".*.tmp*")), "a temporary file was left behind"
     assert not [p for p in (data_dir / "training").iterdir() if p.name.startswith(".")], "a partial folder was left"
     assert result.devices.backend == keras.config.backend() and result.devices.precision in ("bfloat16", "float32")
+    # precision "auto" was measured per backbone on this CPU, once, and the chosen backbone's is the run's
+    verdicts = sorted(p.name for p in DataFolder(data_dir).precision_verdicts.glob("*.json"))
+    assert len(verdicts) == 2 and all(f"-{name}-32-" in " ".join(verdicts) for name in CONFIG.backbones)
+    assert result.devices.precision == result.backbones[BEST].precision and "x float32" in result.devices.reason
+    assert result.decoder == "opencv"  # "auto" where OpenCV is installed, recorded with the features
+    assert all(Path(entry.feature_cache_dir).name.endswith("-opencv") for entry in result.backbones.values())
 
 
 def test_cat_is_0_and_dog_is_1_in_every_output(first_run):
@@ -128,7 +134,7 @@ def test_fine_tuning_run_is_recorded_and_its_model_reloads_with_the_evaluated_pr
     model = keras.saving.load_model(result.model_path, safe_mode=True)
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
     predictions = pd.read_csv(result.predictions_path)
-    images = np.stack([read_image(data_dir / p, 32) for p in predictions["path"]])
+    images = np.stack([read_image(data_dir / p, 32, decoder=result.decoder) for p in predictions["path"]])
     np.testing.assert_allclose(to_numpy(compiled_forward(model)(images)).reshape(-1), predictions["p_dog"], atol=1e-5)
 
 

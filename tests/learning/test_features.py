@@ -6,6 +6,7 @@ images; the cache logic is the same for every backbone.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def test_second_run_computes_nothing_and_writes_nothing(data_dir):
     folder = DataFolder(data_dir)
     assert cache_dir == feature_cache_dir(folder, BACKBONE, None, SIZE)
     kept = random_weights_file(folder, BACKBONE)  # weights=None: the folder's one kept random draw
-    assert cache_dir.name == f"vgg16-{weights_fingerprint(str(kept))}-32-float32-{first.backend}"
+    assert cache_dir.name == f"vgg16-{weights_fingerprint(str(kept))}-32-float32-{first.backend}-{first.decoder}"
     assert len(list(cache_dir.glob("shard-*.npz"))) == 3  # 16 + 16 + 4
     before = _snapshot(cache_dir)
     second = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=8, shard_size=16)
@@ -174,7 +175,7 @@ def test_labels_stay_attached_cat_0_dog_1(extracted):
         load_split_features(folder, cache_dir, "unlabelled")
 
 
-def test_cache_is_keyed_by_weights_input_size_and_precision(extracted, tmp_path):
+def test_cache_is_keyed_by_weights_input_size_precision_and_decoder(extracted, tmp_path):
     data_dir, cache_dir = extracted
     weights = tmp_path / "vgg.weights.h5"
     from tasks.learning.backbones import build_backbone
@@ -183,13 +184,17 @@ def test_cache_is_keyed_by_weights_input_size_and_precision(extracted, tmp_path)
     other_size = extract_features(data_dir, BACKBONE, None, 40, batch_size=16)
     from_file = extract_features(data_dir, BACKBONE, str(weights), SIZE, batch_size=16)
     in_bf16 = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=16, precision="bfloat16")
-    assert other_size.computed == from_file.computed == in_bf16.computed == 36
+    by_pillow = extract_features(data_dir, BACKBONE, None, SIZE, batch_size=16, decoder="pillow")
+    assert other_size.computed == from_file.computed == in_bf16.computed == by_pillow.computed == 36
+    assert Path(cache_dir).name.endswith("-opencv") and Path(by_pillow.cache_dir).name.endswith("-pillow")
+    assert json.loads((Path(by_pillow.cache_dir) / "meta.json").read_text())["decoder"] == "pillow"
     assert "-40-float32-" in Path(other_size.cache_dir).name
     assert Path(other_size.cache_dir).name.startswith("vgg16-file-")
     assert Path(from_file.cache_dir).name.startswith("vgg16-file-")
     assert "-32-bfloat16-" in Path(in_bf16.cache_dir).name and in_bf16.precision == "bfloat16"
-    names = {cache_dir, Path(other_size.cache_dir), Path(from_file.cache_dir), Path(in_bf16.cache_dir)}
-    assert len(names) == 4  # features of another precision never mix with these
+    names = {cache_dir, Path(other_size.cache_dir), Path(from_file.cache_dir), Path(in_bf16.cache_dir),
+             Path(by_pillow.cache_dir)}
+    assert len(names) == 5  # features of another precision or decoder never mix with these
 
 
 @pytest.mark.backends  # also run on JAX by the test command
@@ -271,7 +276,7 @@ def test_prefect_steps_pass_only_small_summaries(data_dir):
     from tasks.learning import steps
 
     plan = steps.plan_features.fn(str(data_dir), BACKBONE, str(random_weights_file(DataFolder(data_dir), BACKBONE)),
-                                  SIZE, "float32", 16)
+                                  SIZE, "float32", "opencv", 16)
     assert plan.shards == 3 and plan.todo == 36 and Path(plan.plan_path).is_file()
     shards = [steps.extract_shard.fn(plan.plan_path, index, 16) for index in range(plan.shards)]
     summary = steps.feature_summary(plan, shards)
@@ -303,7 +308,7 @@ def test_extract_features_and_the_flow_steps_count_a_shard_another_worker_wrote_
                                   on_shard=another_worker_writes_shard_1)
 
     weights = str(random_weights_file(DataFolder(dirs[1]), BACKBONE))
-    plan = steps.plan_features.fn(str(dirs[1]), BACKBONE, weights, SIZE, "float32", 16)
+    plan = steps.plan_features.fn(str(dirs[1]), BACKBONE, weights, SIZE, "float32", "auto", 16)
     results = [steps.extract_shard.fn(plan.plan_path, 0, 8)]
     steps.extract_shard.fn(plan.plan_path, 1, 8)  # another worker (another flow run), before ours gets to shard 1
     results += [steps.extract_shard.fn(plan.plan_path, index, 8) for index in (1, 2)]

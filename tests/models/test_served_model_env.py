@@ -31,7 +31,8 @@ frame = pd.DataFrame({"image": [line.strip() for line in open(sys.argv[2])]})
 out = model.predict(frame)
 print(json.dumps({"labels": out["label"].tolist(), "errors": out["error"].tolist(),
                   "modules": sorted(name for name in ("prefect", "tensorflow", "great_expectations", "flows")
-                                    if name in sys.modules)}))
+                                    if name in sys.modules),
+                  "decoder": model.unwrap_python_model().decoder, "opencv": "cv2" in sys.modules}))
 """
 
 
@@ -45,6 +46,7 @@ def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requi
     model_dir = Path(mlflow.artifacts.download_artifacts("models:/cats-vs-dogs@champion", dst_path=str(tmp_path / "m")))
     requirements = (model_dir / "requirements.txt").read_text().split()
     assert not [r for r in requirements if r.split("==")[0] in ("prefect", "tensorflow", "great-expectations")]
+    assert [r for r in requirements if r.startswith("opencv-python-headless==")]  # trained with the OpenCV decoder
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -63,3 +65,4 @@ def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requi
     assert result["labels"] == ["cat", "dog", ""]
     assert result["errors"][:2] == ["", ""] and "not an image" in result["errors"][2]
     assert result["modules"] == []  # nothing outside the model's requirements was imported
+    assert result["decoder"] == "opencv" and result["opencv"]  # it decodes as it was trained, with OpenCV

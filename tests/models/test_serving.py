@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -45,14 +46,22 @@ def _png(pixels: np.ndarray, mode: str = "RGB") -> bytes:
 # ------------------------------------------------------------------ decoding (no model needed)
 
 
-def test_cells_go_through_the_training_pipeline():
+@pytest.mark.parametrize("decoder", ["pillow", "opencv"])
+def test_cells_go_through_the_training_pipeline(decoder):
     data = image_bytes("cat", 1, exif_orientation=6)
-    from_text = inputs.model_input_pixels("image", base64.b64encode(data).decode(), 32)
-    from_bytes = inputs.model_input_pixels("image", data, 32)
-    np.testing.assert_array_equal(from_text, decode_image(data, 32))  # the one decode of training
+    from_text = inputs.model_input_pixels("image", base64.b64encode(data).decode(), 32, decoder)
+    from_bytes = inputs.model_input_pixels("image", data, 32, decoder)
+    np.testing.assert_array_equal(from_text, decode_image(data, 32, decoder=decoder))  # the one decode of training
     np.testing.assert_array_equal(from_bytes, from_text)
     pixels = class_pixels("dog", 3)
-    np.testing.assert_array_equal(inputs.model_input_pixels("pixels", pixels, 32), resize_pixels(pixels, 32))
+    np.testing.assert_array_equal(inputs.model_input_pixels("pixels", pixels, 32, decoder),
+                                  resize_pixels(pixels, 32, decoder=decoder))
+
+
+def test_the_served_model_requires_and_records_the_decoder_it_was_trained_with():
+    assert not [r for r in packaging.pip_requirements(decoder="pillow") if r.startswith("opencv")]
+    assert [r for r in packaging.pip_requirements(decoder="opencv") if r.startswith("opencv-python-headless==")]
+    assert packaging.model_config(32, "opencv")["decoder"] == "opencv"
 
 
 @pytest.mark.parametrize("value, message", [
@@ -153,6 +162,40 @@ def test_serving_scores_equal_the_training_pipeline(champion_store, champion, tm
         path.write_bytes(image_bytes(label, 40 + index, size=(61, 47)))
         paths.append(path)
     model = keras.saving.load_model(champion_store.result.model_path, safe_mode=True)
-    expected = to_numpy(compiled_forward(model)(np.stack([read_image(path, 32) for path in paths]))).reshape(-1)
+    decoder = champion_store.result.decoder
+    expected = to_numpy(compiled_forward(model)(np.stack([read_image(path, 32, decoder=decoder)
+                                                          for path in paths]))).reshape(-1)
     served = champion.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))["p_dog"].to_numpy()
     np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("config, decoder", [({"decoder": "pillow"}, "pillow"), ({"decoder": "opencv"}, "opencv"),
+                                             ({}, "pillow")])  # logged before decoders were recorded: Pillow
+def test_the_served_model_decodes_with_the_decoder_in_its_config(champion_store, config, decoder, monkeypatch):
+    model = pyfunc.CatsDogsModel()
+    model.load_context(SimpleNamespace(artifacts={pyfunc.KERAS_ARTIFACT: champion_store.result.model_path},
+                                       model_config={"input_size": 32, **config}))
+    assert model.decoder == decoder
+    used = []
+    real = pyfunc.model_input_pixels
+    monkeypatch.setattr(pyfunc, "model_input_pixels", lambda *args: used.append(args[-1]) or real(*args))
+    data = image_bytes("dog", 70, size=(150, 110))
+    out = model.predict(None, pd.DataFrame({"image": [data]}))
+    assert used == [decoder] and out["error"][0] == ""
+
+
+def test_an_opencv_trained_model_fails_to_load_clearly_where_opencv_is_missing(champion_store, monkeypatch):
+    from tasks.common.errors import ConfigError
+    from tasks.learning import pixels
+
+    monkeypatch.setattr(pixels, "_opencv", lambda: None)
+    context = SimpleNamespace(artifacts={pyfunc.KERAS_ARTIFACT: champion_store.result.model_path},
+                              model_config={"input_size": 32, "decoder": "opencv"})
+    with pytest.raises(ConfigError, match=r"trained on images decoded by OpenCV.*pip install opencv-python-headless"
+                                          r".*MLFLOW_PYFUNC_INFERENCE_CONFIG"):
+        pyfunc.CatsDogsModel().load_context(context)
+    served = pyfunc.CatsDogsModel()
+    served.load_context(SimpleNamespace(artifacts=context.artifacts, model_config={"input_size": 32,
+                                                                                  "decoder": "pillow"}))
+    assert served.decoder == "pillow"  # what a server chooses with MLFLOW_PYFUNC_INFERENCE_CONFIG
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -79,6 +80,7 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert metrics["test_roc_auc"] == pytest.approx(0.97) and metrics["val_roc_auc"] == pytest.approx(0.95)
     assert tags["dataset_fingerprint"] == "f" * 64 and tags["config_hash"] == result.config_hash
     assert params["resolved.backend"] == result.devices.backend and params["resolved.precision"] == "float32"
+    assert params["resolved.decoder"] == result.decoder == "opencv"
     inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}  # MLflow's lineage
     assert set(inputs) == {"train", "validation", "test"}
     assert {dataset.digest for dataset in inputs.values()} == {("f" * 64)[:16]}
@@ -96,8 +98,12 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert [m.step for m in client.get_metric_history(chosen, "fine_tune.val_auc")] == [1, 2]
     assert client.get_metric_history(logged.child_run_ids["mobilenet_v2"], "fine_tune.loss") == []
 
+    assert client.get_run(chosen).data.params["precision"] == "float32"
     model_info = mlflow.models.get_model_info(logged.model_uri)
     assert model_info.signature.inputs.input_names() == ["image", "pixels"]
+    loaded = mlflow.pyfunc.load_model(logged.model_uri)  # it serves with the decoder it was trained with
+    assert loaded.model_config["decoder"] == "opencv" and loaded.unwrap_python_model().decoder == "opencv"
+    assert "opencv-python-headless==" in Path(mlflow.pyfunc.get_model_dependencies(logged.model_uri)).read_text()
     assert model_info.saved_input_example_info is not None
     store = tmp_path / "mlruns"
     assert any(store.joinpath("cats-vs-dogs").rglob("model.keras"))  # artifacts beside the db

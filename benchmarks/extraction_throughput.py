@@ -4,8 +4,10 @@ Run: python benchmarks/extraction_throughput.py [--images 256] [--backbones resn
      KERAS_BACKEND=jax python benchmarks/extraction_throughput.py      # the same on Keras' JAX backend
 
 On photo-like 500x375 JPEGs (quality 85), weights=None (timing does not depend on weight values):
-  - decode img/s per core, OpenCV and Pillow (tasks/learning/pixels.py's `decode_image`, one
-    thread, bytes in memory, 500x375 -> 224), interleaved rounds, and OpenCV / Pillow (target >= 2.5),
+  - decode img/s per core, OpenCV and Pillow (benchmarks/decode_throughput.py: one thread, bytes in
+    memory, 500x375 -> 224, interleaved rounds; target OpenCV / Pillow >= 2.5), once in a process
+    without TensorFlow or JAX (as the decode worker processes of a many-core host run) and once in
+    this one (as the thread workers of a small host run; Pillow is faster here, OpenCV is not),
   - what `--precision auto` measures on this host for each backbone (bfloat16 / float32) and picks,
 and at the backbone's native size, for each backbone and precision, with the --decoder (OpenCV by default):
   - bare:   the compiled forward pass on uint8 batches already decoded in memory (the compute bound),
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.decode_throughput import decode_per_core, summary  # noqa: E402
 from benchmarks.photos import prepared_folder, write_photos  # noqa: E402
 from tasks.data.datafolder import DataFolder  # noqa: E402
 from tasks.learning.backbones import build_backbone, resolve_input_size  # noqa: E402
@@ -42,7 +46,7 @@ from tasks.learning.extractor import cached_extractor, close_decoders  # noqa: E
 from tasks.learning.features import extract_features  # noqa: E402
 from tasks.learning.backbones import weights_fingerprint  # noqa: E402
 from tasks.learning.forward import to_numpy  # noqa: E402
-from tasks.learning.pixels import Decoder, decode_image  # noqa: E402
+from tasks.learning.pixels import Decoder  # noqa: E402
 from tasks.learning.precision import resolve_precision  # noqa: E402
 from tasks.learning.shards import load_features  # noqa: E402
 
@@ -59,21 +63,6 @@ def naive_loop(model, paths: list[str], size: int, batch_size: int) -> None:
         batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR))
                           for p in paths[start:start + batch_size]])
         model.predict(batch, verbose=0)
-
-
-def decode_per_core(photos: list[Path], size: int, repeats: int) -> dict[str, list[float]]:
-    """img/s of `decode_image` on one thread, per decoder, in interleaved rounds (bytes already in memory)."""
-    blobs = [path.read_bytes() for path in photos]
-    rates: dict[str, list[float]] = {"pillow": [], "opencv": []}
-    for name in rates:
-        decode_image(blobs[0], size, decoder=name)  # imports and first calls outside the timing
-    for _ in range(repeats):
-        for name in rates:
-            start = time.perf_counter()
-            for blob in blobs:
-                decode_image(blob, size, decoder=name)
-            rates[name].append(len(blobs) / (time.perf_counter() - start))
-    return rates
 
 
 def bench(root: Path, photos: list[Path], backbone: str, precision: str, weights: Path, batch_size: int,
@@ -134,13 +123,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{setup.backend}, {setup.device_name}, {os.cpu_count()} cpus, e2e decoder {args.decoder}, median of "
           f"{args.repeats} interleaved repeats, load average {_load()}")
 
-    rates = decode_per_core(photos[:args.decode_images], 224, args.decode_repeats)
-    pillow, opencv = (np.asarray(rates[name]) for name in ("pillow", "opencv"))
-    print(f"\ndecode 500x375 -> 224 on one core, median of {args.decode_repeats} interleaved rounds of "
-          f"{args.decode_images} (load average {_load()}):")
-    print(f"  pillow {np.median(pillow):7.0f} img/s   opencv {np.median(opencv):7.0f} img/s   "
-          f"opencv/pillow {np.median(opencv / pillow):.2f} (rounds {np.min(opencv / pillow):.2f}-"
-          f"{np.max(opencv / pillow):.2f}; target >= 2.5)")
+    clean = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_throughput.py"), "--images",
+                            str(args.decode_images), "--repeats", str(args.decode_repeats), "--photos", str(args.photos)],
+                           check=True, capture_output=True, text=True).stdout
+    print("\n" + clean.rstrip())
+    print(f"the same inside this process, with Keras on {setup.backend} loaded (thread workers on a small host):")
+    print("  " + summary(decode_per_core(photos[:args.decode_images], 224, args.decode_repeats)))
     if args.decode_only:
         return
     root = Path(tempfile.mkdtemp(prefix="extraction-bench-"))

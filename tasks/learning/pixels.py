@@ -17,8 +17,10 @@ parameters, the served model's config), because the two give pixels a level or t
   same rule as Pillow's draft, EXIF orientation applied by OpenCV; every other image (PNG,
   GIF, CMYK, 16-bit, alpha) is decoded by Pillow as above. Then OpenCV's bilinear resize after
   a smoothing of the same spread as Pillow's antialiasing filter on each shrunk axis: mean
-  |difference| from Pillow's pixels about 0.4 of 255 at 224 px, and 2-3x the speed per core
-  (Pillow's resize alone costs more than the whole JPEG decode; benchmarks/extraction_throughput.py).
+  |difference| from Pillow's pixels about 0.4 of 255 at 224 px. Per core, 500x375 -> 224: about
+  2.7x Pillow's speed in a decode worker process, 2x in a process that has loaded TensorFlow or
+  JAX, where Pillow runs faster and OpenCV does not (Pillow's resize alone costs more than the
+  whole JPEG decode; benchmarks/decode_throughput.py).
   OpenCV's INTER_AREA is further from Pillow (0.8) and slower; INTER_LINEAR alone aliases (2.0).
 
 Either way the image is squashed to the square input (aspect ratio not kept, as Keras'

@@ -9,7 +9,6 @@ consequence is measured on generated images large enough that both decoders shri
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import build_backbone
@@ -18,8 +17,6 @@ from tasks.learning.features import extract_features
 from tasks.learning.head import HeadParams, fit_head
 from tasks.learning.shards import load_split_features
 from tests.prepared import make_prepared_dir
-
-pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 BACKBONE = "efficientnetv2b0"  # a random EfficientNetV2 at 32 px still separates the generated classes
 SIZE = 32

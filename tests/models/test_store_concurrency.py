@@ -3,7 +3,7 @@
 MLflow migrates a new sqlite store on first use; two processes doing that at the same moment
 used to leave it half-migrated for good (`table _alembic_tmp_latest_metrics already exists`).
 Here real processes are lined up behind a starting gun and all touch the same new store, as a
-scheduled and a manual retrain would, several times over.
+scheduled and a manual retrain would, in several rounds.
 """
 
 from __future__ import annotations
@@ -14,44 +14,43 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.servers import REPO_ROOT, base_env
 
 PROCESSES = 3
-TRIALS = 2  # without the lock, every trial measured failed; two keep a lucky race from passing unseen
+ROUNDS = 2  # without the lock, every round measured failed; two keep a lucky race from passing unseen
 
 _READER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from tasks.models.registry import champion_summary
     from tasks.models.store import ensure_experiment
-    import mlflow.tracking  # imports done before the gun, so all start together
-    ready, gun = Path(sys.argv[1]), Path(sys.argv[2])
-    ready.write_text("ready")
-    while not gun.exists():
-        time.sleep(0.005)
-    assert champion_summary() is None  # first touch: creates and migrates the store
-    ensure_experiment("cats-vs-dogs")
+    import mlflow.tracking  # imports done before the first gun, so all start together
+    work, index, stores = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    for round, store in enumerate(stores):  # one new store per round, the same processes
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+        (work / f"ready{index}-{round}").write_text("ready")
+        while not (work / f"go{round}").exists():
+            time.sleep(0.005)
+        assert champion_summary() is None  # first touch: creates and migrates the store
+        ensure_experiment("cats-vs-dogs")
     print("ok")
 """)
 
 
-def _race(store: Path, work: Path) -> list[subprocess.CompletedProcess]:
-    uri = f"sqlite:///{store}"
-    env = base_env(MLFLOW_TRACKING_URI=uri)
-    gun = work / "go"
-    procs = []
-    for index in range(PROCESSES):
-        procs.append(subprocess.Popen([sys.executable, "-c", _READER, str(work / f"ready{index}"), str(gun)],
-                                      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+def _race(stores: list[Path], work: Path) -> list[subprocess.CompletedProcess]:
+    """Start PROCESSES readers once; for each store, fire the gun when all of them wait for it."""
+    procs = [subprocess.Popen([sys.executable, "-c", _READER, str(work), str(index), *map(str, stores)],
+                              cwd=REPO_ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for index in range(PROCESSES)]
     deadline = time.monotonic() + 300
-    while not all((work / f"ready{index}").exists() for index in range(PROCESSES)):
-        assert time.monotonic() < deadline, "the processes never got ready"
-        assert all(proc.poll() is None for proc in procs), [proc.communicate() for proc in procs]
-        time.sleep(0.05)
-    gun.write_text("go")
+    for round in range(len(stores)):
+        while not all((work / f"ready{index}-{round}").exists() for index in range(PROCESSES)):
+            if any(proc.poll() is not None for proc in procs) or time.monotonic() > deadline:
+                for proc in procs:  # one failed (or none got ready): the others would wait for a gun forever
+                    proc.kill()
+                break
+            time.sleep(0.02)
+        (work / f"go{round}").write_text("go")
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=600)
@@ -59,18 +58,18 @@ def _race(store: Path, work: Path) -> list[subprocess.CompletedProcess]:
     return results
 
 
-@pytest.mark.parametrize("trial", range(TRIALS))
-def test_processes_creating_a_new_store_at_once_all_succeed_and_leave_it_whole(tmp_path, trial):
+def test_processes_creating_a_new_store_at_once_all_succeed_and_leave_it_whole(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    store = tmp_path / "mlruns" / "mlflow.db"
-    results = _race(store, tmp_path)
+    stores = [tmp_path / f"round{index}" / "mlruns" / "mlflow.db" for index in range(ROUNDS)]
+    results = _race(stores, tmp_path)
     failures = [result.stderr[-1500:] for result in results if result.returncode != 0]
     assert not failures, failures
     assert all(result.stdout.strip().endswith("ok") for result in results)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")  # the store works for every later run
-    [experiment] = [e for e in client.search_experiments() if e.name == "cats-vs-dogs"]
-    run = client.create_run(experiment.experiment_id)
-    client.log_metric(run.info.run_id, "m", 1.0)
-    assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    for store in stores:  # each store works for every later run
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+        [experiment] = [e for e in client.search_experiments() if e.name == "cats-vs-dogs"]
+        run = client.create_run(experiment.experiment_id)
+        client.log_metric(run.info.run_id, "m", 1.0)
+        assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}

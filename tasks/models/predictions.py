@@ -30,8 +30,9 @@ from tasks.common.errors import InputError
 from tasks.common.files import atomic_path
 from tasks.common.logs import run_logger
 from tasks.common.results import PredictSummary
-from tasks.models.registry import load_pyfunc
-from tasks.models.scoring import model_classes, score_table
+from tasks.common.labels import CATS_DOGS, ClassMap
+from tasks.models.registry import load_pyfunc, logged_classes
+from tasks.models.scoring import score_table
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 """Files scored in an images folder; other files (Thumbs.db, notes) are counted as skipped."""
@@ -218,10 +219,11 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     if not images:
         raise InputError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                          "pass a folder or archive that contains images.")
-    model = load_pyfunc(model_uri)
-    if not model_classes(model).kaggle:
-        log.info("Classes: %s; writing id,label and a probability per class", model_classes(model).text())
-        return predict_classes(folder, model, model_uri, output_csv, batch_size, images, skipped)
+    names = logged_classes(model_uri)
+    classes = ClassMap.from_names(names) if names else CATS_DOGS
+    if not classes.kaggle:
+        log.info("Classes: %s; writing id,label and a probability per class", classes.text())
+        return predict_classes(folder, load_pyfunc(model_uri), model_uri, output_csv, batch_size, images, skipped)
     images, left_out = kaggle_numbered(images)
     if left_out:
         shown = ", ".join(path.name for path in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
@@ -236,6 +238,7 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
         log.info("Ids checked against Kaggle's %s: the same %d ids in the same order", sample, len(ids))
     from tasks.common.progress import Progress
 
+    model = load_pyfunc(model_uri)
     progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
     scored = score_table(model, images, batch_size, progress.advance)
     scores, errors = scored.probabilities[:, 0], scored.errors

@@ -202,5 +202,5 @@ def logged_classes(model_uri: str) -> list[str] | None:
         flavor = mlflow.models.Model.load(model_uri).flavors.get("python_function", {})
     except (MlflowException, OSError):
         return None
-    classes = (flavor.get("model_config") or {}).get("classes")
+    classes = (flavor.get("config") or {}).get("classes")  # the pyfunc flavor keeps model_config as "config"
     return [str(name) for name in classes] if classes else None

@@ -82,3 +82,45 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     assert list(table.columns) == ["id", "label", "p_daisy", "p_red_roses", "p_tulips"]
     assert len(table) == 6 and set(table["label"]) <= set(CLASSES)
     assert np.allclose(table[["p_daisy", "p_red_roses", "p_tulips"]].sum(axis=1), 1.0, atol=1e-4)
+
+
+FIVE = ["apple", "banana", "cherry", "damson", "elder"]
+
+
+@pytest.mark.slow
+def test_five_presplit_classes_prepare_train_and_predict_in_process(tmp_path):
+    from flows.config import DataConfig, TrainConfig
+    from flows.prepare import prepare_data
+    from flows.train import train_model
+    from tasks.common.labels import class_map
+    from tasks.data.validate import ValidationThresholds
+    from tasks.models.pyfunc import CatsDogsModel, load_keras_model
+
+    source = write_class_folders(tmp_path / "fruit", [name.title() for name in FIVE],
+                                 splits={"train": 8, "validation": 3, "test": 3})
+    data_dir = tmp_path / "data"
+    thresholds = ValidationThresholds(min_per_class=10, min_per_class_per_split=1, max_class_imbalance=10.0,
+                                      max_quarantined_share=0.2)
+    prepared = prepare_data(DataConfig(source=str(source), data_dir=str(data_dir), thresholds=thresholds))
+    assert prepared.layout == "presplit_classes" and prepared.classes == FIVE
+    assert prepared.counts["test"] == dict.fromkeys(FIVE, 3)  # the source's own splits are kept
+    assert sorted(path.name for path in (data_dir / "arranged" / "test").iterdir()) == FIVE
+
+    trained = train_model(data_dir, TrainConfig(backbones=["vgg16"], weights=None, input_size=32, batch_size=16,
+                                                head_epochs=40, dense_units=16, patience=5, class_weight="balanced"))
+    metrics = trained.test_metrics
+    assert len(metrics["confusion_matrix"]) == 5 and all(len(row) == 5 for row in metrics["confusion_matrix"])
+    assert metrics["accuracy"] > metrics["chance_accuracy"] == pytest.approx(0.2)
+    assert metrics["roc_auc"] is not None and {f"recall_{name}" for name in FIVE} <= set(metrics)
+    predictions = pd.read_csv(trained.predictions_path)
+    assert list(predictions.columns) == ["path", "sha256", "label", "predicted", *(f"p_{name}" for name in FIVE)]
+    assert set(trained.plots) >= {"roc_curve", "confusion_matrix", "top_losses"}
+
+    model = CatsDogsModel().attach(load_keras_model(trained.model_path), trained.input_size, trained.decoder,
+                                   class_map(FIVE))
+    answer = model.predict(None, pd.DataFrame({"image": [indexed_image_bytes(index, 5, 7000 + index)
+                                                         for index in range(5)] + [b"not an image"]}))
+    assert list(answer.columns) == [*(f"p_{name}" for name in FIVE), "label", "label_index", "error"]
+    assert np.allclose(answer[[f"p_{name}" for name in FIVE]].iloc[:5].astype(float).sum(axis=1), 1.0, atol=1e-4)
+    assert sum(answer["label"].iloc[:5] == FIVE) >= 3
+    assert answer["label"].iloc[5] == "" and answer["error"].iloc[5]

@@ -36,7 +36,7 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     from flows.predict import main as predict_main
     from flows.retrain import main as retrain_main
 
-    source = write_class_folders(tmp_path / "flowers", FOLDERS, per_class=20)
+    source = write_class_folders(tmp_path / "flowers", FOLDERS, per_class=15)
     data_dir = tmp_path / "data"
 
     assert retrain_main(["--source", str(source), "--data-dir", str(data_dir), *TINY_FLAGS]) == 0, \
@@ -97,17 +97,17 @@ def test_five_presplit_classes_prepare_train_and_predict_in_process(tmp_path):
     from tasks.models.pyfunc import CatsDogsModel, load_keras_model
 
     source = write_class_folders(tmp_path / "fruit", [name.title() for name in FIVE],
-                                 splits={"train": 8, "validation": 3, "test": 3})
+                                 splits={"train": 6, "validation": 2, "test": 2})
     data_dir = tmp_path / "data"
     thresholds = ValidationThresholds(min_per_class=10, min_per_class_per_split=1, max_class_imbalance=10.0,
                                       max_quarantined_share=0.2)
     prepared = prepare_data(DataConfig(source=str(source), data_dir=str(data_dir), thresholds=thresholds))
     assert prepared.layout == "presplit_classes" and prepared.classes == FIVE
-    assert prepared.counts["test"] == dict.fromkeys(FIVE, 3)  # the source's own splits are kept
+    assert prepared.counts["test"] == dict.fromkeys(FIVE, 2)  # the source's own splits are kept
     assert sorted(path.name for path in (data_dir / "arranged" / "test").iterdir()) == FIVE
 
     trained = train_model(data_dir, TrainConfig(backbones=["vgg16"], weights=None, input_size=32, batch_size=16,
-                                                head_epochs=40, dense_units=16, patience=5, class_weight="balanced"))
+                                                head_epochs=30, dense_units=16, patience=5, class_weight="balanced"))
     metrics = trained.test_metrics
     assert len(metrics["confusion_matrix"]) == 5 and all(len(row) == 5 for row in metrics["confusion_matrix"])
     assert metrics["accuracy"] > metrics["chance_accuracy"] == pytest.approx(0.2)

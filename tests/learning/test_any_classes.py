@@ -13,7 +13,7 @@ from tasks.common.labels import class_map
 pytestmark = pytest.mark.backends  # runs on TensorFlow and again on JAX (see README's test command)
 
 NAMES = ("daisy", "roses", "tulips")
-PARAMS = HeadParams(dense_units=16, dropout=0.2, learning_rate=1e-2, epochs=20, batch_size=16, patience=3, seed=7)
+PARAMS = HeadParams(dense_units=16, dropout=0.2, learning_rate=1e-2, epochs=10, batch_size=32, patience=3, seed=7)
 
 
 def _features(labels: np.ndarray, seed: int, dim: int = 12) -> np.ndarray:

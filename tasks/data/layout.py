@@ -223,6 +223,7 @@ def _any_presplit(base: Path) -> list[_Found] | None:
     if not dirs or any(name not in SPLIT_FOLDERS for name in dirs):
         return None
     found: list[_Found] = []
+    folders: list[Path] = []
     for name, split_dir in sorted(dirs.items()):
         classes = {entry.name: Path(entry.path) for entry in os.scandir(split_dir)
                    if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)}
@@ -232,13 +233,33 @@ def _any_presplit(base: Path) -> list[_Found] | None:
             class_map(classes)  # two folders of one split that normalise to one name: one sentence naming both
         found.extend(_class_files([(path, class_name(folder)) for folder, path in sorted(classes.items())],
                                   SPLIT_FOLDERS[name]))
+        folders.extend(classes.values())
     class_map({label for _, label, _ in found})  # at least two classes in all
+    return _refuse_empty_classes(found, folders)
+
+
+def _refuse_empty_classes(found: list[_Found], folders: list[Path]) -> list[_Found]:
+    """A class folder without a file would silently drop its class from the class map: one sentence instead."""
+    empty = sorted({str(folder) for folder in folders} - {str(parent) for parent in _class_roots(found, folders)})
+    if empty and found:
+        raise LayoutError(f"The class folder {empty[0]} holds no files; add its images or remove it "
+                          f"({len(empty)} empty class folder(s) in all).")
     return found
+
+
+def _class_roots(found: list[_Found], folders: list[Path]) -> set[Path]:
+    """The class folders (of `folders`) that hold at least one of the files found."""
+    roots = set()
+    for path, _, _ in found:
+        roots.update(folder for folder in folders if folder in path.parents)
+    return roots
 
 
 def _plain_any_classes(base: Path) -> list[_Found] | None:
     folders = _any_class_folders(base)
-    return None if folders is None else _class_files(folders, "")
+    if folders is None:
+        return None
+    return _refuse_empty_classes(_class_files(folders, ""), [path for path, _ in folders])
 
 
 _DETECTORS: tuple[tuple[str, _Detector], ...] = (

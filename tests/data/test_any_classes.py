@@ -107,3 +107,11 @@ def test_n_class_checks_name_a_class_missing_from_a_split_and_an_imbalanced_clas
     assert "enough_images_per_class_per_split: test/tulips 0 < 2" in brief
     assert "class_balance: train/red_roses share of largest 0.3333 < 0.5" in brief
     assert "test/tulips share of largest 0 < 0.5" in brief
+
+
+def test_an_empty_class_folder_is_named_rather_than_dropped_from_the_classes(tmp_path):
+    write_class_folders(tmp_path, ["daisy", "tulips"], per_class=1)
+    (tmp_path / "roses").mkdir()
+    (tmp_path / "roses" / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(LayoutError, match=r"class folder .*roses holds no files; add its images or remove it"):
+        find_candidates(tmp_path)

@@ -246,7 +246,8 @@ def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_si
 
     keras.utils.set_random_seed(params.seed)
     n_classes = len(folder.classes().names)
-    weights = class_weights(params.class_weight, folder.split_rows("train")["y"].to_numpy(), n_classes)
+    weights = None if params.class_weight == "none" else \
+        class_weights(params.class_weight, folder.split_rows("train")["y"].to_numpy(), n_classes)
     train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed, decoder=decoder,
                              class_weight=weights)
     validation = labelled_batches(folder, "validation", input_size, params.batch_size, shuffle_seed=None,

@@ -107,7 +107,9 @@ def test_five_presplit_classes_prepare_train_and_predict_in_process(tmp_path):
     assert sorted(path.name for path in (data_dir / "arranged" / "test").iterdir()) == FIVE
 
     trained = train_model(data_dir, TrainConfig(backbones=["vgg16"], weights=None, input_size=32, batch_size=16,
-                                                head_epochs=30, dense_units=16, patience=5, class_weight="balanced"))
+                                                head_epochs=30, dense_units=16, patience=5, class_weight="balanced",
+                                                fine_tune=True, fine_tune_epochs=1))
+    assert trained.fine_tune is not None and trained.fine_tune.epochs_run == 1  # the softmax fine-tunes too
     metrics = trained.test_metrics
     assert len(metrics["confusion_matrix"]) == 5 and all(len(row) == 5 for row in metrics["confusion_matrix"])
     assert metrics["accuracy"] > metrics["chance_accuracy"] == pytest.approx(0.2)

@@ -1,7 +1,8 @@
 """Generated images and archives for tests: two visibly different classes and the real archive's faults.
 
 Cats are warm (red/orange) with horizontal stripes, dogs are cool (blue/green) with a checker
-texture, so even a tiny randomly initialised backbone plus a trained head separates them.
+texture, so even a tiny randomly initialised backbone plus a trained head separates them. Any
+number of classes (`write_class_folders`) differ the same way: each its own hue and texture.
 """
 
 from __future__ import annotations

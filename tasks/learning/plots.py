@@ -62,9 +62,12 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]], target: P
     return _save(figure, target)
 
 
-def plot_roc(labels: np.ndarray, p_dog: np.ndarray, target: Path, auc: float | None,
+def plot_roc(labels: np.ndarray, scores: np.ndarray, target: Path, auc: float | None,
              classes: ClassMap = CATS_DOGS) -> Path:
-    """ROC curve of p(dog) against the true dog label (dog = positive class); one-vs-rest curves for N classes."""
+    """ROC curve of p(dog) against the true dog label (dog = positive class); one-vs-rest curves for N classes.
+
+    `scores` are p(positive) for two classes, (n, classes) probabilities for more.
+    """
     from sklearn.metrics import roc_curve
 
     figure = _figure(5, 5)
@@ -72,11 +75,11 @@ def plot_roc(labels: np.ndarray, p_dog: np.ndarray, target: Path, auc: float | N
     if not classes.binary:
         for index, name in enumerate(classes.names):
             if 0 < int((labels == index).sum()) < len(labels):
-                fpr, tpr, _ = roc_curve(labels == index, p_dog[:, index])
+                fpr, tpr, _ = roc_curve(labels == index, scores[:, index])
                 axis.plot(fpr, tpr, label=name)
         axis.legend(loc="lower right", fontsize="small", title=f"macro AUC {auc:.4f}" if auc is not None else None)
     elif len(np.unique(labels)) == 2:
-        fpr, tpr, _ = roc_curve(labels, p_dog, pos_label=1)
+        fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
         axis.plot(fpr, tpr, label=f"AUC = {auc:.4f}" if auc is not None else "ROC")
         axis.legend(loc="lower right")
     else:

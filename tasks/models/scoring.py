@@ -18,7 +18,7 @@ import pandas as pd
 from tasks.common.errors import ClassesDiffer, InputError
 from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.data.datafolder import DataFolder
-from tasks.models.registry import load_pyfunc
+from tasks.models.registry import load_pyfunc, logged_classes
 
 ProgressHook = Callable[[int], None]
 
@@ -31,12 +31,6 @@ class Scored:
     probabilities: np.ndarray
     labels: list[str]
     errors: list[str]
-
-
-def model_classes(model: Any) -> ClassMap:
-    """The classes a loaded pyfunc model answers (its config); cats vs. dogs for a model logged before classes were."""
-    config = getattr(model, "model_config", None) or {}
-    return ClassMap.from_names(config["classes"]) if config.get("classes") else CATS_DOGS
 
 
 def score_table(model: Any, paths: Sequence[Path], batch_size: int,
@@ -105,12 +99,13 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
         raise InputError(f"No arranged {split} images in {folder.manifest}; run prepare_data on it first.")
     from tasks.common.progress import Progress
 
-    model = load_pyfunc(model_uri)
     classes = folder.classes()
-    if model_classes(model) != classes:
-        raise ClassesDiffer(f"{model_uri} answers the classes {model_classes(model).text()}, but {folder.root} holds "
-                            f"{classes.text()}; score it on a data folder of its own classes, or register models of "
-                            "other classes under another --model-name.")
+    logged = ClassMap.from_names(logged_classes(model_uri) or CATS_DOGS.names)  # from MLmodel: no weights loaded
+    if logged != classes:
+        raise ClassesDiffer(f"{model_uri} answers the classes {logged.text()}, but {folder.root} holds "
+                            f"{classes.text()}; score it on a data folder of its own classes, and keep models of "
+                            "other classes in a store of their own (MLFLOW_TRACKING_URI).")
+    model = load_pyfunc(model_uri)
     progress = Progress(f"Scoring {model_uri} on the {split} split", len(rows), "images", logger_name=__name__)
     scored = score_table(model, [Path(path) for path in rows["path"]], batch_size, progress.advance)
     progress.finish()

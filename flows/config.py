@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -151,6 +152,9 @@ class TrainConfig(_Section):
     fine_tune_epochs: int = Field(default=5, ge=1, le=1000, description="Maximum fine-tuning epochs.")
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0, description="Learning rate of fine-tuning.")
     patience: int = Field(default=3, ge=1, le=100, description="Epochs without validation improvement before stopping.")
+    class_weight: Literal["none", "balanced"] = Field(
+        default="none", description="Weigh classes in the loss: balanced gives each class the same total weight "
+                                    "(n_images / (n_classes * class count), from the train split) for imbalanced data.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of weights, dropout and shuffling.")
 
     @field_validator("backbones", mode="before")
@@ -221,12 +225,23 @@ class TrainConfig(_Section):
 class GateConfig(_Section):
     """When a trained model may replace the champion (see tasks/models/gate.py)."""
 
-    metric: Literal["roc_auc", "accuracy", "f1_cat", "f1_dog"] = Field(
-        default="roc_auc", description="Test metric of the promotion gate (higher is better).")
+    metric: str = Field(
+        default="roc_auc",
+        description="Test metric of the promotion gate (higher is better): roc_auc (one-vs-rest macro for more "
+                    "than two classes), accuracy, macro_f1 (more than two classes) or f1_<class>.")
     floor: float = Field(default=0.90, ge=0.0, le=1.0,
                          description="A model whose test metric is below this never becomes champion.")
     margin: float = Field(default=0.002, ge=0.0, le=1.0,
                           description="How much a candidate must beat the champion by, on the same test split.")
+
+    @field_validator("metric")
+    @classmethod
+    def _gate_metric(cls, metric: str) -> str:
+        """The shape of a gate metric; whether it exists for the data's classes is checked once they are known."""
+        if not re.fullmatch(r"roc_auc|accuracy|macro_f1|f1_[a-z0-9_]+", metric):
+            raise ValueError(f"{metric!r} is not a gate metric; use roc_auc, accuracy, macro_f1 or f1_<class> "
+                             "(e.g. f1_dog)")
+        return metric
 
 
 DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")

@@ -5,6 +5,7 @@
 
 The CSV is exactly Kaggle's submission format, `id,label` with label = p(dog); images that
 cannot be scored get 0.5 and their reason in `<name>.errors.csv` (tasks/models/predictions.py).
+A model of other classes writes `id,label,p_<class>...` (label = the predicted class name).
 
     python -m flows.predict data/unlabelled --output-csv submission.csv
     python -m flows.predict test1.zip --model-uri models:/cats-vs-dogs/3

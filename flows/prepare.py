@@ -44,6 +44,8 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
 
         found = steps.find_candidates(root)
         log.info("Find candidates: %s layout, %d files: %s", found.layout, found.candidates, found.counts_text())
+        if not found.classes().kaggle:
+            log.info("Classes: %s (label order)", ", ".join(found.classes().names))
 
         inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side)
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
@@ -66,7 +68,9 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
                  arranged.linked, arranged.copied, arranged.unchanged, arranged.removed)
 
         summary = steps.summarise(data_dir, found.layout)
-    counts = ", ".join(f"{name} {c['cat']} cats/{c['dog']} dogs" for name, c in summary.counts.items())
+    counts = ", ".join(f"{name} " + "/".join(f"{n} {label}" for label, n in c.items()) for name, c in summary.counts.items())
+    if summary.classes == ["cat", "dog"]:
+        counts = ", ".join(f"{name} {c['cat']} cats/{c['dog']} dogs" for name, c in summary.counts.items())
     log.info("Summary: %s; %d unlabelled; %d quarantined %s; fingerprint %s", counts, summary.unlabelled,
              summary.quarantined, summary.quarantine_reasons, summary.fingerprint[:16])
     return summary

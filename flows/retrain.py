@@ -39,6 +39,7 @@ from tasks.common.results import RetrainSummary
 from tasks.data.datafolder import DataFolder
 from tasks.learning import steps as learning
 from tasks.models import steps as models
+from tasks.models.gate import check_metric
 from tasks.models.report import unchanged_reason
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
@@ -65,6 +66,7 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
 
     prepared = prepare_data(config.section(DataConfig).model_copy(update={"data_dir": data_dir}))
+    check_metric(config.metric, prepared.classes)  # e.g. f1_dog on daisies: one sentence, before any training
     built = models.versions_built_from(prepared.fingerprint, config_hash)
     champion = models.read_champion()
     flow_run_id = str(flow_run.id) if flow_run.id else None

@@ -1,7 +1,8 @@
 """Generated images and archives for tests: two visibly different classes and the real archive's faults.
 
 Cats are warm (red/orange) with horizontal stripes, dogs are cool (blue/green) with a checker
-texture, so even a tiny randomly initialised backbone plus a trained head separates them.
+texture, so even a tiny randomly initialised backbone plus a trained head separates them. Any
+number of classes (`write_class_folders`) differ the same way: each its own hue and texture.
 """
 
 from __future__ import annotations
@@ -149,3 +150,51 @@ def tar_tree(root: Path, archive: Path) -> Path:
             if path.is_file():
                 tf.add(path, path.relative_to(root).as_posix())
     return Path(archive)
+
+
+# --------------------------------------------------------------------------- any classes
+
+_TEXTURES = ("stripes", "checker", "columns", "plain", "dots")
+
+
+def indexed_class_pixels(index: int, n_classes: int, seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    """Class `index` of `n_classes`: its own hue (spaced around the colour wheel) and texture."""
+    import colorsys
+
+    rng = np.random.default_rng(seed * 97 + index)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    hue = (index / n_classes + rng.uniform(-0.03, 0.03)) % 1.0
+    base = np.array(colorsys.hsv_to_rgb(hue, 0.8, 0.8)) * 200
+    period = int(rng.integers(4, 8))
+    texture = _TEXTURES[index % len(_TEXTURES)]
+    pattern = {"stripes": (yy // period) % 2, "checker": ((yy // period) + (xx // period)) % 2,
+               "columns": (xx // period) % 2, "plain": np.zeros_like(yy),
+               "dots": ((yy % period == 0) & (xx % period == 0)).astype(int)}[texture][..., None]
+    pixels = base + pattern * 50 + rng.normal(0, 10, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def indexed_image_bytes(index: int, n_classes: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(indexed_class_pixels(index, n_classes, seed)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_class_folders(root: Path, folders: list[str], per_class: int = 12,
+                        splits: dict[str, int] | None = None, seed0: int = 0) -> Path:
+    """Write one folder per class (`root/<folder>/N.jpg`), or `root/<split>/<folder>/N.jpg` when `splits` is given.
+
+    Class i of `folders` is drawn by `indexed_class_pixels(i, len(folders), ...)`, so a tiny
+    random backbone plus a trained head tells them apart.
+    """
+    root = Path(root)
+    places = {split: root / split for split in splits} if splits else {"": root}
+    counts = splits or {"": per_class}
+    for offset, (split, base) in enumerate(places.items()):
+        for index, folder in enumerate(folders):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+            for i in range(counts[split]):
+                seed = seed0 + offset * 10_000 + i
+                (base / folder / f"{i}.jpg").write_bytes(indexed_image_bytes(index, len(folders), seed))
+    return root

@@ -70,3 +70,7 @@ def is_disk_full(error: BaseException | None) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+class ClassesDiffer(InputError):
+    """A model answers other classes than the data it is asked to be scored on: its numbers there mean nothing."""

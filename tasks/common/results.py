@@ -40,8 +40,10 @@ class PrepareSummary(_Result):
     """What prepare_data made of a source: facts about the data only, so equal data gives an equal summary."""
 
     layout: str
+    classes: list[str] = ["cat", "dog"]
+    """Class names in label order (index = label): the data folder's class map."""
     counts: dict[str, dict[str, int]]
-    """{split: {"cat": n, "dog": n}} of arranged, labelled images."""
+    """{split: {class: n}} of arranged, labelled images."""
     unlabelled: int
     quarantined: int
     quarantine_reasons: dict[str, int]

@@ -29,7 +29,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from tasks.common.files import link_stat_key, read_json_object, sha256_file, write_if_changed
-from tasks.common.labels import CLASS_DIRS, CLASSES, SPLITS, UNLABELLED
+from tasks.common.labels import CATS_DOGS, SPLITS, UNLABELLED, ClassMap
 from tasks.common.logs import run_logger
 from tasks.common.results import PreparePaths, PrepareSummary
 from tasks.data.datafolder import DataFolder
@@ -62,21 +62,21 @@ def _safe_stem(relative_path: str) -> str:
     return stem[:80]
 
 
-def arranged_paths(frame: pd.DataFrame) -> pd.Series:
+def arranged_paths(frame: pd.DataFrame, classes: ClassMap = CATS_DOGS) -> pd.Series:
     """Target path of every row relative to data_dir ("" for rows that are not arranged).
 
-    Labelled: `arranged/<split>/<cats|dogs>/<stem>_<sha256[:10]>.jpg`; the hash suffix keeps
+    Labelled: `arranged/<split>/<class folder>/<stem>_<sha256[:10]>.jpg` (`cats`/`dogs` by default); the hash suffix keeps
     names unique when two folders hold different images with the same name.
     Unlabelled: `unlabelled/<stem>.jpg`, the original name, because Kaggle's submission ids are
     the file stems of `test1/`; the hash is appended only where two such names clash.
     """
     paths = pd.Series("", index=frame.index, dtype=object)
     ok = frame["status"] == "ok"
-    labelled = ok & frame["split"].isin(SPLITS) & frame["label"].isin(CLASSES)
+    labelled = ok & frame["split"].isin(SPLITS) & frame["label"].isin(classes.names)
     pool = ok & (frame["split"] == UNLABELLED)
     stems = frame["relative_path"].map(_safe_stem)
     short = frame["sha256"].str[:10]
-    paths[labelled] = (f"{DataFolder.ARRANGED}/" + frame.loc[labelled, "split"] + "/" + frame.loc[labelled, "label"].map(CLASS_DIRS)
+    paths[labelled] = (f"{DataFolder.ARRANGED}/" + frame.loc[labelled, "split"] + "/" + frame.loc[labelled, "label"].map(classes.folder_of)
                        + "/" + stems[labelled] + "_" + short[labelled] + ".jpg")
     paths[pool] = f"{DataFolder.UNLABELLED}/" + stems[pool] + ".jpg"
     clash = pool & paths.duplicated(keep=False)
@@ -164,7 +164,7 @@ def _remove_stale(root: Path, wanted: set[Path], stats: ArrangeStats) -> None:
 def link_arranged(manifest: pd.DataFrame, folder: DataFolder) -> tuple[pd.DataFrame, ArrangeStats]:
     """`arrange_files` with a count of what was done (the flow logs it; tests assert it)."""
     frame = manifest.copy()
-    frame["arranged_path"] = arranged_paths(frame)
+    frame["arranged_path"] = arranged_paths(frame, folder.classes())
     todo = frame[frame["arranged_path"] != ""]
     stats = ArrangeStats()
     wanted: set[Path] = set()
@@ -214,14 +214,17 @@ def arrange_files(manifest: pd.DataFrame, folder: DataFolder) -> pd.DataFrame:
 # --------------------------------------------------------------------------- summary
 
 
-def dataset_fingerprint(manifest: pd.DataFrame) -> str:
-    """sha256 over sorted "sha256,label,split" lines of the kept labelled images.
+def dataset_fingerprint(manifest: pd.DataFrame, classes: ClassMap = CATS_DOGS) -> str:
+    """sha256 over sorted "sha256,label,split" lines of the kept labelled images, and the class map.
 
     It changes exactly when what a model would train or be tested on changes, so downstream
-    steps (features, training, the retrain gate) can key on it.
+    steps (features, training, the retrain gate) can key on it. The class map is a last line
+    `classes=a,b,c` (label order), except for cats vs. dogs, whose fingerprint stays as it was.
     """
     kept = manifest[(manifest["status"] == "ok") & manifest["split"].isin(SPLITS)]
     lines = sorted(f"{sha},{label},{split}" for sha, label, split in zip(kept["sha256"], kept["label"], kept["split"]))
+    if not classes.kaggle:
+        lines.append(f"classes={classes.text()}")
     return hashlib.sha256("".join(f"{line}\n" for line in lines).encode()).hexdigest()
 
 
@@ -233,13 +236,14 @@ def summarise(manifest: pd.DataFrame, folder: DataFolder, layout: str) -> Prepar
     """
     kept = manifest[manifest["status"] == "ok"]
     quarantined = manifest[manifest["status"] != "ok"]
-    counts = {split: {label: int(((kept["split"] == split) & (kept["label"] == label)).sum()) for label in CLASSES}
-              for split in SPLITS}
+    classes = folder.classes()
+    counts = {split: {label: int(((kept["split"] == split) & (kept["label"] == label)).sum())
+                      for label in classes.names} for split in SPLITS}
     return PrepareSummary(
-        layout=layout, counts=counts, unlabelled=int((kept["split"] == UNLABELLED).sum()),
+        layout=layout, classes=list(classes.names), counts=counts, unlabelled=int((kept["split"] == UNLABELLED).sum()),
         quarantined=len(quarantined),
         quarantine_reasons={reason: int(n) for reason, n in sorted(quarantined["reason"].value_counts().items())},
-        fingerprint=dataset_fingerprint(manifest),
+        fingerprint=dataset_fingerprint(manifest, classes),
         paths=PreparePaths(data_dir=str(folder.root), manifest=str(folder.manifest), arranged=str(folder.arranged),
                            validation_result=str(folder.validation_result), data_docs=str(folder.data_docs),
                            summary=str(folder.summary)))

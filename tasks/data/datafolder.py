@@ -5,11 +5,12 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     downloads/                 verified archives, digests.json (trusted sha256s)
     extracted/<sha256[:16]>/   safely extracted archives (content-addressed)
     converted/<sha256>.jpg     RGB baseline JPEGs made from oddities (PNG-as-jpg, CMYK, rotated)
+    classes.json               the class map (names in label order, their arranged folders); none = cats vs. dogs
     inspected.parquet          one row per source file, inspected (input of dedupe and split)
     splits.parquet             after dedupe and split (what Great Expectations validates)
     manifest.parquet           the final manifest, with `arranged_path`
     validation/                GX result.json and Data Docs
-    arranged/<split>/<cats|dogs>/   the images to learn from (links or copies)
+    arranged/<split>/<class folder>/   the images to learn from (links or copies; cats/, dogs/ by default)
     unlabelled/                Kaggle's test1/ pool, never trained on
     arranged.index.json        what arrange placed (stat keys, sha256), to notice writes through links
     prepare_summary.json       what prepare_data returned
@@ -36,8 +37,8 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from tasks.common.errors import DatasetValidationError
-from tasks.common.files import is_unfinished_write, partial_path
-from tasks.common.labels import CLASSES, LABEL_INDEX, SPLITS
+from tasks.common.files import is_unfinished_write, partial_path, write_if_changed
+from tasks.common.labels import CATS_DOGS, SPLITS, ClassMap
 from tasks.data.folderlock import WAIT_S, hold, holds
 
 _ROW_COLUMNS = ["sha256", "label", "status", "split", "arranged_path"]
@@ -124,6 +125,26 @@ class DataFolder:
     def converted_file(self, sha256: str) -> Path:
         """Where the RGB JPEG made from the source image with this sha256 is kept."""
         return self.converted / f"{sha256}.jpg"
+
+    @property
+    def classes_file(self) -> Path:
+        return self.root / "classes.json"
+
+    def classes(self) -> ClassMap:
+        """The folder's class map as prepare recorded it; cats vs. dogs when it recorded none (older folders)."""
+        try:
+            text = self.classes_file.read_text()
+        except FileNotFoundError:
+            return CATS_DOGS
+        try:
+            return ClassMap.from_json(text)
+        except (ValueError, KeyError, TypeError):
+            raise DatasetValidationError(f"{self.classes_file} is damaged; delete it and run prepare_data "
+                                         "again to record the classes.") from None
+
+    def record_classes(self, classes: ClassMap) -> bool:
+        """Keep the class map as classes.json (atomically, rewritten only on change); whether it was written."""
+        return write_if_changed(self.classes_file, classes.to_json().encode("utf-8"))
 
     @property
     def inspected(self) -> Path:
@@ -235,8 +256,8 @@ class DataFolder:
     def labelled_rows(self, split: str | None = None) -> pd.DataFrame:
         """The images to learn from: ok rows of labelled splits, one per sha256, in sha256 order.
 
-        Columns: sha256, label ("cat"/"dog"), y (0/1), split, arranged_path (relative) and path
-        (absolute). The order depends on content only, so every step (features, head,
+        Columns: sha256, label (a class name: "cat"/"dog" by default), y (its index in the folder's
+        class map), split, arranged_path (relative) and path (absolute). The order depends on content only, so every step (features, head,
         fine-tuning, evaluation, the gate) sees the same rows in the same order on every run.
         """
         if split is not None and split not in SPLITS:
@@ -253,19 +274,20 @@ class DataFolder:
         keep = (frame["status"] == "ok") & frame["split"].isin([split] if split else SPLITS) \
             & (frame["arranged_path"] != "")
         rows = frame[keep].drop_duplicates(subset="sha256").sort_values("sha256", kind="stable")
-        unknown = sorted(set(rows["label"]) - set(LABEL_INDEX))
+        classes = self.classes()
+        unknown = sorted(set(rows["label"]) - set(classes.names))
         if unknown:
-            raise DatasetValidationError(f"{self.manifest} has labels {unknown}; only {list(CLASSES)} are allowed, "
+            raise DatasetValidationError(f"{self.manifest} has labels {unknown}; only {list(classes.names)} are allowed, "
                                          "run prepare_data again.")
         rows = rows.reset_index(drop=True).drop(columns="status")
-        rows["y"] = rows["label"].map(LABEL_INDEX).astype("int64")
+        rows["y"] = rows["label"].map({name: index for index, name in enumerate(classes.names)}).astype("int64")
         rows["path"] = [str(self.root / relative) for relative in rows["arranged_path"]]
         return rows
 
     def split_rows(self, split: str) -> pd.DataFrame:
-        """`labelled_rows(split)`, refused when a class is missing: learning and testing need both."""
+        """`labelled_rows(split)`, refused when a class is missing: learning and testing need every class."""
         rows = self.labelled_rows(split)
-        missing = [name for name in CLASSES if not (rows["label"] == name).any()]
+        missing = [name for name in self.classes().names if not (rows["label"] == name).any()]
         if missing:
             raise DatasetValidationError(
                 f"split {split!r} of {self.manifest} has no {' or '.join(missing)} images; "
@@ -273,9 +295,10 @@ class DataFolder:
         return rows
 
     def labelled_counts(self) -> dict[str, dict[str, int]]:
-        """{split: {"cat": n, "dog": n}}; fails unless every labelled split has both classes."""
+        """{split: {class: n}}; fails unless every labelled split has every class."""
         counts = {}
+        names = self.classes().names
         for split in SPLITS:
             rows = self.split_rows(split)
-            counts[split] = {name: int((rows["label"] == name).sum()) for name in CLASSES}
+            counts[split] = {name: int((rows["label"] == name).sum()) for name in names}
         return counts

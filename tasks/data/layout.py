@@ -12,6 +12,11 @@ Recognised layouts (names compared case-insensitively, optionally inside one wra
 * ``petimages``: ``PetImages/Cat/`` and ``PetImages/Dog/`` (Microsoft's archive).
 * ``presplit``: ``train|validation|test/cats|dogs/`` (``cats_and_dogs_filtered.zip``).
 * ``class_folders``: ``cats/`` and ``dogs/`` (or ``cat/``, ``dog/``).
+* ``presplit_classes``: ``train|validation|test/<class>/`` with any two or more class names.
+* ``any_classes``: two or more class folders of any names (``daisy/``, ``roses/``, ``tulips/``).
+
+The last two are any image classes: a folder's name, normalised (tasks/common/labels.py), is
+its label. Cats and dogs layouts are tried first and keep their labels (cat, dog).
 
 Hidden files, ``__MACOSX/`` and stray top-level files (readme, licence, csv) are ignored. Every
 file inside a class folder is a candidate, even ``Thumbs.db``: the manifest step quarantines it
@@ -30,9 +35,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.common.errors import LayoutError
-from tasks.common.labels import UNLABELLED
+from tasks.common.labels import UNLABELLED, ClassMap, class_map, class_name, classes_of_labels
 
-LAYOUTS: tuple[str, ...] = ("kaggle", "petimages", "presplit", "class_folders")
+LAYOUTS: tuple[str, ...] = ("kaggle", "petimages", "presplit", "class_folders", "presplit_classes", "any_classes")
 """Layout names `find_candidates` can return, in the order they are tried."""
 
 CLASS_FOLDER_LABELS: dict[str, str] = {"cat": "cat", "cats": "cat", "dog": "dog", "dogs": "dog"}
@@ -48,7 +53,8 @@ _KAGGLE_NAME = re.compile(r"^(cat|dog)\.", re.IGNORECASE)
 EXPECTED_LAYOUTS = (
     "Kaggle (train/cat.N.jpg, train/dog.N.jpg, optional test1/), "
     "PetImages (PetImages/Cat/, PetImages/Dog/), "
-    "pre-split (train|validation|test/cats|dogs/) or class folders (cats/, dogs/), "
+    "pre-split (train|validation|test/cats|dogs/), class folders (cats/, dogs/), "
+    "or two or more class folders of any names (daisy/, roses/, ...), pre-split or not, "
     "optionally inside one wrapping folder"
 )
 
@@ -186,11 +192,83 @@ def _plain_class_folders(base: Path) -> list[_Found] | None:
     return None if folders is None else _class_files(folders, "")
 
 
+_NOT_CLASSES = frozenset({*SPLIT_FOLDERS, *KAGGLE_UNLABELLED_FOLDERS, "petimages"})
+"""Folder names that mean a split or a known source, never a class of its own."""
+
+
+def _any_class_folders(folder: Path) -> list[tuple[Path, str]] | None:
+    """`(path, normalised name)` for two or more class folders of any names, or None.
+
+    Cats and dogs folders beside other folders are refused with a sentence rather than taken
+    as N classes: `birds/` beside `cats/` and `dogs/` is more often a stray than a class.
+    """
+    dirs = {entry.name: Path(entry.path) for entry in os.scandir(folder)
+            if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)}
+    if len(dirs) < 2 or any(name.lower() in _NOT_CLASSES for name in dirs):
+        return None
+    pets = sorted(name for name in dirs if name.lower() in CLASS_FOLDER_LABELS)
+    if pets:
+        others = sorted(f"{name}/" for name in dirs if name.lower() not in CLASS_FOLDER_LABELS)
+        raise LayoutError(
+            f"{folder} holds {', '.join(others)} beside {' and '.join(f'{p}/' for p in pets)}: move "
+            f"{', '.join(others)} out to learn cats and dogs, or rename {' and '.join(f'{p}/' for p in pets)} "
+            "(e.g. cat_photos/) to learn every folder as a class.")
+    class_map(dirs)  # two folders that normalise to one name: one sentence naming both
+    return [(dirs[name], class_name(name)) for name in sorted(dirs)]
+
+
+def _any_presplit(base: Path) -> list[_Found] | None:
+    """`train|validation|test/<class>/` with any class names (a split may lack a class; validation says so)."""
+    dirs = _visible_dirs(base)
+    if not dirs or any(name not in SPLIT_FOLDERS for name in dirs):
+        return None
+    found: list[_Found] = []
+    folders: list[Path] = []
+    for name, split_dir in sorted(dirs.items()):
+        classes = {entry.name: Path(entry.path) for entry in os.scandir(split_dir)
+                   if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)}
+        if not classes or any(folder.lower() in _NOT_CLASSES for folder in classes):
+            return None
+        if len(classes) > 1:
+            class_map(classes)  # two folders of one split that normalise to one name: one sentence naming both
+        found.extend(_class_files([(path, class_name(folder)) for folder, path in sorted(classes.items())],
+                                  SPLIT_FOLDERS[name]))
+        folders.extend(classes.values())
+    class_map({label for _, label, _ in found})  # at least two classes in all
+    return _refuse_empty_classes(found, folders)
+
+
+def _refuse_empty_classes(found: list[_Found], folders: list[Path]) -> list[_Found]:
+    """A class folder without a file would silently drop its class from the class map: one sentence instead."""
+    empty = sorted({str(folder) for folder in folders} - {str(parent) for parent in _class_roots(found, folders)})
+    if empty and found:
+        raise LayoutError(f"The class folder {empty[0]} holds no files; add its images or remove it "
+                          f"({len(empty)} empty class folder(s) in all).")
+    return found
+
+
+def _class_roots(found: list[_Found], folders: list[Path]) -> set[Path]:
+    """The class folders (of `folders`) that hold at least one of the files found."""
+    roots = set()
+    for path, _, _ in found:
+        roots.update(folder for folder in folders if folder in path.parents)
+    return roots
+
+
+def _plain_any_classes(base: Path) -> list[_Found] | None:
+    folders = _any_class_folders(base)
+    if folders is None:
+        return None
+    return _refuse_empty_classes(_class_files(folders, ""), [path for path, _ in folders])
+
+
 _DETECTORS: tuple[tuple[str, _Detector], ...] = (
     ("kaggle", _kaggle),
     ("petimages", _petimages),
     ("presplit", _presplit),
     ("class_folders", _plain_class_folders),
+    ("presplit_classes", _any_presplit),
+    ("any_classes", _plain_any_classes),
 )
 
 
@@ -290,6 +368,10 @@ class LayoutFound(BaseModel):
     candidates: int
     labels: dict[str, int]
     source_splits: dict[str, int]
+
+    def classes(self) -> ClassMap:
+        """The class map of the labels found (cats vs. dogs, or any classes by their normalised names)."""
+        return classes_of_labels(self.labels)
 
     def counts_text(self) -> str:
         """`cat 12, dog 12, 40 unlabelled`: the label counts as people read them (the pool's label is empty)."""

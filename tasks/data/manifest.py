@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from tasks.common.files import write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
+from tasks.common.labels import classes_of_labels
 from tasks.data.datafolder import DataFolder
 from tasks.data.images import MAX_PIXELS, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
 from tasks.data.layout import Candidate, find_candidates
@@ -252,8 +253,12 @@ def _read_previous(path: Path) -> pd.DataFrame | None:
 
 def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_side: int = 32,
                     max_pixels: int = MAX_PIXELS, workers: int | None = None) -> ManifestBuilt:
-    """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows."""
+    """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows.
+
+    The source's class map is recorded here too (`classes.json`), from the labels its layout gave.
+    """
     layout, candidates = find_candidates(root)
+    folder.record_classes(classes_of_labels(candidate.label for candidate in candidates))
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,
                            max_pixels=max_pixels, workers=workers)
     built = ManifestBuilt(layout=layout, path=str(folder.inspected), rows=len(frame),

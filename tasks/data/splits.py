@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from tasks.common.errors import ConfigError
-from tasks.common.labels import CLASSES, SPLITS, UNLABELLED
+from tasks.common.labels import SPLITS, UNLABELLED
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
 
@@ -69,7 +69,7 @@ def presplit_splits(manifest: pd.DataFrame) -> frozenset[str]:
     train/validation/test (e.g. `cats_and_dogs_filtered`: train + validation). Kaggle's single
     labelled `train/` folder is *not* a split decision, so it is split by hash like any other.
     """
-    labelled = manifest[(manifest["status"] == "ok") & manifest["label"].isin(CLASSES)]
+    labelled = manifest[(manifest["status"] == "ok") & _labelled(manifest)]
     found = frozenset(labelled["source_split"]) & frozenset(SPLITS)
     return found if len(found) > 1 else frozenset()
 
@@ -93,6 +93,11 @@ def _split_for_row(sha256: str, source_split: str, kept: frozenset[str],
 
 
 # --------------------------------------------------------------------------- assign_splits
+
+
+def _labelled(frame: pd.DataFrame) -> pd.Series:
+    """Rows with a class label (any class; the unlabelled pool's label is "")."""
+    return frame["label"].fillna("").astype(str) != ""
 
 
 def _reset_split_fields(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -120,7 +125,7 @@ def _keeper_order(frame: pd.DataFrame) -> pd.DataFrame:
     """
     split_rank = {s: i for i, s in enumerate((*SPLITS, UNLABELLED, ""))}
     return frame.assign(
-        _unlabelled=~frame["label"].isin(CLASSES),
+        _unlabelled=~_labelled(frame),
         _split_rank=frame["source_split"].map(split_rank).fillna(len(split_rank)),
     ).sort_values(["sha256", "_unlabelled", "_split_rank", "relative_path", "source_path"], kind="stable")
 
@@ -142,7 +147,7 @@ def assign_splits(manifest: pd.DataFrame, *, fractions: Sequence[float] = DEFAUL
     fractions = check_fractions(fractions)
     frame = _reset_split_fields(manifest)
     ok = frame["status"] == "ok"
-    labelled = ok & frame["label"].isin(CLASSES)
+    labelled = ok & _labelled(frame)
 
     labels_per_hash = frame[labelled].groupby("sha256")["label"].nunique()
     conflicted = set(labels_per_hash[labels_per_hash > 1].index)
@@ -155,8 +160,8 @@ def assign_splits(manifest: pd.DataFrame, *, fractions: Sequence[float] = DEFAUL
     _quarantine(frame, frame.index.isin(duplicates), "duplicate")
 
     kept = frame["status"] == "ok"
-    kept_labelled = kept & frame["label"].isin(CLASSES)
-    frame.loc[kept & ~frame["label"].isin(CLASSES), "split"] = UNLABELLED
+    kept_labelled = kept & _labelled(frame)
+    frame.loc[kept & ~_labelled(frame), "split"] = UNLABELLED
     presplit = presplit_splits(frame) if respect_source_split else frozenset()
     frame.loc[kept_labelled, "split"] = [
         _split_for_row(sha, src, presplit, fractions)

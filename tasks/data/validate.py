@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.errors import DatasetValidationError
 from tasks.common.files import atomic_directory
-from tasks.common.labels import CLASSES, SPLITS, UNLABELLED
+from tasks.common.labels import CATS_DOGS, SPLITS, UNLABELLED, ClassMap
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest
 
@@ -89,28 +89,39 @@ def rows_frame(manifest: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def class_counts_frame(manifest: pd.DataFrame, required_splits: Sequence[str] = SPLITS) -> pd.DataFrame:
-    """Kept labelled images per (scope, class), every combination present even when it is 0."""
+def class_counts_frame(manifest: pd.DataFrame, required_splits: Sequence[str] = SPLITS,
+                       classes: ClassMap = CATS_DOGS) -> pd.DataFrame:
+    """Kept labelled images per (scope, class), every combination present even when it is 0.
+
+    With more than two classes each row also has `share_of_largest`: its count over the
+    largest class's count in the scope, which the N-class balance check bounds.
+    """
     kept = manifest[(manifest["status"] == "ok") & manifest["split"].isin(SPLITS)]
     rows = []
     for scope in ("all", *required_splits):
         in_scope = kept if scope == "all" else kept[kept["split"] == scope]
         total = len(in_scope)
-        for label in CLASSES:
+        largest = max((int((in_scope["label"] == label).sum()) for label in classes.names), default=0)
+        for label in classes.names:
             n = int((in_scope["label"] == label).sum())
-            rows.append({"key": f"{scope}/{label}", "scope": scope, "label": label, "images": n,
-                         "class_share": round(n / total, 6) if total else 0.0})
+            row = {"key": f"{scope}/{label}", "scope": scope, "label": label, "images": n,
+                   "class_share": round(n / total, 6) if total else 0.0}
+            if not classes.binary:
+                row["share_of_largest"] = round(n / largest, 6) if largest else 0.0
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def validation_key(manifest: pd.DataFrame, thresholds: ValidationThresholds,
-                   required_splits: Sequence[str] = SPLITS) -> str:
-    """Fingerprint of everything the verdict depends on: the judged columns, limits and suite."""
+                   required_splits: Sequence[str] = SPLITS, classes: ClassMap = CATS_DOGS) -> str:
+    """Fingerprint of everything the verdict depends on: the judged columns, limits, suite and classes."""
     columns = [c for c in _KEY_COLUMNS if c in manifest.columns]
     ordered = manifest[columns].sort_values(columns, kind="stable").reset_index(drop=True)
     digest = hashlib.sha256(pd.util.hash_pandas_object(ordered, index=False).values.tobytes())
     digest.update(json.dumps({"suite": SUITE_VERSION, "thresholds": thresholds.model_dump(),
                               "splits": list(required_splits), "columns": columns}, sort_keys=True).encode())
+    if not classes.kaggle:  # cats vs. dogs keeps the key it always had
+        digest.update(f"classes={classes.text()}".encode())
     return digest.hexdigest()
 
 
@@ -122,7 +133,7 @@ def _expect(kind: Any, check: str, description: str, **kwargs: Any) -> Any:
     return kind(meta={"check": check}, description=description, **kwargs)
 
 
-def _rows_expectations(gx: Any, t: ValidationThresholds) -> list[Any]:
+def _rows_expectations(gx: Any, t: ValidationThresholds, classes: ClassMap = CATS_DOGS) -> list[Any]:
     """Expectations over manifest rows: schema, known codes, one split per image, sizes, quarantine share."""
     from great_expectations.expectations.row_conditions import Column
 
@@ -141,8 +152,9 @@ def _rows_expectations(gx: Any, t: ValidationThresholds) -> list[Any]:
                 column="split", value_set=[*SPLITS, UNLABELLED, ""]),
         _expect(E.ExpectColumnValuesToNotBeInSet, "kept_rows_have_a_split", "Every kept image has a split.",
                 column="split", value_set=[""], row_condition=ok),
-        _expect(E.ExpectColumnValuesToBeInSet, "labels_in_set", "Images in train/validation/test are labelled cat or dog.",
-                column="label", value_set=list(CLASSES), row_condition=labelled),
+        _expect(E.ExpectColumnValuesToBeInSet, "labels_in_set",
+                f"Images in train/validation/test are labelled {' or '.join(classes.names)}.",
+                column="label", value_set=list(classes.names), row_condition=labelled),
         _expect(E.ExpectColumnValuesToBeUnique, "kept_sha256_unique", "Each kept image is kept once (deduplicated by content).",
                 column="sha256", row_condition=ok),
         _expect(E.ExpectColumnValuesToBeBetween, "no_image_in_two_splits", "No image content appears in two splits.",
@@ -158,20 +170,28 @@ def _rows_expectations(gx: Any, t: ValidationThresholds) -> list[Any]:
     ]
 
 
-def _count_expectations(gx: Any, t: ValidationThresholds) -> list[Any]:
-    """Expectations over the per-(scope, class) counts: enough images, balanced classes."""
+def _count_expectations(gx: Any, t: ValidationThresholds, classes: ClassMap = CATS_DOGS) -> list[Any]:
+    """Expectations over the per-(scope, class) counts: enough images, balanced classes.
+
+    Two classes bound each class's share (the same rule as a majority/minority ratio); more
+    classes bound each class's count over the largest class's count by 1 / max_class_imbalance.
+    """
     from great_expectations.expectations.row_conditions import Column
 
     E = gx.expectations
     low, high = t.share_bounds()
+    balance = _expect(E.ExpectColumnValuesToBeBetween, "class_balance", "Class shares are balanced, overall and per split.",
+                      column="class_share", min_value=round(low, 6), max_value=round(high, 6)) if classes.binary else \
+        _expect(E.ExpectColumnValuesToBeBetween, "class_balance",
+                "Each class has at least 1/max_class_imbalance of the largest class's images, overall and per split.",
+                column="share_of_largest", min_value=round(1.0 / t.max_class_imbalance, 6))
     return [
         _expect(E.ExpectColumnValuesToBeBetween, "enough_images_per_class", "Enough kept images of each class overall.",
                 column="images", min_value=t.min_per_class, row_condition=Column("scope") == "all"),
         _expect(E.ExpectColumnValuesToBeBetween, "enough_images_per_class_per_split",
                 "Enough images of each class in each split.",
                 column="images", min_value=t.min_per_class_per_split, row_condition=Column("scope") != "all"),
-        _expect(E.ExpectColumnValuesToBeBetween, "class_balance", "Class shares are balanced, overall and per split.",
-                column="class_share", min_value=round(low, 6), max_value=round(high, 6)),
+        balance,
     ]
 
 
@@ -396,16 +416,17 @@ def _summary(stored: dict, out_dir: Path, reused: bool) -> Verdict:
 
 
 def validate_manifest(manifest: pd.DataFrame, out_dir: Path, thresholds: ValidationThresholds | None = None,
-                      *, required_splits: Sequence[str] = SPLITS) -> Verdict:
+                      *, required_splits: Sequence[str] = SPLITS, classes: ClassMap = CATS_DOGS) -> Verdict:
     """Run the dataset-level suite over `manifest`; keep JSON + Data Docs under `out_dir`.
 
     Never raises for a failed expectation: the caller decides (the flow calls
     `Verdict.raise_if_failed`). `required_splits` are the splits
-    that must hold enough of each class (the flow drops those with a zero fraction).
+    that must hold enough of each class (the flow drops those with a zero fraction); `classes`
+    are the classes each of them must hold.
     """
     out_dir = Path(out_dir)
     thresholds = thresholds or ValidationThresholds()
-    key = validation_key(manifest, thresholds, required_splits)
+    key = validation_key(manifest, thresholds, required_splits, classes)
     cached = _read_cached(out_dir, key)
     if cached is not None:
         return _summary(cached, out_dir, reused=True)
@@ -414,9 +435,9 @@ def validate_manifest(manifest: pd.DataFrame, out_dir: Path, thresholds: Validat
     with atomic_directory(out_dir) as tmp:
         context = _context(gx, tmp / DATA_DOCS_DIR)
         rows = _run_suite(gx, context, "manifest_rows", rows_frame(manifest),
-                          _rows_expectations(gx, thresholds), ["relative_path"])
-        counts = _run_suite(gx, context, "class_counts", class_counts_frame(manifest, required_splits),
-                            _count_expectations(gx, thresholds), ["key"])
+                          _rows_expectations(gx, thresholds, classes), ["relative_path"])
+        counts = _run_suite(gx, context, "class_counts", class_counts_frame(manifest, required_splits, classes),
+                            _count_expectations(gx, thresholds, classes), ["key"])
         validations = {"manifest_rows": rows.to_json_dict(), "class_counts": counts.to_json_dict()}
         stored = {
             "success": bool(rows.success and counts.success),
@@ -434,6 +455,6 @@ def validate_manifest(manifest: pd.DataFrame, out_dir: Path, thresholds: Validat
 
 def validate_splits(folder: DataFolder, thresholds: ValidationThresholds | None = None,
                     required_splits: Sequence[str] = SPLITS) -> Verdict:
-    """Validate `splits.parquet` (after dedupe and split, before arranging)."""
+    """Validate `splits.parquet` (after dedupe and split, before arranging) against the folder's classes."""
     return validate_manifest(read_manifest(folder.splits), folder.validation, thresholds,
-                             required_splits=required_splits)
+                             required_splits=required_splits, classes=folder.classes())

@@ -2,7 +2,10 @@
 
 The test split is read only here, after the backbone was chosen and the model trained, so its
 numbers are an honest estimate. The model is evaluated *as saved* (reloaded from its `.keras`
-file in safe mode), so what is measured is exactly what ships. Labels: cat = 0, dog = 1.
+file in safe mode), so what is measured is exactly what ships. Labels are the data folder's
+class map (cat = 0, dog = 1 by default): two classes are scored by the probability of the
+second (`binary_metrics`), more by a probability per class (`multiclass_metrics`);
+`class_metrics` picks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from tasks.common.files import atomic_path, atomic_write_json
-from tasks.common.labels import CLASSES
+from tasks.common.labels import CATS_DOGS, CLASSES, ClassMap
 from tasks.data.datafolder import DataFolder
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("path", "sha256", "label", "p_dog", "predicted")
@@ -30,7 +33,8 @@ def _safe_float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5,
+                   names: tuple[str, ...] = CLASSES) -> dict[str, Any]:
     """Accuracy, ROC AUC, log loss, per-class precision/recall/F1 and the confusion matrix.
 
     `chance_accuracy` is what always answering the most frequent class would score on these
@@ -40,6 +44,7 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
 
     The confusion matrix is `[[cat->cat, cat->dog], [dog->cat, dog->dog]]` (rows = true,
     columns = predicted, index = label). Metrics that a one-class sample cannot define are None.
+    `names` are the two classes in label order (per-class keys: `precision_<name>`, ...).
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -69,7 +74,7 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
         "log_loss": float(log_loss(labels, np.clip(p_dog, _EPS, 1 - _EPS), labels=[0, 1])),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).astype(int).tolist(),
     }
-    for index, name in enumerate(CLASSES):
+    for index, name in enumerate(names):
         metrics[f"precision_{name}"] = float(precision[index])
         metrics[f"recall_{name}"] = float(recall[index])
         metrics[f"f1_{name}"] = float(f1[index])
@@ -77,39 +82,106 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
     return metrics
 
 
+def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """The N-class metrics: accuracy, chance_accuracy, macro F1, one-vs-rest macro ROC AUC, log loss,
+    the N x N confusion matrix (rows true, columns predicted, in label order), per-class
+    precision/recall/F1/support keyed by class name, and the range of the top probability.
+
+    `roc_auc` keeps its name so the gate, the backbone ranking and the logs read one key for
+    any number of classes; it is None where a class is missing from `labels`.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    classes = list(range(len(names)))
+    if probabilities.ndim != 2 or probabilities.shape != (labels.size, len(names)) or labels.size == 0:
+        raise ValueError(f"need one row of {len(names)} probabilities per label and at least one label, "
+                         f"got {probabilities.shape} for {labels.size}")
+    predicted = probabilities.argmax(axis=1)
+    top = probabilities.max(axis=1)
+    every = len(np.unique(labels)) == len(names)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                     zero_division=0)
+    normalised = np.clip(probabilities, _EPS, 1.0)
+    normalised = normalised / normalised.sum(axis=1, keepdims=True)
+    metrics: dict[str, Any] = {
+        "count": int(labels.size),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "chance_accuracy": float(np.bincount(labels, minlength=len(names)).max() / labels.size),
+        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+        "score_min": float(top.min()),
+        "score_max": float(top.max()),
+        "roc_auc": _safe_float(roc_auc_score(labels, normalised, multi_class="ovr", average="macro",
+                                             labels=classes)) if every else None,
+        "log_loss": float(log_loss(labels, normalised, labels=classes)),
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).astype(int).tolist(),
+    }
+    for index, name in enumerate(names):
+        metrics[f"precision_{name}"] = float(precision[index])
+        metrics[f"recall_{name}"] = float(recall[index])
+        metrics[f"f1_{name}"] = float(f1[index])
+        metrics[f"support_{name}"] = int(support[index])
+    return metrics
+
+
+def class_metrics(labels: np.ndarray, scores: np.ndarray, classes: ClassMap = CATS_DOGS) -> dict[str, Any]:
+    """`binary_metrics` of p(positive) for two classes, `multiclass_metrics` of the probabilities for more."""
+    if classes.binary:
+        return binary_metrics(labels, scores, names=classes.names)
+    return multiclass_metrics(labels, scores, classes.names)
+
+
 def predict_paths(model: Any, paths: list[str], input_size: int, batch_size: int,
                   forward: Any = None, *, decoder: str = "auto") -> tuple[np.ndarray, list[str]]:
-    """(p(dog) float32, error per path) through the one input pipeline and a compiled forward pass.
+    """(scores float32, error per path) through the one input pipeline and a compiled forward pass.
 
-    A file that cannot be decoded gets NaN and its reason; the others are scored normally.
+    Scores are p(positive) of shape (n,) for a one-output (binary) model, and a probability per
+    class, (n, classes), for a softmax model. A file that cannot be decoded gets NaN and its
+    reason; the others are scored normally.
     `decoder` must be the one the model's features were computed with (tasks/learning/pixels.py).
     """
     from tasks.learning.extractor import shared_decoder
     from tasks.learning.forward import compiled_forward, run_ahead
 
-    scores = np.full(len(paths), np.nan, dtype=np.float32)
+    width = int(model.output_shape[-1] or 1)
+    scores = np.full((len(paths), width), np.nan, dtype=np.float32)
     errors = [""] * len(paths)
     if not paths:
-        return scores, errors
+        return scores.reshape(-1) if width == 1 else scores, errors
     forward = forward or compiled_forward(model)
     for batch, outputs in run_ahead(forward, shared_decoder(input_size, batch_size, decoder=decoder).batches(paths),
                                     lambda b: b.pixels):
         rows = slice(batch.start, batch.start + len(batch.errors))
-        scores[rows] = outputs.reshape(-1)
+        scores[rows] = np.asarray(outputs).reshape(len(batch.errors), width)
         errors[rows] = batch.errors
     scores[[bool(error) for error in errors]] = np.nan
-    return scores, errors
+    return (scores.reshape(-1) if width == 1 else scores), errors
 
 
-def predictions_frame(rows: pd.DataFrame, p_dog: np.ndarray, threshold: float = 0.5) -> pd.DataFrame:
-    """The predictions table in PREDICTION_COLUMNS order (labels and predictions as 0/1)."""
-    return pd.DataFrame({
-        "path": rows["arranged_path"].astype(str).to_numpy(),
-        "sha256": rows["sha256"].astype(str).to_numpy(),
-        "label": rows["y"].astype("int64").to_numpy(),
-        "p_dog": np.asarray(p_dog, dtype=np.float64),
-        "predicted": (np.asarray(p_dog) >= threshold).astype("int64"),
-    }, columns=list(PREDICTION_COLUMNS))
+def predictions_frame(rows: pd.DataFrame, p_dog: np.ndarray, threshold: float = 0.5,
+                      classes: ClassMap = CATS_DOGS) -> pd.DataFrame:
+    """The predictions table: PREDICTION_COLUMNS for cats vs. dogs (labels and predictions as 0/1).
+
+    Other classes: path, sha256, label and predicted (label indices), then one `p_<class>`
+    column per class (two classes: the positive class's only, like `p_dog`).
+    """
+    scores = np.asarray(p_dog, dtype=np.float64)
+    head = {"path": rows["arranged_path"].astype(str).to_numpy(), "sha256": rows["sha256"].astype(str).to_numpy(),
+            "label": rows["y"].astype("int64").to_numpy()}
+    if classes.binary:
+        column = f"p_{classes.positive}"
+        return pd.DataFrame({**head, column: scores, "predicted": (scores >= threshold).astype("int64")},
+                            columns=["path", "sha256", "label", column, "predicted"])
+    probabilities = {f"p_{name}": scores[:, index] for index, name in enumerate(classes.names)}
+    return pd.DataFrame({**head, "predicted": scores.argmax(axis=1).astype("int64"), **probabilities})
 
 
 def write_csv(frame: pd.DataFrame, target: Path) -> Path:
@@ -140,13 +212,14 @@ def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input
     import tasks.learning.preprocess  # noqa: F401  (registers the Preprocess layer the saved model uses)
 
     rows = folder.split_rows(split)
+    classes = folder.classes()
     model = keras.saving.load_model(model_path, safe_mode=True)
-    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size, decoder=decoder)
+    scores, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size, decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
-    rows, p_dog = rows[ok], p_dog[ok]
-    metrics = binary_metrics(rows["y"].to_numpy(), p_dog)
+    rows, scores = rows[ok], scores[ok]
+    metrics = class_metrics(rows["y"].to_numpy(), scores, classes)
     output_dir = Path(output_dir)
-    predictions_path = write_csv(predictions_frame(rows, p_dog), output_dir / "predictions.csv")
+    predictions_path = write_csv(predictions_frame(rows, scores, classes=classes), output_dir / "predictions.csv")
     metrics_path = atomic_write_json(output_dir / f"{split}_metrics.json", metrics)
     return Evaluation(metrics=metrics, predictions_path=str(predictions_path), metrics_path=str(metrics_path),
                       count=int(len(rows)), failed=int((~ok).sum()))

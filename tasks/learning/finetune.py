@@ -30,10 +30,11 @@ from tasks.common.errors import ConfigError
 from tasks.common.files import atomic_write_json
 from tasks.common.results import FineTuneReport
 from tasks.data.datafolder import DataFolder
-from tasks.learning.evaluate import binary_metrics, predict_paths
+from tasks.learning.evaluate import class_metrics, predict_paths
 from tasks.learning.head import (
     HEAD_LAYER_NAMES,
-    compile_binary,
+    class_weights,
+    compile_classifier,
     early_stopping,
     history_to_json,
     inference_copy,
@@ -53,6 +54,7 @@ class FineTuneParams:
     batch_size: int = 32
     patience: int = 3
     seed: int = 42
+    class_weight: str = "none"
 
 
 def augmentation_layers(seed: int) -> list[Any]:
@@ -102,7 +104,8 @@ def build_end_to_end(backbone_name: str, weights: str | None, input_size: int, h
 
 
 def head_agreement(p_end_to_end: np.ndarray, head_path: Path, cache_dir: Path, sha256s: list[str]) -> float:
-    """Largest |p(dog) difference| between the end-to-end model and the head on cached features.
+    """Largest |p(dog) difference| (any class's probability for N classes) between the end-to-end model
+    and the head on cached features.
 
     Near zero when preprocessing, resizing and backbone weights match the feature step; a
     large value means the shipped model is not the one that was validated.
@@ -114,7 +117,7 @@ def head_agreement(p_end_to_end: np.ndarray, head_path: Path, cache_dir: Path, s
     if not sha256s:
         return 0.0
     head = keras.saving.load_model(head_path, safe_mode=True)
-    p_head = np.asarray(head.predict(load_features(cache_dir, sha256s), verbose=0)).reshape(-1)
+    p_head = np.asarray(head.predict(load_features(cache_dir, sha256s), verbose=0)).reshape(-1)  # (n,) or (n * N,)
     return float(np.max(np.abs(p_head - np.asarray(p_end_to_end).reshape(-1))))
 
 
@@ -163,20 +166,27 @@ def unfreeze_top(model: Any, backbone_name: str) -> dict[str, int]:
 
 
 def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size: int,
-                     shuffle_seed: int | None, *, decoder: str = "auto") -> Any:
+                     shuffle_seed: int | None, *, decoder: str = "auto",
+                     class_weight: dict[int, float] | None = None) -> Any:
     """(uint8 pixels, label, weight) batches of one split, decoded by the one input pipeline.
 
     A `keras.utils.PyDataset`, so Keras' fit runs it on every backend. With a seed the order is
     reshuffled every epoch (seeded, so runs repeat). An image that cannot be decoded gets
-    weight 0: it is skipped by the loss instead of failing the epoch.
+    weight 0: it is skipped by the loss instead of failing the epoch. `class_weight` (label ->
+    weight) multiplies each image's weight: the one way to weigh classes that works with
+    per-image weights on every backend. Labels are (n, 1) floats for two classes, indices for more.
     """
     import keras
 
     from tasks.learning.pixels import Decoder
 
+    from tasks.learning.head import target_array
+
     rows = folder.split_rows(split)
     paths = rows["path"].tolist()
-    labels = rows["y"].to_numpy(dtype=np.float32).reshape(-1, 1)
+    labels = target_array(rows["y"].to_numpy(), len(folder.classes().names))
+    weights = np.ones(len(paths), dtype=np.float32) if not class_weight else \
+        rows["y"].map(class_weight).to_numpy(dtype=np.float32)
 
     class Batches(keras.utils.PyDataset):
         """Keras asks for batches 0..n-1 in order each epoch; the decoder runs two batches ahead of it."""
@@ -203,7 +213,7 @@ def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size
             batch = next(self._stream)
             self._next = index + 1
             chosen = self.order[index * batch_size:(index + 1) * batch_size]
-            return batch.pixels.copy(), labels[chosen], batch.ok.astype(np.float32)
+            return batch.pixels.copy(), labels[chosen], batch.ok.astype(np.float32) * weights[chosen]
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -235,11 +245,15 @@ def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_si
     import keras
 
     keras.utils.set_random_seed(params.seed)
-    train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed, decoder=decoder)
+    n_classes = len(folder.classes().names)
+    weights = None if params.class_weight == "none" else \
+        class_weights(params.class_weight, folder.split_rows("train")["y"].to_numpy(), n_classes)
+    train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed, decoder=decoder,
+                             class_weight=weights)
     validation = labelled_batches(folder, "validation", input_size, params.batch_size, shuffle_seed=None,
                                   decoder=decoder)
     counts = unfreeze_top(model, backbone_name)
-    compile_binary(model, params.learning_rate)
+    compile_classifier(model, params.learning_rate, n_classes)
     before = model.get_weights()
     from tasks.learning.callbacks import training_progress
 
@@ -281,10 +295,11 @@ def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weigh
 
     model = build_end_to_end(backbone_name, weights, input_size, head_path, seed=params.seed, precision=precision)
     rows = folder.split_rows("validation")
+    classes = folder.classes()
     p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size, decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
     agreement = head_agreement(p_dog[ok], head_path, cache_dir, rows["sha256"][ok].tolist())
-    val_metrics = binary_metrics(rows["y"].to_numpy()[ok], p_dog[ok])
+    val_metrics = class_metrics(rows["y"].to_numpy()[ok], p_dog[ok], classes)
     report: FineTuneReport | None = None
     history_path: str | None = None
     output_dir = Path(output_dir)
@@ -295,7 +310,7 @@ def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weigh
         if report.improved:
             p_dog, _ = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size,
                                      compiled_forward(model), decoder=decoder)
-            val_metrics = binary_metrics(rows["y"].to_numpy()[ok], p_dog[ok])
+            val_metrics = class_metrics(rows["y"].to_numpy()[ok], p_dog[ok], classes)
     model_path = save_model(inference_copy(model), output_dir / "model.keras")
     return ExportedModel(model_path=str(model_path), fine_tuned=bool(report and report.improved),
                          history_path=history_path, val_metrics=val_metrics, head_agreement=agreement,

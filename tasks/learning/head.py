@@ -4,7 +4,8 @@ Training on cached features instead of images is what makes comparing backbones 
 backbone ran once per image (tasks/learning/features.py), and an epoch over 25,000 ResNet50 vectors
 (2048 floats) takes about a second on a 2-core CPU. The end-to-end model (tasks/learning/finetune.py)
 recreates these layers from the saved head by name (HEAD_LAYER_NAMES) with their weights.
-cat = 0, dog = 1.
+Two classes end in Dense(1, sigmoid) = p(label 1) (cat = 0, dog = 1 by default); more end in
+Dense(N, softmax), trained with sparse categorical cross-entropy on the label indices.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from tasks.common.files import atomic_path, atomic_write_json
 from tasks.common.results import HeadScores
 from tasks.data.datafolder import DataFolder
-from tasks.learning.evaluate import binary_metrics
+from tasks.learning.evaluate import class_metrics
 
 HEAD_LAYER_NAMES: tuple[str, ...] = ("head_normalize", "head_dense", "head_dropout", "head_output")
 """Layer names shared by the feature head and the end-to-end model, so weights copy by name."""
@@ -45,10 +46,36 @@ class HeadParams:
     batch_size: int = 256
     patience: int = 3
     seed: int = 42
+    class_weight: str = "none"
 
 
-def head_layers(dense_units: int, dropout: float, mean: np.ndarray, variance: np.ndarray, seed: int) -> list[Any]:
-    """Standardise -> Dense(relu) -> Dropout -> Dense(1, sigmoid) = p(dog).
+def output_units(n_classes: int) -> int:
+    """One sigmoid unit for two classes (p of label 1), one softmax unit per class for more."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """n_samples / (n_classes * count) per label (scikit-learn's "balanced"): each class weighs the same in the loss.
+
+    A class absent from `labels` gets weight 0 (nothing of it to weigh); split_rows refuses that anyway.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=n_classes)
+    total = int(counts.sum())
+    return {index: (total / (n_classes * int(n)) if n else 0.0) for index, n in enumerate(counts)}
+
+
+def class_weights(mode: str, labels: np.ndarray, n_classes: int) -> dict[int, float] | None:
+    """Keras `class_weight` for the config's `class_weight` ("none" or "balanced")."""
+    if mode == "none":
+        return None
+    if mode == "balanced":
+        return balanced_class_weights(labels, n_classes)
+    raise ValueError(f"class_weight {mode!r} is not one of none, balanced")
+
+
+def head_layers(dense_units: int, dropout: float, mean: np.ndarray, variance: np.ndarray, seed: int,
+                n_classes: int = 2) -> list[Any]:
+    """Standardise -> Dense(relu) -> Dropout -> Dense(1, sigmoid) = p(dog), or Dense(N, softmax) for N classes.
 
     Standardising with the training features' mean and variance (fixed numbers in the
     layer's config, not trained; the variance floored, see VARIANCE_FLOOR) makes one learning
@@ -65,12 +92,13 @@ def head_layers(dense_units: int, dropout: float, mean: np.ndarray, variance: np
         keras.layers.Dense(dense_units, activation="relu", name=HEAD_LAYER_NAMES[1],
                            kernel_initializer=keras.initializers.GlorotUniform(seed=seed)),
         keras.layers.Dropout(dropout, seed=seed + 1, name=HEAD_LAYER_NAMES[2]),
-        keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=HEAD_LAYER_NAMES[3],
+        keras.layers.Dense(output_units(n_classes), activation="sigmoid" if n_classes == 2 else "softmax",
+                           dtype="float32", name=HEAD_LAYER_NAMES[3],
                            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2)),
     ]
 
 
-def build_head(train_x: np.ndarray, dense_units: int, dropout: float, seed: int = 42) -> Any:
+def build_head(train_x: np.ndarray, dense_units: int, dropout: float, seed: int = 42, n_classes: int = 2) -> Any:
     """The head as a model over feature vectors, standardised with `train_x`'s statistics."""
     import keras
 
@@ -79,7 +107,7 @@ def build_head(train_x: np.ndarray, dense_units: int, dropout: float, seed: int 
     inputs = keras.Input(shape=(features.shape[1],), name="features")
     outputs = inputs
     for layer in head_layers(dense_units, dropout, features.mean(axis=0), variance + VARIANCE_FLOOR * variance.mean(),
-                             seed):
+                             seed, n_classes):
         outputs = layer(outputs)
     return keras.Model(inputs, outputs, name="head")
 
@@ -95,6 +123,26 @@ def compile_binary(model: Any, learning_rate: float) -> None:
     )
 
 
+def compile_classifier(model: Any, learning_rate: float, n_classes: int) -> None:
+    """`compile_binary` for two classes; Adam + sparse categorical cross-entropy and accuracy for more."""
+    import keras
+
+    if n_classes == 2:
+        compile_binary(model, learning_rate)
+        return
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+def target_array(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Labels as Keras wants them: (n, 1) floats for the sigmoid, (n,) label indices for the softmax."""
+    labels = np.asarray(labels)
+    return labels.astype(np.float32).reshape(-1, 1) if n_classes == 2 else labels.astype(np.int64).reshape(-1)
+
+
 def early_stopping(patience: int) -> Any:
     """Stop when validation loss stops improving and keep the best epoch's weights, not the last."""
     import keras
@@ -108,7 +156,8 @@ def history_to_json(history: dict[str, list[Any]]) -> dict[str, list[float]]:
 
 
 def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-             params: HeadParams, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, list[float]]]:
+             params: HeadParams, callbacks: list[Any] | None = None,
+             n_classes: int = 2) -> tuple[Any, dict[str, list[float]]]:
     """Train a head on feature arrays; returns (model with the best validation weights, history).
 
     Seeded layers plus seeding NumPy and TensorFlow (batch shuffling) right before the fit
@@ -118,19 +167,21 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
 
     train_x = np.asarray(train_x, dtype=np.float32)
     val_x = np.asarray(val_x, dtype=np.float32)
-    train_y = np.asarray(train_y, dtype=np.float32).reshape(-1, 1)
-    val_y = np.asarray(val_y, dtype=np.float32).reshape(-1, 1)
+    weights = class_weights(params.class_weight, train_y, n_classes)
+    train_y = target_array(train_y, n_classes)
+    val_y = target_array(val_y, n_classes)
     if train_x.ndim != 2 or len(train_x) == 0 or len(train_x) != len(train_y) or len(val_x) != len(val_y):
         raise ValueError(f"features must be (n, d) with one label per row; got {train_x.shape}/{train_y.shape} "
                          f"and {val_x.shape}/{val_y.shape}")
     if val_x.ndim != 2 or val_x.shape[1] != train_x.shape[1]:
         raise ValueError(f"validation features have shape {val_x.shape}, expected (n, {train_x.shape[1]})")
     keras.utils.set_random_seed(params.seed)
-    model = build_head(train_x, params.dense_units, params.dropout, params.seed)
-    compile_binary(model, params.learning_rate)
+    model = build_head(train_x, params.dense_units, params.dropout, params.seed, n_classes)
+    compile_classifier(model, params.learning_rate, n_classes)
     history = model.fit(
         train_x, train_y, validation_data=(val_x, val_y), epochs=params.epochs,
         batch_size=params.batch_size, shuffle=True, callbacks=[early_stopping(params.patience), *(callbacks or [])], verbose=0,
+        class_weight=weights,
     )
     return model, history_to_json(history.history)
 
@@ -182,10 +233,12 @@ def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: 
     val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
     from tasks.learning.callbacks import training_progress
 
+    classes = folder.classes()
+    n_classes = len(classes.names)
     progress = training_progress(f"Training the {backbone} head", params.epochs)
-    model, history = fit_head(train_x, train_y, val_x, val_y, params, [progress, *(callbacks or [])])
-    p_dog = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0)).reshape(-1)
-    metrics = binary_metrics(val_y, p_dog)
+    model, history = fit_head(train_x, train_y, val_x, val_y, params, [progress, *(callbacks or [])], n_classes)
+    scores = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0))
+    metrics = class_metrics(val_y, scores.reshape(-1) if n_classes == 2 else scores, classes)
     heads_dir = Path(output_dir) / "heads"
     head_path = save_model(inference_copy(model), heads_dir / f"{backbone}.keras")
     history_path = atomic_write_json(heads_dir / f"{backbone}.history.json", history)

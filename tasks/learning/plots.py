@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.files import atomic_path
-from tasks.common.labels import CLASSES
+from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.data.datafolder import DataFolder
 
 
@@ -62,34 +62,48 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]], target: P
     return _save(figure, target)
 
 
-def plot_roc(labels: np.ndarray, p_dog: np.ndarray, target: Path, auc: float | None) -> Path:
-    """ROC curve of p(dog) against the true dog label (dog = positive class)."""
+def plot_roc(labels: np.ndarray, scores: np.ndarray, target: Path, auc: float | None,
+             classes: ClassMap = CATS_DOGS) -> Path:
+    """ROC curve of p(dog) against the true dog label (dog = positive class); one-vs-rest curves for N classes.
+
+    `scores` are p(positive) for two classes, (n, classes) probabilities for more.
+    """
     from sklearn.metrics import roc_curve
 
     figure = _figure(5, 5)
     axis = figure.subplots()
-    if len(np.unique(labels)) == 2:
-        fpr, tpr, _ = roc_curve(labels, p_dog, pos_label=1)
+    if not classes.binary:
+        for index, name in enumerate(classes.names):
+            if 0 < int((labels == index).sum()) < len(labels):
+                fpr, tpr, _ = roc_curve(labels == index, scores[:, index])
+                axis.plot(fpr, tpr, label=name)
+        axis.legend(loc="lower right", fontsize="small", title=f"macro AUC {auc:.4f}" if auc is not None else None)
+    elif len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
         axis.plot(fpr, tpr, label=f"AUC = {auc:.4f}" if auc is not None else "ROC")
         axis.legend(loc="lower right")
     else:
         axis.text(0.5, 0.5, "ROC undefined: one class only", ha="center")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set_xlabel("false positive rate (cats called dogs)")
-    axis.set_ylabel("true positive rate (dogs found)")
-    axis.set_title("ROC on the test split")
+    negative, positive = ("cats", "dogs") if classes.kaggle else \
+        (classes.names[0], classes.positive) if classes.binary else ("others", "each class")
+    axis.set_xlabel(f"false positive rate ({negative} called {positive})")
+    axis.set_ylabel(f"true positive rate ({positive} found)")
+    axis.set_title("ROC on the test split" if classes.binary else "One-vs-rest ROC on the test split")
     return _save(figure, target)
 
 
-def plot_confusion(matrix: list[list[int]], target: Path) -> Path:
-    """Confusion matrix with counts; rows = true class, columns = predicted (cat first)."""
+def plot_confusion(matrix: list[list[int]], target: Path, classes: ClassMap = CATS_DOGS) -> Path:
+    """N x N confusion matrix with counts; rows = true class, columns = predicted (label order: cat first)."""
     data = np.asarray(matrix, dtype=np.int64)
-    figure = _figure(4.5, 4)
+    side = max(4.0, 0.9 * len(classes.names))
+    figure = _figure(side + 0.5, side)
     axis = figure.subplots()
     image = axis.imshow(data, cmap="Blues")
     figure.colorbar(image, ax=axis)
-    axis.set_xticks(range(len(CLASSES)), labels=[f"{c} ({i})" for i, c in enumerate(CLASSES)])
-    axis.set_yticks(range(len(CLASSES)), labels=[f"{c} ({i})" for i, c in enumerate(CLASSES)])
+    ticks = [f"{c} ({i})" for i, c in enumerate(classes.names)]
+    axis.set_xticks(range(len(ticks)), labels=ticks, rotation=45 if len(ticks) > 2 else 0)
+    axis.set_yticks(range(len(ticks)), labels=ticks)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     threshold = (data.min() + data.max()) / 2 if data.size else 0  # colormap midpoint
@@ -100,20 +114,42 @@ def plot_confusion(matrix: list[list[int]], target: Path) -> Path:
     return _save(figure, target)
 
 
-def top_losses(predictions: pd.DataFrame, count: int = 16) -> pd.DataFrame:
-    """The most confident mistakes: wrong predictions sorted by cross-entropy loss, worst first."""
-    p = predictions["p_dog"].clip(1e-7, 1 - 1e-7)
-    loss = np.where(predictions["label"] == 1, -np.log(p), -np.log(1 - p))
+def true_class_probability(predictions: pd.DataFrame, classes: ClassMap = CATS_DOGS) -> np.ndarray:
+    """Each row's probability of its true class (a predictions.csv table, see tasks/learning/evaluate.py)."""
+    labels = predictions["label"].to_numpy(dtype=np.int64)
+    if classes.binary:
+        p = predictions[f"p_{classes.positive}"].to_numpy(dtype=np.float64)
+        return np.where(labels == 1, p, 1 - p)
+    probabilities = predictions[[f"p_{name}" for name in classes.names]].to_numpy(dtype=np.float64)
+    return probabilities[np.arange(len(labels)), labels]
+
+
+def top_losses(predictions: pd.DataFrame, count: int = 16, classes: ClassMap = CATS_DOGS) -> pd.DataFrame:
+    """The most confident mistakes: wrong predictions sorted by cross-entropy loss, worst first.
+
+    For more than two classes the worst mistakes of each true class (count / N each, at least
+    one), so one confusable class does not fill the whole grid.
+    """
+    if classes.binary:
+        p = predictions[f"p_{classes.positive}"].clip(1e-7, 1 - 1e-7)
+        loss = np.where(predictions["label"] == 1, -np.log(p), -np.log(1 - p))
+    else:
+        loss = -np.log(np.clip(true_class_probability(predictions, classes), 1e-7, 1.0))
     ranked = predictions.assign(loss=loss)
-    mistakes = ranked[ranked["label"] != ranked["predicted"]]
-    return mistakes.sort_values(["loss", "path"], ascending=[False, True]).head(count).reset_index(drop=True)
+    mistakes = ranked[ranked["label"] != ranked["predicted"]].sort_values(["loss", "path"], ascending=[False, True])
+    if not classes.binary:
+        each = max(1, count // len(classes.names))
+        mistakes = mistakes.groupby("label", sort=True, group_keys=False).head(each)
+        mistakes = mistakes.sort_values(["label", "loss", "path"], ascending=[True, False, True])
+    return mistakes.head(count).reset_index(drop=True)
 
 
-def plot_top_losses(predictions: pd.DataFrame, folder: DataFolder, target: Path, count: int = 16) -> Path:
-    """A grid of the most confident mistakes, each titled with its file name, true class and p(dog)."""
+def plot_top_losses(predictions: pd.DataFrame, folder: DataFolder, target: Path, count: int = 16,
+                    classes: ClassMap = CATS_DOGS) -> Path:
+    """A grid of the most confident mistakes, each titled with its file name, true class and p(dog) (p(true class) for N)."""
     from PIL import Image
 
-    worst = top_losses(predictions, count)
+    worst = top_losses(predictions, count, classes)
     columns = 4
     rows = max(1, int(np.ceil(len(worst) / columns)))
     figure = _figure(3 * columns, 3.2 * rows)
@@ -130,7 +166,12 @@ def plot_top_losses(predictions: pd.DataFrame, folder: DataFolder, target: Path,
         except OSError:
             axis.text(0.5, 0.5, "unreadable", ha="center")
         name = path.name if len(path.name) <= 28 else path.name[:25] + "..."
-        title = f"{name}\ntrue {CLASSES[int(row.label)]}, p(dog)={row.p_dog:.3f}\nloss {row.loss:.2f}"
+        true = classes.names[int(row.label)]
+        if classes.binary:
+            score = f"p({classes.positive})={getattr(row, f'p_{classes.positive}'):.3f}"
+        else:
+            score = f"p({true})={getattr(row, f'p_{true}'):.3f}, said {classes.names[int(row.predicted)]}"
+        title = f"{name}\ntrue {true}, {score}\nloss {row.loss:.2f}"
         axis.set_title(title, fontsize=8)
     figure.suptitle("Most confident mistakes (top losses)")
     return _save(figure, target)
@@ -147,13 +188,17 @@ def make_plots(output_dir: Path, folder: DataFolder, predictions_path: Path, tes
     head_histories = {f"{key.split(':', 1)[1]} head": value
                       for key, value in histories.items() if key.startswith("head:")}
     predictions = pd.read_csv(predictions_path, dtype={"path": str, "sha256": str})
+    classes = folder.classes()
+    scores = predictions[list(classes.probability_columns)].to_numpy() if not classes.binary \
+        else predictions[f"p_{classes.positive}"].to_numpy()
     plots = {
         "head_curves": plot_training_curves(head_histories, plots_dir / "head_curves.png",
                                             "Head training (cached features)"),
-        "roc_curve": plot_roc(predictions["label"].to_numpy(), predictions["p_dog"].to_numpy(),
-                              plots_dir / "roc_curve.png", test_metrics.get("roc_auc")),
-        "confusion_matrix": plot_confusion(test_metrics["confusion_matrix"], plots_dir / "confusion_matrix.png"),
-        "top_losses": plot_top_losses(predictions, folder, plots_dir / "top_losses.png"),
+        "roc_curve": plot_roc(predictions["label"].to_numpy(), scores, plots_dir / "roc_curve.png",
+                              test_metrics.get("roc_auc"), classes),
+        "confusion_matrix": plot_confusion(test_metrics["confusion_matrix"], plots_dir / "confusion_matrix.png",
+                                           classes),
+        "top_losses": plot_top_losses(predictions, folder, plots_dir / "top_losses.png", classes=classes),
     }
     if "fine_tune" in histories:
         plots["fine_tune_curves"] = plot_training_curves(

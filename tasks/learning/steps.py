@@ -173,10 +173,12 @@ def head_params(config: Any) -> dict[str, Any]:
     """A TrainConfig's head settings as the plain dict the head task takes."""
     return asdict(HeadParams(dense_units=config.dense_units, dropout=config.dropout,
                              learning_rate=config.head_learning_rate, epochs=config.head_epochs,
-                             batch_size=config.head_batch_size, patience=config.patience, seed=config.seed))
+                             batch_size=config.head_batch_size, patience=config.patience, seed=config.seed,
+                             class_weight=config.class_weight))
 
 
 def fine_tune_params(config: Any, batch_size: int) -> dict[str, Any]:
     """A TrainConfig's fine-tuning settings as the plain dict the export task takes."""
     return asdict(FineTuneParams(epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
-                                 batch_size=batch_size, patience=config.patience, seed=config.seed))
+                                 batch_size=batch_size, patience=config.patience, seed=config.seed,
+                                 class_weight=config.class_weight))

@@ -16,12 +16,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tasks.common.errors import ConfigError
 from tasks.models.naming import CHALLENGER, CHAMPION
 
 DEFAULT_METRIC = "roc_auc"
+"""One-vs-rest macro ROC AUC for more than two classes (tasks/learning/evaluate.py names it `roc_auc` too)."""
+
+
+def gate_metrics(classes: Sequence[str]) -> list[str]:
+    """The test metrics a gate may use for these classes: roc_auc, accuracy, macro_f1 (N > 2) and f1_<class>."""
+    return ["roc_auc", "accuracy", *(["macro_f1"] if len(classes) > 2 else []), *(f"f1_{name}" for name in classes)]
+
+
+def check_metric(metric: str, classes: Sequence[str]) -> str:
+    """The gate's metric, refused with one sentence before any training when these classes' evaluation has no such key."""
+    allowed = gate_metrics(classes)
+    if metric not in allowed:
+        raise ConfigError(f"The gate metric {metric!r} is not measured for the classes {', '.join(classes)}; "
+                          f"pass --metric with one of {', '.join(allowed)}.")
+    return metric
 
 
 @dataclass(frozen=True)

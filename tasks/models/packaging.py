@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.models.inputs import IMAGE_COLUMN, PIXELS_COLUMN
 from tasks.models.pyfunc import MAX_CONCURRENT, MAX_ROWS
 
@@ -30,8 +31,11 @@ BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {"tensorflow": ("tensorflow",), "
                                                 "torch": ("torch",)}
 
 
-def model_signature() -> Any:
+def model_signature(classes: ClassMap = CATS_DOGS) -> Any:
     """The logged signature: optional `image` and `pixels` (both Any, see below) in; scores out.
+
+    Out: `p_dog` for cats vs. dogs, else one `p_<class>` per class in label order; then label
+    (the class name), label_index and error. The class map is readable from the signature.
 
     `image` is typed Any, not binary: a binary column makes MLflow base64-decode it before the
     model sees it, and one bad row would then fail the whole request. `pixels` is Any because
@@ -42,8 +46,9 @@ def model_signature() -> Any:
 
     inputs = Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False),
                      ColSpec(AnyType(), PIXELS_COLUMN, required=False)])
-    outputs = Schema([ColSpec(DataType.double, "p_dog", required=False), ColSpec(DataType.string, "label"),
-                      ColSpec(DataType.long, "label_index"), ColSpec(DataType.string, "error")])
+    outputs = Schema([*(ColSpec(DataType.double, column, required=False) for column in classes.probability_columns),
+                      ColSpec(DataType.string, "label"), ColSpec(DataType.long, "label_index"),
+                      ColSpec(DataType.string, "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -87,8 +92,10 @@ def pip_requirements(backend: str | None = None, decoder: str = "pillow") -> lis
     return pins
 
 
-def model_config(input_size: int, decoder: str = "pillow") -> dict[str, Any]:
-    """Settings stored with the logged model: input size, decoder, the backend to load it on, the request limits.
+def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = CATS_DOGS) -> dict[str, Any]:
+    """Settings stored with the logged model: input size, decoder, classes, the backend to load it on, the request limits.
+
+    `classes` are the class names in label order: what the model's outputs mean.
 
     `decoder` is the image decoder the model was trained with ("opencv" or "pillow"), so that
     served pixels are training's. Each setting can be changed where the model is served, without
@@ -100,7 +107,8 @@ def model_config(input_size: int, decoder: str = "pillow") -> dict[str, Any]:
     """
     import keras
 
-    return {"input_size": int(input_size), "decoder": decoder, "keras_backend": keras.config.backend(),
+    return {"input_size": int(input_size), "decoder": decoder, "classes": list(classes.names),
+            "keras_backend": keras.config.backend(),
             "max_rows": MAX_ROWS, "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
 
 

@@ -12,12 +12,17 @@ is scored, and the written file again (same columns) before it is called done; t
 whether one was found. Given the competition zip (or its extracted folder) as a whole, its
 unlabelled `test1/` is what is scored. Nothing is written when the model or the input is
 unusable, and a reader never sees half a file.
+
+A model of other classes than cats and dogs writes `id,label,p_<class>...` instead: label is
+the predicted class name, then one probability per class ("" for an image that failed, whose
+reason goes to the errors file as above). Ids are the file names (numbers where they are numbers).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -25,8 +30,9 @@ from tasks.common.errors import InputError
 from tasks.common.files import atomic_path
 from tasks.common.logs import run_logger
 from tasks.common.results import PredictSummary
-from tasks.models.registry import load_pyfunc
-from tasks.models.scoring import score_files
+from tasks.common.labels import CATS_DOGS, ClassMap
+from tasks.models.registry import load_pyfunc, logged_classes
+from tasks.models.scoring import score_table
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 """Files scored in an images folder; other files (Thumbs.db, notes) are counted as skipped."""
@@ -170,6 +176,40 @@ def write_submission(target: Path, ids: list[int | str], scores: list[float], fi
     return target, errors_path if failed else None
 
 
+def write_class_predictions(target: Path, ids: list[int | str], labels: list[str], columns: tuple[str, ...],
+                            probabilities: Any, files: list[str], errors: list[str]) -> tuple[Path, Path | None]:
+    """Write `id,label,p_<class>...` (and `<name>.errors.csv` when some image failed), each atomically."""
+    frame = pd.DataFrame({"id": ids, "label": labels})
+    for index, column in enumerate(columns):
+        frame[column] = probabilities[:, index]
+    failed = [(image, file, error) for image, file, error in zip(ids, files, errors) if error]
+    errors_path = target.with_name(f"{target.stem}.errors.csv")
+    if failed:
+        with atomic_path(errors_path, suffix=".csv") as tmp:
+            pd.DataFrame(failed, columns=list(ERROR_COLUMNS)).to_csv(tmp, index=False)
+    else:
+        errors_path.unlink(missing_ok=True)
+    with atomic_path(target, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
+    return target, errors_path if failed else None
+
+
+def predict_classes(folder: Path, model: Any, model_uri: str, output_csv: Path, batch_size: int,
+                    images: list[Path], skipped: int) -> PredictSummary:
+    """Score every image with a model of other classes and write `id,label,p_<class>...` (no Kaggle checks)."""
+    from tasks.common.progress import Progress
+
+    ids = csv_ids(images, folder)
+    progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
+    scored = score_table(model, images, batch_size, progress.advance)
+    progress.finish()
+    target, errors_path = write_class_predictions(output_csv, ids, scored.labels, scored.columns, scored.probabilities,
+                                                  [path.name for path in images], scored.errors)
+    return PredictSummary(output_csv=str(target), errors_csv=str(errors_path) if errors_path else None,
+                          n_images=len(images), n_errors=sum(1 for error in scored.errors if error), n_skipped=skipped,
+                          n_left_out=0, model_uri=model_uri, images_dir=str(folder), sample_submission=None)
+
+
 def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int) -> PredictSummary:
     """Score every image of `folder` with the model and write the submission; the ids are checked first."""
     import numpy as np
@@ -179,6 +219,11 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     if not images:
         raise InputError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                          "pass a folder or archive that contains images.")
+    names = logged_classes(model_uri)
+    classes = ClassMap.from_names(names) if names else CATS_DOGS
+    if not classes.kaggle:
+        log.info("Classes: %s; writing id,label and a probability per class", classes.text())
+        return predict_classes(folder, load_pyfunc(model_uri), model_uri, output_csv, batch_size, images, skipped)
     images, left_out = kaggle_numbered(images)
     if left_out:
         shown = ", ".join(path.name for path in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
@@ -195,7 +240,8 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
 
     model = load_pyfunc(model_uri)
     progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
-    scores, errors = score_files(model, images, batch_size, progress.advance)
+    scored = score_table(model, images, batch_size, progress.advance)
+    scores, errors = scored.probabilities[:, 0], scored.errors
     progress.finish()
     labels = [ERROR_LABEL if error else float(score) for score, error in zip(np.asarray(scores), errors)]
     target, errors_path = write_submission(output_csv, ids, labels, [path.name for path in images], errors, sample,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tasks.common.errors import ClassesDiffer
 from tasks.common.logs import run_logger
 from tasks.common.numbers import decimals4
 from tasks.common.results import Promotion
@@ -48,7 +49,8 @@ def score_champion(evaluate: EvaluateFn | None, client: Any, version: Any, model
     """Score the champion version on the candidate's test split (pinned by version, not alias).
 
     Without a callback, or when the champion cannot be evaluated any more (its files are
-    gone), the test metrics its own run logged are used and the reason says so.
+    gone), the test metrics its own run logged are used and the reason says so. A champion of
+    other classes has no comparable metrics at all (so it stays champion, and the reason says why).
     """
     number = str(version.version)
     if evaluate is None:
@@ -57,6 +59,8 @@ def score_champion(evaluate: EvaluateFn | None, client: Any, version: Any, model
     try:
         return ChampionScore(number, dict(evaluate(version_uri(number, model_name))),
                              "re-computed on the candidate's test split")
+    except ClassesDiffer as exc:  # no number of the champion's means anything here: it stays, and says why
+        return ChampionScore(number, {}, f"cannot be compared: {exc}")
     except Exception as exc:  # noqa: BLE001 - fall back, and say so in the reasons
         return ChampionScore(number, run_test_metrics(client, version.run_id),
                              f"as logged by its own run (re-evaluation failed: {exc})")

@@ -1,4 +1,4 @@
-"""The served model: an MLflow pyfunc that turns images into p(dog) and a label.
+"""The served model: an MLflow pyfunc that turns images into p(dog) and a label (or a probability per class).
 
 Users meet the model in three places: `mlflow models serve` (JSON over HTTP), the batch
 `predict` flow, and `mlflow.pyfunc.load_model(...).predict(...)` in a notebook. All three go
@@ -8,6 +8,8 @@ tasks/models/inputs.py (the one input pipeline of training) and scores them in b
 Output: one row per input row: ``p_dog`` (nullable float: NA on error, null in JSON), ``label``
 ("cat"/"dog", "" on error), ``label_index`` (0/1, -1 on error) and ``error`` ("" or one
 sentence). A corrupt, oversized or unreadable image yields an error row, never a failed request.
+A model of other classes (its config's `classes`, in label order) answers one ``p_<class>``
+column per class, then ``label`` (the class name), ``label_index`` and ``error``.
 
 What one request may cost is bounded where the model gets control, that is after MLflow's
 scoring server has read and parsed the body (what happens before that is bounded in front of
@@ -57,7 +59,7 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from tasks.common.labels import CLASSES
+from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.learning.pixels import ImageError
 from tasks.models.inputs import RequestError, input_cells, model_input_pixels, row_count
 
@@ -92,19 +94,42 @@ LEGACY_DECODER = "pillow"
 """The decoder of a logged model whose config names none: every model before decoders were recorded used Pillow."""
 
 
-def predictions_frame(scores: Sequence[float | None], errors: Sequence[str]) -> pd.DataFrame:
-    """The output frame: a probability for scored rows, an error (and null p_dog) for the others."""
+def output_columns(classes: ClassMap = CATS_DOGS) -> tuple[str, ...]:
+    """The prediction frame's columns: OUTPUT_COLUMNS for cats vs. dogs, else `p_<class>`..., label, label_index, error."""
+    return (*classes.probability_columns, "label", "label_index", "error")
+
+
+def class_probabilities(outputs: np.ndarray, classes: ClassMap) -> np.ndarray:
+    """The model's outputs as one probability per class, (n, classes): a sigmoid's p gives [1 - p, p]."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if classes.binary:
+        p = outputs.reshape(-1)
+        return np.stack([1.0 - p, p], axis=1)
+    return outputs.reshape(len(outputs), len(classes.names))
+
+
+def predictions_frame(scores: Sequence[Any], errors: Sequence[str], classes: ClassMap = CATS_DOGS) -> pd.DataFrame:
+    """The output frame: probabilities for scored rows, an error (and null probabilities) for the others.
+
+    `scores` holds, per row, None or the model's output: p(positive) for two classes (the
+    sigmoid), a probability per class for more.
+    """
+    columns = classes.probability_columns
     rows = []
-    for p_dog, error in zip(scores, errors):
-        if error or p_dog is None:
-            rows.append({"p_dog": None, "label": "", "label_index": -1, "error": error or "not scored"})
-        else:
-            index = int(p_dog >= THRESHOLD)
-            rows.append({"p_dog": float(p_dog), "label": CLASSES[index], "label_index": index, "error": ""})
-    frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).astype({"label": object, "label_index": "int64",
-                                                                     "error": object})
+    for score, error in zip(scores, errors):
+        if error or score is None:
+            rows.append({**dict.fromkeys(columns), "label": "", "label_index": -1, "error": error or "not scored"})
+            continue
+        probabilities = class_probabilities(np.asarray([score]), classes)[0]
+        index = int(probabilities[1] >= THRESHOLD) if classes.binary else int(np.argmax(probabilities))
+        values = [probabilities[1]] if classes.kaggle else probabilities
+        rows.append({**{column: float(value) for column, value in zip(columns, values)},
+                     "label": classes.names[index], "label_index": index, "error": ""})
+    frame = pd.DataFrame(rows, columns=list(output_columns(classes))).astype(
+        {"label": object, "label_index": "int64", "error": object})
     # nullable Float64: a missing score is NA, which MLflow's JSON writes as null (NaN is not JSON)
-    frame["p_dog"] = pd.array([row["p_dog"] for row in rows], dtype="Float64")
+    for column in columns:
+        frame[column] = pd.array([row[column] for row in rows], dtype="Float64")
     return frame
 
 
@@ -165,6 +190,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self._input_size: int | None = None
         self.decoder: str | None = None
         self._forward: Any = None
+        self.classes: ClassMap = CATS_DOGS
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -190,13 +216,16 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
             self.max_concurrent = int(config["max_concurrent"])
             self._slots = threading.BoundedSemaphore(self.max_concurrent)
         decoder = str(config.get("decoder") or LEGACY_DECODER)
-        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder)
+        classes = ClassMap.from_names(config["classes"]) if config.get("classes") else CATS_DOGS
+        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder, classes)
 
-    def attach(self, keras_model: Any, input_size: int | None = None, decoder: str = "auto") -> CatsDogsModel:
+    def attach(self, keras_model: Any, input_size: int | None = None, decoder: str = "auto",
+               classes: ClassMap = CATS_DOGS) -> CatsDogsModel:
         """Use an in-memory Keras model (tests, evaluation before anything is logged).
 
         `decoder` is the one the model was trained with; one that is not installed here is a
-        ConfigError that says what to install.
+        ConfigError that says what to install. `classes` are the model's classes in label
+        order (a model logged before class maps were recorded is cats vs. dogs).
         """
         from tasks.common.errors import ConfigError
         from tasks.learning.forward import compiled_forward
@@ -208,6 +237,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                               "with MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"decoder\": \"pillow\"}' to accept pixels a "
                               "level or two from training's")
         self.decoder = resolve_decoder(decoder)
+        self.classes = classes
         self._model = keras_model
         self._input_size = model_input_size(keras_model, input_size)
         self._forward = compiled_forward(keras_model)
@@ -249,7 +279,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         from tasks.learning.forward import to_numpy
 
         size = int(self._input_size)
-        scores: list[float | None] = [None] * len(cells)
+        scores: list[Any] = [None] * len(cells)
         errors = [""] * len(cells)
         wait = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
         if cells and not self._slots.acquire(timeout=wait):
@@ -271,9 +301,9 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                     except Exception as error:  # noqa: BLE001 - a per-image fault must never stop the batch
                         errors[index] = f"the image could not be read ({type(error).__name__}: {error})"
                 if good:
-                    outputs = to_numpy(self._forward(batch[good])).reshape(-1)
-                    for offset, p_dog in zip(good, outputs):
-                        scores[rows[offset]] = float(p_dog)
+                    outputs = to_numpy(self._forward(batch[good])).reshape(len(good), -1)
+                    for offset, output in zip(good, outputs):
+                        scores[rows[offset]] = float(output[0]) if self.classes.binary else output
                 if time.monotonic() > deadline:
                     break
         finally:
@@ -284,4 +314,4 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                 if scores[index] is None and not errors[index]:
                     errors[index] = (f"not scored: the request used up the {seconds:g} s it may take here; "
                                      "send this row again in a smaller request")
-        return predictions_frame(scores, errors)
+        return predictions_frame(scores, errors, self.classes)

@@ -186,3 +186,21 @@ def load_pyfunc(model_uri: str) -> Any:
     except (MlflowException, OSError) as exc:
         raise ConfigError(f"Cannot load the model '{model_uri}' ({str(exc).splitlines()[0]}); "
                           "check the URI or pass --model-uri.") from None
+
+
+def logged_classes(model_uri: str) -> list[str] | None:
+    """The class names a logged pyfunc model answers, read from its MLmodel file alone (no Keras, no weights).
+
+    None for a model logged before class maps were recorded (cats vs. dogs). What cannot be
+    read here is left to `load_pyfunc`, which says it in one sentence.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_model_uri(model_uri)
+    try:
+        flavor = mlflow.models.Model.load(model_uri).flavors.get("python_function", {})
+    except (MlflowException, OSError):
+        return None
+    classes = (flavor.get("config") or {}).get("classes")  # the pyfunc flavor keeps model_config as "config"
+    return [str(name) for name in classes] if classes else None

@@ -15,6 +15,15 @@ from tasks.models.naming import MODEL_NAME
 from tasks.models.store import experiment_url
 
 REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
+"""The metrics table of cats vs. dogs; other classes show roc_auc, accuracy, macro_f1, log_loss and f1 per class."""
+
+
+def reported_metrics(classes: list[str]) -> tuple[str, ...]:
+    """The rows of the metrics table for these classes."""
+    if classes == ["cat", "dog"]:
+        return REPORTED_METRICS
+    macro = ("macro_f1",) if len(classes) > 2 else ()
+    return ("roc_auc", "accuracy", *macro, "log_loss", *(f"f1_{name}" for name in classes))
 
 
 def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInfo]) -> str | None:
@@ -58,15 +67,17 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
                      f"{summary.devices.precision} ({summary.devices.reason})")
     if data.counts:
-        lines += ["", "## Data", "", "| split | cat | dog |", "|---|---:|---:|"]
-        lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]
+        lines += ["", "## Data", "", "| split | " + " | ".join(data.classes) + " |",
+                  "|---|" + "---:|" * len(data.classes)]
+        lines += [f"| {split} | " + " | ".join(str(c.get(name, 0)) for name in data.classes) + " |"
+                  for split, c in data.counts.items()]
         lines.append(f"\nQuarantined files: {data.quarantined}")
     decision = summary.decision
     if summary.test_metrics:
         champion = (decision.champion_metrics if decision else None) or {}
         lines += ["", "## Test metrics", "",
                   "| metric | this run | champion, on this run's test split |", "|---|---:|---:|"]
-        for name in REPORTED_METRICS:
+        for name in reported_metrics(data.classes):
             if name in summary.test_metrics:
                 lines.append(f"| {name} | {_number(summary.test_metrics.get(name))} | {_number(champion.get(name))} |")
     if decision:

@@ -19,6 +19,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.common.processes import ProcessId
 from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
 from tasks.models.naming import (
@@ -170,7 +171,8 @@ def _finite_float(value: Any) -> float | None:
 
 def dataset_logging(data: PrepareSummary) -> tuple[dict[str, Any], dict[str, float]]:
     """Params and metrics that describe the dataset: fingerprint, layout, counts per split/class."""
-    params: dict[str, Any] = {"data.fingerprint": data.fingerprint, "data.layout": data.layout}
+    params: dict[str, Any] = {"data.fingerprint": data.fingerprint, "data.layout": data.layout,
+                              "data.classes": ",".join(data.classes)}
     metrics: dict[str, float] = {}
     for split, per_class in data.counts.items():
         for label, count in per_class.items():
@@ -256,14 +258,16 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
     return child_ids
 
 
-def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "auto", *, name: str = "model") -> Any:
+def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "auto", *, name: str = "model",
+                     classes: ClassMap = CATS_DOGS) -> Any:
     """Log a trained `.keras` file as the pyfunc serving model in the active run.
 
     The model is tasks/models/pyfunc.py's `CatsDogsModel`; what travels with it (signature,
     input example, settings, the `tasks` package as code so `mlflow models serve` can load it
     anywhere, requirements naming only what the served model imports) is
     tasks/models/packaging.py. `decoder` is the image decoder the model was trained with
-    ("auto": the one that runs here); the served model decodes with it. Returns MLflow's ModelInfo.
+    ("auto": the one that runs here); the served model decodes with it. `classes` (label order)
+    go into its config and signature. Returns MLflow's ModelInfo.
     """
     from tasks.learning.pixels import resolve_decoder
 
@@ -274,11 +278,11 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
         name=name,
         python_model=pyfunc.CatsDogsModel(),
         artifacts={pyfunc.KERAS_ARTIFACT: str(model_path)},
-        signature=packaging.model_signature(),
+        signature=packaging.model_signature(classes),
         input_example=packaging.input_example(),
         code_paths=[packaging.tasks_code_path()],
         pip_requirements=packaging.pip_requirements(decoder=decoder),
-        model_config=packaging.model_config(input_size, decoder),
+        model_config=packaging.model_config(input_size, decoder, classes),
     )
 
 
@@ -321,7 +325,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         _log_training_artifacts(run_id, client, trained)
         child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
                                        {key: value for key, value in tags.items() if key != TAG_KIND})
-        model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder)
+        model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder,
+                                      classes=ClassMap.from_names(data.classes))
     return MlflowRun(run_id=run_id, experiment_id=experiment_id, run_url=run_url(run_id, experiment_id, uri),
                      tracking_uri=uri, model_uri=model_info.model_uri, child_run_ids=child_ids)
 
@@ -331,8 +336,9 @@ def _run_note(data: PrepareSummary, trained: TrainResult) -> str:
     test = scalar_metrics(trained.test_metrics)
     lines = [f"Retrain on dataset `{data.fingerprint[:12]}`, chosen backbone **{trained.chosen_backbone}** "
              f"(Keras/{trained.devices.backend}, {trained.devices.precision}, {trained.decoder} decoder).", "",
-             "| split | cat | dog |", "|---|---|---|"]
-    lines += [f"| {split} | {c.get('cat', 0)} | {c.get('dog', 0)} |" for split, c in data.counts.items()]
+             "| split | " + " | ".join(data.classes) + " |", "|---" * (len(data.classes) + 1) + "|"]
+    lines += [f"| {split} | " + " | ".join(str(c.get(name, 0)) for name in data.classes) + " |"
+              for split, c in data.counts.items()]
     lines += ["", "Test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))]
     return "\n".join(lines)
 

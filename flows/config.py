@@ -27,7 +27,7 @@ from tasks.common.errors import ConfigError
 from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
-from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI
+from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME
 
 
 def _cli(*aliases: str) -> dict[str, Any]:
@@ -233,6 +233,9 @@ class GateConfig(_Section):
                          description="A model whose test metric is below this never becomes champion.")
     margin: float = Field(default=0.002, ge=0.0, le=1.0,
                           description="How much a candidate must beat the champion by, on the same test split.")
+    model_name: str = Field(default=MODEL_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
+                            description="Registered model in MLflow that versions, champion and gate belong to: "
+                                        "one per set of classes (e.g. flowers); served as models:/<name>@champion.")
 
     @field_validator("metric")
     @classmethod

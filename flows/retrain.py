@@ -63,12 +63,12 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     for backbone in config.backbones:
         learning.check_weights(backbone, config.weights)
     learning.check_decoder(config.decoder)
-    logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment).summary)
+    logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment, config.model_name).summary)
 
     prepared = prepare_data(config.section(DataConfig).model_copy(update={"data_dir": data_dir}))
     check_metric(config.metric, prepared.classes)  # e.g. f1_dog on daisies: one sentence, before any training
-    built = models.versions_built_from(prepared.fingerprint, config_hash)
-    champion = models.read_champion()
+    built = models.versions_built_from(prepared.fingerprint, config_hash, config.model_name)
+    champion = models.read_champion(config.model_name)
     flow_run_id = str(flow_run.id) if flow_run.id else None
 
     reason = None if config.force else unchanged_reason(prepared.fingerprint, config_hash, built)
@@ -88,7 +88,7 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     logged = models.log_to_mlflow(prepared, trained, config.model_dump(mode="json"), config.source, config.experiment)
     candidate = models.score_on_test_split(logged.model_uri, data_dir)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,
-                                        config.floor, config.margin, config.metric)
+                                        config.floor, config.margin, config.metric, config.model_name)
     verdict = "promoted to champion" if decision.promoted else f"kept as {decision.alias}"
     logger.info("Version %s %s: %s", decision.version, verdict, "; ".join(decision.reasons))
     summary = RetrainSummary(status=TRAINED, headline=f"version {decision.version} {verdict}",

@@ -159,6 +159,7 @@ class Promotion(_Result):
     """The gate's verdict on one registered version."""
 
     version: str
+    model_name: str
     model_uri: str
     alias: Literal["champion", "challenger"]
     promoted: bool

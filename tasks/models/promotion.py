@@ -114,7 +114,7 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
         client.update_model_version(model_name, version, description=version_description(
             run_tags.get(TAG_BACKBONE, ""), candidate_metrics, decision, metric))
     champion_metrics = dict(score.metrics) if score is not None and decision.champion_version else None
-    return Promotion(version=version, model_uri=version_uri(version, model_name), alias=decision.alias,
+    return Promotion(version=version, model_name=model_name, model_uri=version_uri(version, model_name), alias=decision.alias,
                      promoted=decision.promote, reasons=list(decision.reasons), metric=metric,
                      candidate_value=decision.candidate_value, champion_value=decision.champion_value,
                      champion_metrics=champion_metrics, previous_champion_version=decision.champion_version)

@@ -244,12 +244,13 @@ def reconcile_prefect(flow_names: tuple[str, ...] = FLOW_NAMES) -> Reconciled:
 # --------------------------------------------------------------------------- everything
 
 
-def reconcile(data_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, *, prefect: bool = True) -> Reconciled:
+def reconcile(data_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, model_name: str = MODEL_NAME, *,
+              prefect: bool = True) -> Reconciled:
     """Set straight what killed runs left in the data folder (its lock must be held), the store and Prefect."""
     from tasks.data.datafolder import DataFolder
 
     result = Reconciled(removed=DataFolder.at(data_dir).remove_leftovers())
-    result = result.merged(reconcile_mlflow(experiment))
+    result = result.merged(reconcile_mlflow(experiment, model_name))
     if prefect:
         result = result.merged(reconcile_prefect())
     return result

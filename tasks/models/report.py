@@ -11,7 +11,6 @@ from typing import Any
 
 from tasks.common.numbers import decimals4
 from tasks.common.results import ChampionInfo, RetrainSummary
-from tasks.models.naming import MODEL_NAME
 from tasks.models.store import experiment_url
 
 REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
@@ -83,7 +82,7 @@ def summary_markdown(summary: RetrainSummary) -> str:
     if decision:
         verdict = "promoted to **champion**" if decision.promoted else f"kept as **{decision.alias}**"
         lines += ["", "## Promotion decision", "",
-                  f"Version {decision.version} of `{MODEL_NAME}`: {verdict} "
+                  f"Version {decision.version} of `{decision.model_name}`: {verdict} "
                   f"({decision.metric}: this run {_number(decision.candidate_value)}, "
                   f"champion {_number(decision.champion_value)})."]
         lines += [f"- {reason}" for reason in decision.reasons]

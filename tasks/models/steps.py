@@ -28,28 +28,28 @@ SUMMARY_ARTIFACT_KEY = "retrain-summary"
 
 
 @task(name="reconcile", **IO_RETRIES)
-def reconcile(data_dir: str, experiment: str) -> Reconciled:
+def reconcile(data_dir: str, experiment: str, model_name: str) -> Reconciled:
     """Set straight what killed runs left: stuck runs and flow runs, pending models, half-registered
     versions, half-written folders (see tasks/models/reconcile.py); what was done, in a summary."""
     from tasks.models.reconcile import reconcile as run
 
-    return run(data_dir, experiment)
+    return run(data_dir, experiment, model_name)
 
 
 @task(name="read-champion", **IO_RETRIES)
-def read_champion() -> ChampionInfo | None:
+def read_champion(model_name: str) -> ChampionInfo | None:
     """The current champion's version, dataset fingerprint, config hash and logged metrics."""
     from tasks.models.registry import champion_summary
 
-    return champion_summary()
+    return champion_summary(model_name)
 
 
 @task(name="find-identical-versions", **IO_RETRIES)
-def versions_built_from(fingerprint: str, config_hash: str) -> list[ChampionInfo]:
+def versions_built_from(fingerprint: str, config_hash: str, model_name: str) -> list[ChampionInfo]:
     """Registered versions trained on this data with this config (the "nothing changed" check)."""
     from tasks.models.registry import versions_built_from as find
 
-    return find(fingerprint, config_hash)
+    return find(fingerprint, config_hash, model_name)
 
 
 @task(name="record-unchanged", **IO_RETRIES)
@@ -83,13 +83,13 @@ def score_on_test_split(model_uri: str, data_dir: str) -> dict[str, float]:
 
 @task(name="register-and-gate", **IO_RETRIES)
 def register_and_gate(run_id: str, model_uri: str, candidate_metrics: dict[str, float], data_dir: str,
-                      floor: float, margin: float, metric: str) -> Promotion:
+                      floor: float, margin: float, metric: str, model_name: str) -> Promotion:
     """Register a new version; `champion` moves to it only through the gate (else `challenger`)."""
     from tasks.models.promotion import register_and_gate as gate
     from tasks.models.scoring import evaluate_model_uri
 
     return gate(run_id, model_uri, candidate_metrics, evaluate_champion=lambda uri: evaluate_model_uri(uri, data_dir),
-                floor=floor, margin=margin, metric=metric)
+                floor=floor, margin=margin, metric=metric, model_name=model_name)
 
 
 @task(name="publish-summary", **IO_RETRIES)

@@ -39,12 +39,14 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     source = write_class_folders(tmp_path / "flowers", FOLDERS, per_class=15)
     data_dir = tmp_path / "data"
 
-    assert retrain_main(["--source", str(source), "--data-dir", str(data_dir), *TINY_FLAGS]) == 0, \
+    assert retrain_main(["--source", str(source), "--data-dir", str(data_dir), "--model-name", "flowers",
+                         *TINY_FLAGS]) == 0, \
         capsys.readouterr().err
     assert "| split | daisy | red_roses | tulips |" in capsys.readouterr().out
 
     client = MlflowClient(tracking_uri=mlflow_uri)
-    champion = client.get_model_version_by_alias("cats-vs-dogs", "champion")
+    champion = client.get_model_version_by_alias("flowers", "champion")  # its own registered model
+    assert not client.search_registered_models("name='cats-vs-dogs'")
     run = client.get_run(champion.run_id)
     assert run.data.params["data.classes"] == "daisy,red_roses,tulips"
     assert run.data.metrics["test_accuracy"] > run.data.metrics["test_chance_accuracy"]
@@ -54,7 +56,7 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     port = free_port()
     env = base_env(MLFLOW_TRACKING_URI=mlflow_uri, PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
                    **serve_command_env())
-    args = [cli("mlflow"), "models", "serve", "-m", "models:/cats-vs-dogs@champion", "--env-manager", "local",
+    args = [cli("mlflow"), "models", "serve", "-m", "models:/flowers@champion", "--env-manager", "local",
             "-p", str(port), "-h", "127.0.0.1"]
     with running(start_process("mlflow models serve", args, env=env, log_path=tmp_path / "serve.log",
                                cwd=tmp_path)) as process:
@@ -76,7 +78,8 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
 
     unseen = write_class_folders(tmp_path / "new", FOLDERS, per_class=2, seed0=5000)
     output = tmp_path / "predictions.csv"
-    assert predict_main([str(unseen), "--output-csv", str(output), "--data-dir", str(data_dir)]) == 0, \
+    assert predict_main([str(unseen), "--output-csv", str(output), "--data-dir", str(data_dir),
+                         "--model-uri", "models:/flowers@champion"]) == 0, \
         capsys.readouterr().err
     table = pd.read_csv(output)
     assert list(table.columns) == ["id", "label", "p_daisy", "p_red_roses", "p_tulips"]

@@ -193,8 +193,8 @@ def test_summary_markdown_shows_metrics_decision_and_link():
                                      dataset_fingerprint="ee" * 32, config_hash="ab" * 32,
                                      metrics={"roc_auc": 0.91}),  # on its own, older test split
         test_metrics={"roc_auc": 0.95, "accuracy": 0.9},
-        decision=Promotion(version="2", promoted=True, alias="champion", metric="roc_auc", candidate_value=0.95,
-                           champion_value=0.93, champion_metrics={"roc_auc": 0.93, "accuracy": 0.85},
+        decision=Promotion(version="2", model_name="cats-vs-dogs", promoted=True, alias="champion", metric="roc_auc",
+                           candidate_value=0.95, champion_value=0.93, champion_metrics={"roc_auc": 0.93, "accuracy": 0.85},
                            model_uri="models:/cats-vs-dogs/2", reasons=["beats the champion"],
                            previous_champion_version="1"),
         mlflow=MlflowRun(run_id="r1", experiment_id="1", run_url="http://127.0.0.1:5000/#/experiments/1/runs/r1",

@@ -25,7 +25,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,19 +288,36 @@ def _bounds(kwargs: dict) -> str:
     return ", ".join(f"{k}={_plain(kwargs[k])}" for k in keys if kwargs.get(k) is not None)
 
 
-def failure_lines(validations: dict[str, dict]) -> list[str]:
-    """One readable line per failed expectation: its check name, type, column, bounds and observation."""
-    lines = []
+@dataclass(frozen=True)
+class _Failure:
+    """One failed expectation of a suite, as GX's result dict spells it."""
+
+    suite: str
+    result: dict
+    config: dict
+    kwargs: dict
+    check: str
+
+
+def _failures(validations: dict[str, dict]) -> Iterator[_Failure]:
+    """The failed expectations of every suite, in order, each with its check name (meta) or type."""
     for suite_name, validation in validations.items():
         for result in validation.get("results", []):
             if result.get("success"):
                 continue
             config = result.get("expectation_config") or {}
-            kwargs = config.get("kwargs") or {}
-            check = (config.get("meta") or {}).get("check", config.get("type"))
-            column = f" on {kwargs['column']}" if "column" in kwargs else ""
-            bounds = f" ({_bounds(kwargs)})" if _bounds(kwargs) else ""
-            lines.append(f"{check}: {config.get('type')}{column}{bounds} in {suite_name}: {_observed(result)}")
+            yield _Failure(suite_name, result, config, config.get("kwargs") or {},
+                           (config.get("meta") or {}).get("check", config.get("type")))
+
+
+def failure_lines(validations: dict[str, dict]) -> list[str]:
+    """One readable line per failed expectation: its check name, type, column, bounds and observation."""
+    lines = []
+    for failed in _failures(validations):
+        column = f" on {failed.kwargs['column']}" if "column" in failed.kwargs else ""
+        bounds = f" ({_bounds(failed.kwargs)})" if _bounds(failed.kwargs) else ""
+        lines.append(f"{failed.check}: {failed.config.get('type')}{column}{bounds} in {failed.suite}: "
+                     f"{_observed(failed.result)}")
     return lines
 
 
@@ -329,33 +347,28 @@ def brief_failures(validations: dict[str, dict], shown: int = 6) -> list[str]:
     What a person reads on the terminal; `failure_lines` (the log, the error) and Data Docs keep the whole story.
     """
     lines = []
-    for validation in validations.values():
-        for result in validation.get("results", []):
-            if result.get("success"):
-                continue
-            config = result.get("expectation_config") or {}
-            kwargs = config.get("kwargs") or {}
-            check = (config.get("meta") or {}).get("check", config.get("type"))
-            low, high = kwargs.get("min_value"), kwargs.get("max_value")
-            details = result.get("result") or {}
-            if (result.get("exception_info") or {}).get("raised_exception"):
-                lines.append(f"{check}: could not be evaluated (see the log)")
-                continue
-            if "observed_value" in details:
-                lines.append(f"{check}: {_against(details['observed_value'], low, high)}")
-                continue
-            column = kwargs.get("column", "")
-            what = "" if column == "images" else f"{column.replace('_', ' ')} "
-            items = [item for item in details.get("partial_unexpected_index_list") or [] if isinstance(item, dict)]
-            parts = []
-            for item in items[:shown]:
-                where = str(item.get("key", item.get("relative_path", ""))).removeprefix("all/")
-                parts.append(f"{where} {what}{_against(item.get(column), low, high)}".strip())
-            if not parts:
-                parts = [_number(value) for value in (details.get("partial_unexpected_list") or [])[:shown]]
-            total = int(details.get("unexpected_count") or len(parts))
-            more = f", ... ({total} in all)" if total > len(parts) else ""
-            lines.append(f"{check}: {', '.join(parts)}{more}")
+    for failed in _failures(validations):
+        result, kwargs, check = failed.result, failed.kwargs, failed.check
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        details = result.get("result") or {}
+        if (result.get("exception_info") or {}).get("raised_exception"):
+            lines.append(f"{check}: could not be evaluated (see the log)")
+            continue
+        if "observed_value" in details:
+            lines.append(f"{check}: {_against(details['observed_value'], low, high)}")
+            continue
+        column = kwargs.get("column", "")
+        what = "" if column == "images" else f"{column.replace('_', ' ')} "
+        items = [item for item in details.get("partial_unexpected_index_list") or [] if isinstance(item, dict)]
+        parts = []
+        for item in items[:shown]:
+            where = str(item.get("key", item.get("relative_path", ""))).removeprefix("all/")
+            parts.append(f"{where} {what}{_against(item.get(column), low, high)}".strip())
+        if not parts:
+            parts = [_number(value) for value in (details.get("partial_unexpected_list") or [])[:shown]]
+        total = int(details.get("unexpected_count") or len(parts))
+        more = f", ... ({total} in all)" if total > len(parts) else ""
+        lines.append(f"{check}: {', '.join(parts)}{more}")
     return lines
 
 

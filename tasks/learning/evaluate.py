@@ -11,6 +11,7 @@ second (`binary_metrics`), more by a probability per class (`multiclass_metrics`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,13 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray, threshold: float = 0.5
         "log_loss": float(log_loss(labels, np.clip(p_dog, _EPS, 1 - _EPS), labels=[0, 1])),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).astype(int).tolist(),
     }
+    return metrics | _per_class(names, precision, recall, f1, support)
+
+
+def _per_class(names: Sequence[str], precision: np.ndarray, recall: np.ndarray, f1: np.ndarray,
+               support: np.ndarray) -> dict[str, Any]:
+    """`precision_<class>`, `recall_<class>`, `f1_<class>`, `support_<class>`: the keys MLflow, the gate and reports read."""
+    metrics: dict[str, Any] = {}
     for index, name in enumerate(names):
         metrics[f"precision_{name}"] = float(precision[index])
         metrics[f"recall_{name}"] = float(recall[index])
@@ -124,12 +132,7 @@ def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, names: tup
         "log_loss": float(log_loss(labels, normalised, labels=classes)),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).astype(int).tolist(),
     }
-    for index, name in enumerate(names):
-        metrics[f"precision_{name}"] = float(precision[index])
-        metrics[f"recall_{name}"] = float(recall[index])
-        metrics[f"f1_{name}"] = float(f1[index])
-        metrics[f"support_{name}"] = int(support[index])
-    return metrics
+    return metrics | _per_class(names, precision, recall, f1, support)
 
 
 def class_metrics(labels: np.ndarray, scores: np.ndarray, classes: ClassMap = CATS_DOGS) -> dict[str, Any]:

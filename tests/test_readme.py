@@ -17,13 +17,17 @@ any server: one command costs tens of seconds here.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import os
 import json
 import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pandas as pd
@@ -53,11 +57,30 @@ def blocks() -> dict[str, list[str]]:
 def serve_command_env() -> dict[str, str]:
     """The variables the README's serve command sets for the model server (all but the store and PATH).
 
-    tests/models/test_model_server.py and benchmarks/serving_memory.py start the server with them.
+    `served_model` below (the model-server and class tests) and benchmarks/serving_memory.py start the server with them.
     """
     [line] = blocks()["serve"]
     assignments = dict(word.split("=", 1) for word in re.match(r"((?:\w+=\S+\s+)*)", line).group(1).split())
     return {key: value for key, value in assignments.items() if key not in ("MLFLOW_TRACKING_URI", "PATH")}
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str, folder: Path, **extra_env: str) -> Iterator[SimpleNamespace]:
+    """A real `mlflow models serve` of `model_uri`, started as the README starts it, answering /ping.
+
+    Yields its `url`, `process` and the README's `env`; its log is `folder/serve.log`.
+    """
+    readme = serve_command_env()
+    env = servers.base_env(MLFLOW_TRACKING_URI=tracking_uri,
+                           PATH=f"{servers.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env, **readme)
+    port = servers.free_port()
+    args = [servers.cli("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-p", str(port), "-h", "127.0.0.1"]
+    with servers.running(servers.start_process("mlflow models serve", args, env=env,
+                                               log_path=folder / "serve.log", cwd=folder)) as process:
+        url = f"http://127.0.0.1:{port}"
+        servers.wait_for_http(f"{url}/ping", timeout=240, process=process)
+        yield SimpleNamespace(url=url, process=process, env=readme)
 
 
 def test_the_readme_marks_every_step_of_the_walk():

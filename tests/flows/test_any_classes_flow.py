@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import httpx
 import numpy as np
@@ -18,8 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.imagegen import indexed_image_bytes, write_class_folders
-from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http
-from tests.test_readme import serve_command_env
+from tests.test_readme import served_model
 
 FOLDERS = ["Daisy", "Red Roses", "tulips"]
 CLASSES = ["daisy", "red_roses", "tulips"]
@@ -53,18 +51,10 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     assert {"test_macro_f1", "test_roc_auc", "test_recall_red_roses"} <= set(run.data.metrics)
     assert json.loads((data_dir / "classes.json").read_text())["names"] == CLASSES
 
-    port = free_port()
-    env = base_env(MLFLOW_TRACKING_URI=mlflow_uri, PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
-                   **serve_command_env())
-    args = [cli("mlflow"), "models", "serve", "-m", "models:/flowers@champion", "--env-manager", "local",
-            "-p", str(port), "-h", "127.0.0.1"]
-    with running(start_process("mlflow models serve", args, env=env, log_path=tmp_path / "serve.log",
-                               cwd=tmp_path)) as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/ping", timeout=240, process=process)
+    with served_model("models:/flowers@champion", mlflow_uri, tmp_path) as server:
         cells = [[base64.b64encode(indexed_image_bytes(index, 3, 900 + index)).decode("ascii")] for index in range(3)]
         cells.append(["%%% not base64 %%%"])
-        response = httpx.post(f"{url}/invocations", timeout=300,
+        response = httpx.post(f"{server.url}/invocations", timeout=300,
                               json={"dataframe_split": {"columns": ["image"], "data": cells}})
     assert response.status_code == 200, response.text
     rows = response.json()["predictions"]

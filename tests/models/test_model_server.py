@@ -31,8 +31,8 @@ from PIL import Image
 
 from tests.imagegen import class_pixels, image_bytes
 from tests.memory import PeakRss, tree_rss
-from tests.servers import BIN_DIR, REPO_ROOT, base_env, cli, free_port, running, start_process, wait_for_http
-from tests.test_readme import serve_command_env
+from tests.servers import REPO_ROOT, base_env, free_port, running, start_process, wait_for_http
+from tests.test_readme import served_model
 
 pytestmark = pytest.mark.slow
 
@@ -53,19 +53,10 @@ def _payload(cells: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, champion_store):
     root = tmp_path_factory.mktemp("model-server")
-    uri = champion_store.uri
-    port = free_port()
-    readme = serve_command_env()
-    env = base_env(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
-                   MLFLOW_PYFUNC_INFERENCE_CONFIG=json.dumps({"max_rows": MAX_ROWS, "max_seconds": MAX_SECONDS}),
-                   **readme)
-    args = [cli("mlflow"), "models", "serve", "-m", "models:/cats-vs-dogs@champion", "--env-manager", "local",
-            "-p", str(port), "-h", "127.0.0.1"]
-    with running(start_process("mlflow models serve", args, env=env, log_path=root / "serve.log",
-                               cwd=root)) as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/ping", timeout=240, process=process)
-        yield SimpleNamespace(url=url, process=process, env=readme)
+    limits = json.dumps({"max_rows": MAX_ROWS, "max_seconds": MAX_SECONDS})
+    with served_model("models:/cats-vs-dogs@champion", champion_store.uri, root,
+                      MLFLOW_PYFUNC_INFERENCE_CONFIG=limits) as server:
+        yield server
 
 
 def _invoke(server, payload: dict | bytes | Iterator[bytes], content_type: str = "application/json"

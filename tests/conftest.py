@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.abc
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,13 +36,21 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
     # (Keras itself would otherwise import it opportunistically, since it is installed here).
     sys.meta_path.insert(0, _NoTensorFlow())
 
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="catsdogs-tests-"))
+_SESSION_HOME = Path(os.environ.get("CATSDOGS_TEST_HOME") or tempfile.mkdtemp(prefix="catsdogs-tests-"))
+os.environ["CATSDOGS_TEST_HOME"] = str(_SESSION_HOME)  # the xdist workers, started later, share the controller's
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("KERAS_HOME", str(_SESSION_HOME / "keras"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # MLflow's job runners: the pipeline uses none
+os.environ.setdefault("MLFLOW_WORKERS", "1")  # `mlflow ui`/`mlflow server` start 4 by default; one test client needs one
+# On JAX, every process and test compiles the same few models again; XLA's persistent cache lets
+# them share the compiled programs (a quarter of the JAX job's CPU time, measured).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_SESSION_HOME / "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_HOME / 'mlruns' / 'mlflow.db'}")
 (_SESSION_HOME / "mlruns").mkdir(parents=True, exist_ok=True)
 
@@ -49,6 +58,8 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_HOME / 'mlrun
 def pytest_configure(config):
     """Start the session's Prefect server in the first process; the workers inherit its URL."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller started it already
+        return
+    if config.getoption("markexpr") == COMPUTE_CORE:  # the JAX job: the compute core never meets Prefect
         return
     from tests.servers import launch_prefect_server
 
@@ -65,16 +76,22 @@ def pytest_unconfigure(config):
 
             drain_clients()
         server.stop()
+    if not hasattr(config, "workerinput"):  # the controller made the session's folder; the workers are done with it
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 _PREFECT_SERVER = pytest.StashKey()
+COMPUTE_CORE = "backends"
+"""The marker the test command's JAX job selects (`-m backends`)."""
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api_url() -> str:
+def prefect_api_url(pytestconfig) -> str | None:
     """The session's Prefect server, once it answers (usually before the first test: it starts during collection)."""
     from tests.servers import wait_for_http
 
+    if pytestconfig.getoption("markexpr") == COMPUTE_CORE:
+        return None
     url = os.environ["PREFECT_API_URL"]
     wait_for_http(f"{url}/health", timeout=240)
     return url
@@ -89,11 +106,33 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+HEAVIEST_FIRST = (  # measured seconds on 2 busy cores, heaviest first (refresh from --durations when they drift)
+    "tests/test_readme.py",                              # ~200 s: the README walk
+    "tests/team/test_team_stack.py",                     # ~170 s
+    "tests/flows/test_any_classes_flow.py",              # ~160 s
+    "tests/flows/test_retrain_flow.py",                  # ~90 s
+    "tests/flows/test_killed_and_concurrent_runs.py",    # ~85 s
+    "tests/learning/test_features.py",                   # ~70 s
+    "tests/flows/test_train_flow.py",                    # ~70 s
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first: with parallel workers, a long test started last would run on alone at
-    the end. Whole modules move, in their own order, so a module's fixtures are still built once."""
+    """Heaviest modules first, then the other modules with slow tests, then the rest.
+
+    pyproject's `--dist loadscope` hands each test worker whole modules (so a module's fixtures
+    are built once) in this order as workers free up: the long ones start at once and the short
+    ones fill the gaps, instead of one long module starting last and running on alone at the end.
+    """
     slow_modules = {item.module for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.module not in slow_modules)
+
+    def rank(item) -> tuple[int, int]:
+        path = item.nodeid.split("::", 1)[0]
+        if path in HEAVIEST_FIRST:
+            return 0, HEAVIEST_FIRST.index(path)
+        return (1 if item.module in slow_modules else 2), 0
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

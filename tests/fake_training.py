@@ -10,6 +10,7 @@ Other weights give a reliably mediocre or a reliably wrong model (MEDIOCRE, INVE
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -153,7 +154,7 @@ def template_db() -> Path:
     if _TEMPLATE_DB is None or not _TEMPLATE_DB.is_file():
         from mlflow.tracking import MlflowClient
 
-        db = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        db = Path(tempfile.mkdtemp(prefix="mlflow-template-", dir=os.environ.get("CATSDOGS_TEST_HOME"))) / "mlflow.db"
         MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
         _TEMPLATE_DB = db
     return _TEMPLATE_DB

@@ -2,7 +2,7 @@
 
     main job -> the small-sample command (nothing changed) -> MLflow UI -> serve + curl
     -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run
-    -> back to no server -> batch prediction
+    -> batch prediction -> the server gone
 
 The commands are read from the README's fenced blocks (the main command and the blocks marked
 `<!-- walk: ... -->`) and run in a scratch copy of the repository, as a user runs them from its
@@ -11,8 +11,8 @@ ports are free ones, the PetImages URL points at a loopback server holding a sma
 (the internet is the one thing faked), the main job gets the small-sample options the README
 gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here), and until
 the walk reaches its own Prefect server the commands use the test session's (each command
-otherwise starts a temporary one: the last one does). Batch prediction runs last, once, without
-any server: one command costs tens of seconds here.
+otherwise starts a temporary one: tests/flows/test_killed_and_concurrent_runs.py runs that).
+Batch prediction runs once, on the walk's server: one command costs tens of seconds here.
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ class Walk:
             line = line.replace(default, str(port))
         return line
 
-    def run(self, line: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run(["bash", "-c", self.command(line)], cwd=self.root, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-        return done
+    def run(self, line: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        """One command, as typed at a terminal with nobody to answer a prompt (stdin closed)."""
+        return subprocess.run(["bash", "-c", self.command(line)], cwd=self.root, env={**self.env, **env},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
     def start(self, name: str, line: str) -> servers.ManagedProcess:
         process = servers.start_process(name, ["bash", "-c", self.command(line)], env=self.env,
@@ -154,7 +154,7 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
     with FileServer() as files:
         url = files.serve("/kagglecatsanddogs_5340.zip", archive.read_bytes())
         # The session's Prefect server stands in for each command's own temporary one (the same code
-        # path as any configured server); the walk's end runs a command without any server.
+        # path as any configured server).
         env = servers.base_env(PREFECT_HOME=tmp_path / "prefect", PREFECT_PROFILES_PATH=tmp_path / "profiles.toml",
                                MLFLOW_TRACKING_URI=None, TF_CPP_MIN_LOG_LEVEL=None,
                                PREFECT_LOGGING_LEVEL=None, CATSDOGS_PETIMAGES_URL=url, CATSDOGS_PROGRESS_SECONDS="0",
@@ -244,14 +244,20 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     create_pool, start_worker = steps["worker"]
     assert walk.run(create_pool).returncode == 0
     worker = walk.start("worker", start_worker)
-    deployed = walk.run(steps["deploy"][0])
+    # Prompts on, nobody to answer: a deployment without `schedules` would ask for one; `retrain/on-demand`
+    # declares an empty list, so the command runs through and registers it unscheduled.
+    deployed = walk.run(steps["deploy"][0], PREFECT_CLI_PROMPT="true")
     assert deployed.returncode == 0 and "retrain/weekly" in deployed.stdout, deployed.stdout + deployed.stderr
+    assert "EOFError" not in deployed.stdout + deployed.stderr
     _, weekly = _weekly_spec(root)
     deployment = httpx.get(f"{api}/deployments/name/retrain/weekly", timeout=30).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [weekly["schedules"][0]["cron"]]
     assert deployment["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]  # runs start in the checkout
-    assert deployment["work_pool_name"] == weekly["work_pool"]["name"]
+    on_demand = httpx.get(f"{api}/deployments/name/retrain/on-demand", timeout=30).json()
+    assert on_demand["schedules"] == []
+    assert deployment["work_pool_name"] == on_demand["work_pool_name"] == weekly["work_pool"]["name"]
+    _serving_takes_over(api)
 
     bogus = walk.run(steps["run"][0] + " --params " + shlex.quote(json.dumps({"config": {"bogus": 1}})))
     assert bogus.returncode != 0 and "bogus" in bogus.stdout + bogus.stderr  # refused before any run starts
@@ -273,16 +279,28 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     [summary] = [artifact for artifact in artifacts if artifact["key"] == "retrain-summary"]
     assert summary["type"] == "markdown" and "nothing changed" in summary["data"]
 
-    # Back to a terminal without the server: the README says how, and it works.
+    done = walk.run(steps["predict"][0])  # the README's batch prediction, reporting to this server
+    assert done.returncode == 0, done.stderr
+    submission = pd.read_csv(root / "submission.csv")
+    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
+
+    # The server stopped but still configured: one sentence says how to get back to working without it
+    # (the temporary server a command then starts is the killed-run test's, tests/flows/).
     worker.stop()
     server.stop()
     stale = walk.run(steps["predict"][0])
     assert stale.returncode == 2 and "unset PREFECT_API_URL" in stale.stderr, stale.stderr
-    del walk.env["PREFECT_API_URL"]
-    done = walk.run(steps["predict"][0])  # the README's batch prediction, with a temporary server of its own
-    assert done.returncode == 0, done.stderr
-    submission = pd.read_csv(root / "submission.csv")
-    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
+
+
+def _serving_takes_over(api: str) -> None:
+    """What `--serve` says before it takes the deployed `retrain/weekly` over."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import _serving_notices
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        [notice] = _serving_notices()
+    assert notice.startswith("retrain/weekly was deployed to work pool 'catsdogs-process'; serving takes it over")
 
 
 def _weekly_spec(root: Path) -> tuple[dict, dict]:

@@ -1,8 +1,10 @@
 """The served model is self-contained: a fresh virtualenv made from its own requirements loads it and predicts.
 
-This is what `mlflow models serve --env-manager virtualenv` and `mlflow models build-docker` do: the
-model's `requirements.txt`, nothing else, no project install, no Prefect. It runs in the JAX job
-of the test command, where those requirements are small (a TensorFlow wheel alone is ~600 MB).
+This is what `mlflow models serve --env-manager uv` (MLflow's default env manager) and
+`mlflow models build-docker` do: a virtualenv of the model's `requirements.txt`, nothing else,
+no project install, no Prefect, made with uv as MLflow makes it. It runs in the JAX job of the
+test command, where those requirements are small (a TensorFlow wheel alone is ~600 MB); uv
+takes the wheels from the cache the test command's own install filled.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import keras
 import pytest
 
+from tests import servers
 from tests.fake_training import promoted_champion
 from tests.imagegen import image_bytes
 
@@ -49,8 +52,9 @@ def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requi
     assert [r for r in requirements if r.startswith("opencv-python-headless==")]  # trained with the OpenCV decoder
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r",
+    uv = str(servers.BIN_DIR / "uv")
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120)
+    install = subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r",
                               str(model_dir / "requirements.txt")], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
 

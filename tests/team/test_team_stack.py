@@ -154,7 +154,7 @@ def race_to_promote(stack) -> dict[str, str]:
     ids = {name: servers.run_deployment(stack.prefect, name, params) for name, params in racers.items()}
     for name, flow_run_id in ids.items():
         logs = _finish(stack, flow_run_id)
-        assert "Promotion of cats-vs-dogs serialised by the Prefect concurrency limit" in logs, name
+        assert "Promotion of cats-vs-dogs serialised by the Prefect concurrency limit" in logs, f"{name}:\n{logs}"
     print(f"two racing runs, one on Dask: {time.monotonic() - started:.0f} s")
 
     ran = {name: worker.log_path.read_text(errors="replace") for name, worker in stack.workers.items()}

@@ -8,6 +8,7 @@ consequence is measured on generated images large enough that both decoders shri
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from tasks.data.datafolder import DataFolder
@@ -20,8 +21,11 @@ from tests.prepared import make_prepared_dir
 
 BACKBONE = "efficientnetv2b0"  # a random EfficientNetV2 at 32 px still separates the generated classes
 SIZE = 32
+BACKBONE_SEED = 1
+"""The random backbone's draw. Unseeded, it followed whatever ran before in the worker: over seeds 0-5
+the gap below measured 0.002 to 0.017, and once 0.021 (over the tolerance) in a full run."""
 P_DOG_TOLERANCE = 0.02
-"""Largest p(dog) gap between a head's scores on the two decoders' features (measured: 0.004)."""
+"""Largest p(dog) gap between a head's scores on the two decoders' features (measured: 0.003 with BACKBONE_SEED)."""
 
 FEATURE_TOLERANCE = 0.05
 """Largest relative L2 distance between the two decoders' test features (measured: 0.018; two images: ~1.3)."""
@@ -31,6 +35,7 @@ def test_a_head_trained_on_either_decoders_features_scores_the_others_alike(tmp_
     data_dir = make_prepared_dir(tmp_path, {"train": 16, "validation": 6, "test": 12}, size=(150, 110))
     folder = DataFolder(data_dir)
     weights = tmp_path / "backbone.weights.h5"
+    keras.utils.set_random_seed(BACKBONE_SEED)
     build_backbone(BACKBONE, None, SIZE).save_weights(str(weights))
     # a gentle head, so that p(dog) stays between 0 and 1 where gaps show (a saturated head hides them)
     params = HeadParams(dense_units=16, dropout=0.2, learning_rate=3e-4, epochs=3, batch_size=8, patience=5, seed=3)

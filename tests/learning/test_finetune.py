@@ -150,7 +150,7 @@ def fine_tuned(setup):
     before = {v.path: np.array(v.numpy()) for v in model.weights}
     stats = _bn_stats(model)
     history, report = fine_tune_model(model, setup["folder"], BACKBONE, SIZE,
-                                      FineTuneParams(epochs=1, learning_rate=1e-3, batch_size=8, seed=5), np.inf)
+                                      FineTuneParams(epochs=1, learning_rate=1e-3, batch_size=6, seed=5), np.inf)
     return model, before, stats, (history, report)
 
 

@@ -59,7 +59,7 @@ def pytest_configure(config):
     """Start the session's Prefect server in the first process; the workers inherit its URL."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller started it already
         return
-    if config.getoption("markexpr") == COMPUTE_CORE:  # the JAX job: the compute core never meets Prefect
+    if compute_core_only(config):
         return
     from tests.servers import launch_prefect_server
 
@@ -81,8 +81,11 @@ def pytest_unconfigure(config):
 
 
 _PREFECT_SERVER = pytest.StashKey()
-COMPUTE_CORE = "backends"
-"""The marker the test command's JAX job selects (`-m backends`)."""
+
+
+def compute_core_only(config) -> bool:
+    """The test command's JAX job (`-m backends`): the compute core, which never meets Prefect, so no server."""
+    return config.getoption("markexpr") == "backends"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -90,7 +93,7 @@ def prefect_api_url(pytestconfig) -> str | None:
     """The session's Prefect server, once it answers (usually before the first test: it starts during collection)."""
     from tests.servers import wait_for_http
 
-    if pytestconfig.getoption("markexpr") == COMPUTE_CORE:
+    if compute_core_only(pytestconfig):
         return None
     url = os.environ["PREFECT_API_URL"]
     wait_for_http(f"{url}/health", timeout=240)

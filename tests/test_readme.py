@@ -34,6 +34,7 @@ import pandas as pd
 import pytest
 
 from tests import servers
+from tests.flows.test_deployment import load_deployment_spec
 from tests.httpserver import FileServer
 from tests.imagegen import image_bytes, write_kaggle_tree, zip_tree
 
@@ -249,7 +250,7 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     deployed = walk.run(steps["deploy"][0], PREFECT_CLI_PROMPT="true")
     assert deployed.returncode == 0 and "retrain/weekly" in deployed.stdout, deployed.stdout + deployed.stderr
     assert "EOFError" not in deployed.stdout + deployed.stderr
-    _, weekly = _weekly_spec(root)
+    _, weekly = load_deployment_spec()
     deployment = httpx.get(f"{api}/deployments/name/retrain/weekly", timeout=30).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [weekly["schedules"][0]["cron"]]
     assert deployment["pull_steps"] == [
@@ -301,11 +302,3 @@ def _serving_takes_over(api: str) -> None:
     with temporary_settings({PREFECT_API_URL: api}):
         [notice] = _serving_notices()
     assert notice.startswith("retrain/weekly was deployed to work pool 'catsdogs-process'; serving takes it over")
-
-
-def _weekly_spec(root: Path) -> tuple[dict, dict]:
-    import yaml
-
-    spec = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())
-    [weekly] = [d for d in spec["deployments"] if d["name"] == "weekly"]
-    return spec, weekly

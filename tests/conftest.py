@@ -11,7 +11,6 @@ PREFECT_API_URL from its child's environment.
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import shutil
 import sys
@@ -21,20 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.without_tensorflow import hide_tensorflow_off_its_backend
 
-class _NoTensorFlow(importlib.abc.MetaPathFinder):
-    """Makes `import tensorflow` fail, as on the GPU hosts that have only JAX and PyTorch."""
-
-    def find_spec(self, name, path, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: KERAS_BACKEND is not tensorflow)", name=name)
-        return None
-
-
-if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    # The compute path must not need TensorFlow on another backend: prove it on this CPU by hiding it
-    # (Keras itself would otherwise import it opportunistically, since it is installed here).
-    sys.meta_path.insert(0, _NoTensorFlow())
+hide_tensorflow_off_its_backend()  # the JAX job proves the compute path needs no TensorFlow
 
 _SESSION_HOME = Path(os.environ.get("CATSDOGS_TEST_HOME") or tempfile.mkdtemp(prefix="catsdogs-tests-"))
 os.environ["CATSDOGS_TEST_HOME"] = str(_SESSION_HOME)  # the xdist workers, started later, share the controller's
@@ -91,12 +79,13 @@ def compute_core_only(config) -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api_url(pytestconfig) -> str | None:
     """The session's Prefect server, once it answers (usually before the first test: it starts during collection)."""
-    from tests.servers import wait_for_http
+    from tests.servers import keep_prefect_template, wait_for_http
 
     if compute_core_only(pytestconfig):
         return None
     url = os.environ["PREFECT_API_URL"]
     wait_for_http(f"{url}/health", timeout=240)
+    keep_prefect_template(_SESSION_HOME / "prefect-server")  # the tests' other Prefect homes start from it
     return url
 
 

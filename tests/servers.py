@@ -17,8 +17,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,6 +207,53 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str | os.PathLi
     )
 
 
+def prefect_database(home: Path) -> Path:
+    """Where a Prefect home keeps its sqlite database (Prefect's default connection URL)."""
+    return Path(home) / "prefect.db"
+
+
+def _prefect_template() -> Path | None:
+    session = os.environ.get("CATSDOGS_TEST_HOME")
+    return Path(session) / "prefect-template.db" if session else None
+
+
+def keep_prefect_template(home: Path) -> None:
+    """Keep the session server's freshly migrated database as the template for the test's other Prefect homes.
+
+    Called once the session server answers and before any test runs: the copy holds Prefect's
+    schema and what the server registers at start-up (block types), nothing of any test.
+    sqlite's online backup copies a database another process is writing, consistently.
+    """
+    from tasks.common.flock import exclusive_flock
+
+    template = _prefect_template()
+    if template is None:
+        return
+    with exclusive_flock(template.with_suffix(".lock"), timeout_s=120):
+        if template.exists():
+            return
+        partial = template.with_suffix(".partial")
+        with sqlite3.connect(prefect_database(home)) as source, sqlite3.connect(partial) as copy:
+            source.backup(copy)
+        partial.replace(template)
+
+
+def seed_prefect_home(home: Path) -> Path:
+    """Start a new Prefect home from the session's migrated database, if there is one; returns the home.
+
+    A fresh sqlite database costs each `prefect server start` (and each command's temporary
+    server) about five CPU-seconds of schema migrations on a busy 2-core runner; the server
+    then starts as it would on a database it has migrated before. A home that already has a
+    database keeps it.
+    """
+    home = Path(home)
+    template, database = _prefect_template(), prefect_database(home)
+    if template is not None and template.exists() and not database.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, database)
+    return home
+
+
 @dataclass
 class PrefectServer:
     """A running `prefect server start` and how to reach it."""
@@ -232,6 +281,8 @@ def launch_prefect_server(home: Path, *, port: int | None = None, ui: bool = Fal
     """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    if database_url is None:
+        seed_prefect_home(home)
     env = prefect_env(home, api_url=None, PREFECT_UI_ENABLED=str(ui).lower(),
                       PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
                       PREFECT_API_DATABASE_CONNECTION_URL=database_url)
@@ -256,16 +307,6 @@ def _wait_healthy(server: Any, health_url: str, timeout: float) -> Any:
 
 def wait_for_prefect_server(server: PrefectServer, timeout: float = 180.0) -> PrefectServer:
     return _wait_healthy(server, f"{server.url}/api/health", timeout)
-
-
-def start_prefect_server(home: Path, *, port: int | None = None, timeout: float = 180.0,
-                         ui: bool = False, database_url: str | None = None) -> PrefectServer:
-    """Start `prefect server start` on loopback with its own PREFECT_HOME; wait for /api/health.
-
-    The UI is off by default in tests: it only costs start-up time and no test reads it.
-    """
-    return wait_for_prefect_server(launch_prefect_server(home, port=port, ui=ui, database_url=database_url),
-                                   timeout)
 
 
 def run_cli(args: Sequence[str], *, env: Mapping[str, str], cwd: Path | None = None,

@@ -91,16 +91,32 @@ def test_the_readme_marks_every_step_of_the_walk():
     assert "/path/to" not in main and main.endswith(".venv/bin/python -m flows.retrain")  # runnable as pasted
 
 
+README_PORTS = ("5000", "5001", "4200")  # mlflow ui, mlflow models serve, prefect server start
+
+
+class Ports(dict):
+    """A free port for each of the README's, picked when a command first needs it.
+
+    Not all at the start: a port picked minutes before its server binds it can meanwhile become
+    the local port of some client's connection (both come from the same ephemeral range).
+    """
+
+    def __missing__(self, default: str) -> int:
+        self[default] = port = servers.free_port()
+        return port
+
+
 class Walk:
     """Runs README commands in the scratch checkout with one environment, like a user's terminals."""
 
-    def __init__(self, root: Path, env: dict[str, str], ports: dict[str, int]) -> None:
-        self.root, self.env, self.ports, self.background = root, env, ports, []
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env, self.ports, self.background = root, env, Ports(), []
 
     def command(self, line: str) -> str:
         line = line.replace(".venv/bin/", f"{servers.BIN_DIR}/").replace("PATH=.venv/bin:", f"PATH={servers.BIN_DIR}:")
-        for default, port in self.ports.items():
-            line = line.replace(default, str(port))
+        for default in README_PORTS:
+            if default in line:
+                line = line.replace(default, str(self.ports[default]))
         return line
 
     def run(self, line: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -151,17 +167,18 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
     options = shlex.split(steps["small"][0])[3:]  # the options after `python -m flows.retrain`
     at = options.index("--source")
     small = options[:at] + options[at + 2:]  # the main job keeps its default source
-    ports = {"5000": servers.free_port(), "5001": servers.free_port(), "4200": servers.free_port()}
     with FileServer() as files:
         url = files.serve("/kagglecatsanddogs_5340.zip", archive.read_bytes())
         # The session's Prefect server stands in for each command's own temporary one (the same code
         # path as any configured server).
-        env = servers.base_env(PREFECT_HOME=tmp_path / "prefect", PREFECT_PROFILES_PATH=tmp_path / "profiles.toml",
-                               MLFLOW_TRACKING_URI=None, TF_CPP_MIN_LOG_LEVEL=None,
-                               PREFECT_LOGGING_LEVEL=None, CATSDOGS_PETIMAGES_URL=url, CATSDOGS_PROGRESS_SECONDS="0",
+        # README step 1's `prefect server start` finds a migrated database (tests/servers.py seed_prefect_home).
+        env = servers.base_env(PREFECT_HOME=servers.seed_prefect_home(tmp_path / "prefect"),
+                               PREFECT_PROFILES_PATH=tmp_path / "profiles.toml", MLFLOW_TRACKING_URI=None,
+                               TF_CPP_MIN_LOG_LEVEL=None, PREFECT_LOGGING_LEVEL=None, CATSDOGS_PETIMAGES_URL=url,
+                               CATSDOGS_PROGRESS_SECONDS="0",
                                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
                                KERAS_HOME=tmp_path / "keras")
-        walk = Walk(root, env, ports)
+        walk = Walk(root, env)
         try:
             _main_job_and_rerun(walk, steps, small, root)
             _mlflow_ui(walk, steps)
@@ -211,7 +228,7 @@ def _mlflow_ui(walk: Walk, steps: dict) -> None:
     assert page.status_code == 200 and "<html" in page.text.lower()
     found = httpx.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=30).json()
     [experiment] = [e for e in found["experiments"] if e["name"] == "cats-vs-dogs"]
-    assert f"{base}/#/experiments/{experiment['experiment_id']}/runs" in walk.command(README.read_text())  # the link
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment['experiment_id']}/runs" in README.read_text()  # the link
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]  # opens on runs
     runs = httpx.post(f"{base}/api/2.0/mlflow/runs/search", timeout=30, json={
         "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`catsdogs.kind` = 'retrain'"}).json()["runs"]

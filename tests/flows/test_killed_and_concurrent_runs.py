@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from tests.imagegen import write_petimages_tree, zip_tree
-from tests.servers import REPO_ROOT, ManagedProcess, prefect_env, running, start_process, wait_until
+from tests.servers import (REPO_ROOT, ManagedProcess, prefect_env, running, seed_prefect_home, start_process,
+                           wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_a_retrain_killed_in_the_gate_is_set_straight_by_the_run_that_waited_for
     data_dir, home, logs = tmp_path / "data", tmp_path / "prefect", tmp_path / "logs"
     logs.mkdir()
     store = tmp_path / "store" / "mlflow.db"
-    env = prefect_env(home, PREFECT_LOGGING_LEVEL="INFO", MLFLOW_TRACKING_URI=f"sqlite:///{store}",
+    env = prefect_env(seed_prefect_home(home), PREFECT_LOGGING_LEVEL="INFO", MLFLOW_TRACKING_URI=f"sqlite:///{store}",
                       PYTHONPATH=str(REPO_ROOT))
     marker = logs / "killed.paused"
 

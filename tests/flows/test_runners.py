@@ -20,7 +20,7 @@ from flows.config import ComputeConfig, RetrainConfig, TrainConfig
 from flows.retrain import build_parser, config_from_args
 from flows.runners import cluster_spec, decode_workers, task_runner, visible_gpus
 from tasks.common.errors import ConfigError
-from tests.servers import base_env
+from tests.servers import base_env, seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,7 +120,7 @@ def test_dask_workers_report_to_the_flows_own_ephemeral_server(tmp_path):
     script = tmp_path / "fan_out.py"
     script.write_text(EPHEMERAL)
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=base_env(PREFECT_API_URL=None, PREFECT_HOME=tmp_path / "prefect",
+                          env=base_env(PREFECT_API_URL=None, PREFECT_HOME=seed_prefect_home(tmp_path / "prefect"),
                                        PYTHONPATH=str(REPO),  # a busy CI core starts the server slowly:
                                        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180"))
     assert done.returncode == 0, done.stderr[-3000:]

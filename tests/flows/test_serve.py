@@ -75,7 +75,8 @@ def own_prefect_server(pid: int) -> tuple[psutil.Process, str]:
 def test_serve_shows_its_runs_on_the_terminal_and_ctrl_c_ends_it_promptly(tmp_path):
     write_petimages_tree(tmp_path / "tree", per_class=20, faults=False)
     source = zip_tree(tmp_path / "tree", tmp_path / "pets.zip")
-    env = servers.base_env(PREFECT_API_URL=None, PREFECT_HOME=tmp_path / "prefect", PYTHONPATH=servers.REPO_ROOT,
+    env = servers.base_env(PREFECT_API_URL=None, PREFECT_HOME=servers.seed_prefect_home(tmp_path / "prefect"),
+                           PYTHONPATH=servers.REPO_ROOT,
                            MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
                            CATSDOGS_PROGRESS_SECONDS="0", TF_CPP_MIN_LOG_LEVEL=None, PREFECT_LOGGING_LEVEL=None)
     terminal = Terminal([sys.executable, "-m", "flows.retrain", "--serve", "--source", str(source),

@@ -18,6 +18,9 @@ import numpy as np
 
 
 def main(argv: list[str]) -> None:
+    from tests.without_tensorflow import hide_tensorflow_off_its_backend
+
+    hide_tensorflow_off_its_backend()  # JAX's side must not need it
     import keras
 
     from tasks.data.datafolder import DataFolder

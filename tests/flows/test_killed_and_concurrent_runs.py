@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from tests.imagegen import write_petimages_tree, zip_tree
-from tests.servers import (REPO_ROOT, ManagedProcess, prefect_env, running, seed_prefect_home, start_process,
-                           wait_until)
+from tests.servers import (REPO_ROOT, ManagedProcess, prefect_database, prefect_env, running, seed_prefect_home,
+                           start_process, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def _gone(proc: psutil.Process) -> bool:
 
 def _flow_runs(prefect_home: Path) -> dict[str, tuple[str, str, str]]:
     """{flow run id: (flow name, state type, state message)} as Prefect's database holds them."""
-    with sqlite3.connect(prefect_home / "prefect.db") as db:
+    with sqlite3.connect(prefect_database(prefect_home)) as db:
         rows = db.execute("SELECT r.id, f.name, r.state_type, s.message FROM flow_run r JOIN flow f ON f.id = r.flow_id "
                           "LEFT JOIN flow_run_state s ON s.id = r.state_id").fetchall()
     return {run_id: (flow, state, message or "") for run_id, flow, state, message in rows}

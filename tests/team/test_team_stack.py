@@ -94,12 +94,21 @@ def _params(stack, data_dir: str, **config) -> dict:
     return params
 
 
-def _finish(stack, flow_run_id: str, timeout: float = 420) -> str:
+def _finish(stack, flow_run_id: str, expected_line: str, timeout: float = 420) -> str:
+    """Wait for a flow run to complete and for its log to reach `expected_line` (60 s at most); its log.
+
+    The run's process sends its log lines in batches, in the background, and reports COMPLETED
+    before its last batch: on a busy runner the server has the state seconds before the lines.
+    """
     run = servers.wait_for_flow_run(stack.prefect, flow_run_id, timeout=timeout)
     logs = _logs(stack, flow_run_id)
     assert run["state"]["type"] == "COMPLETED", (
         f"flow run ended {run['state']['type']}:\n{logs[-6000:]}\n"
         + "\n".join(f"{name}:\n{worker.log_tail(3000)}" for name, worker in stack.workers.items()))
+    deadline = time.monotonic() + 60
+    while expected_line not in logs and time.monotonic() < deadline:
+        time.sleep(1)
+        logs = _logs(stack, flow_run_id)
     return logs
 
 
@@ -152,9 +161,10 @@ def race_to_promote(stack) -> dict[str, str]:
     }
     started = time.monotonic()
     ids = {name: servers.run_deployment(stack.prefect, name, params) for name, params in racers.items()}
+    serialised = "Promotion of cats-vs-dogs serialised by the Prefect concurrency limit"
     for name, flow_run_id in ids.items():
-        logs = _finish(stack, flow_run_id)
-        assert "Promotion of cats-vs-dogs serialised by the Prefect concurrency limit" in logs, f"{name}:\n{logs}"
+        logs = _finish(stack, flow_run_id, serialised)
+        assert serialised in logs, f"{name}:\n{logs}"
     print(f"two racing runs, one on Dask: {time.monotonic() - started:.0f} s")
 
     ran = {name: worker.log_path.read_text(errors="replace") for name, worker in stack.workers.items()}

@@ -404,18 +404,16 @@ def wait_for_flow_run(server: PrefectServer, flow_run_id: str, *, timeout: float
                       what=f"flow run {flow_run_id} to finish", process=worker)
 
 
-def flow_run_artifacts(server: PrefectServer, flow_run_id: str) -> list[dict[str, Any]]:
-    """Artifacts created by a flow run (markdown summaries, tables, links)."""
-    return api_post(server, "artifacts/filter",
-                    {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
-
-
-def flow_run_logs(server: PrefectServer, flow_run_id: str, limit: int = 200) -> str:
-    """The flow run's log messages as text, to explain a failed run in an assertion message."""
-    logs = api_post(server, "logs/filter",
-                    {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": limit,
-                     "sort": "TIMESTAMP_ASC"})
-    return "\n".join(f"{entry.get('level')}: {entry.get('message')}" for entry in logs)
+def flow_run_logs(server: PrefectServer, flow_run_id: str) -> str:
+    """Every log line of a flow run, oldest first, as `level: message` lines (the API pages them 200 at a time)."""
+    lines: list[str] = []
+    while True:
+        page = api_post(server, "logs/filter", {
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(lines),
+            "sort": "TIMESTAMP_ASC"})
+        lines += [f"{entry['level']}: {entry['message']}" for entry in page]
+        if len(page) < 200:
+            return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,27 +101,15 @@ def _finish(stack, flow_run_id: str, expected_line: str, timeout: float = 420) -
     before its last batch: on a busy runner the server has the state seconds before the lines.
     """
     run = servers.wait_for_flow_run(stack.prefect, flow_run_id, timeout=timeout)
-    logs = _logs(stack, flow_run_id)
+    logs = servers.flow_run_logs(stack.prefect, flow_run_id)
     assert run["state"]["type"] == "COMPLETED", (
         f"flow run ended {run['state']['type']}:\n{logs[-6000:]}\n"
         + "\n".join(f"{name}:\n{worker.log_tail(3000)}" for name, worker in stack.workers.items()))
     deadline = time.monotonic() + 60
     while expected_line not in logs and time.monotonic() < deadline:
         time.sleep(1)
-        logs = _logs(stack, flow_run_id)
+        logs = servers.flow_run_logs(stack.prefect, flow_run_id)
     return logs
-
-
-def _logs(stack, flow_run_id: str) -> str:
-    """Every log line of a flow run (the API pages them 200 at a time)."""
-    lines: list[str] = []
-    while True:
-        page = servers.api_post(stack.prefect, "logs/filter", {
-            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(lines),
-            "sort": "TIMESTAMP_ASC"})
-        lines += [f"{entry['level']}: {entry['message']}" for entry in page]
-        if len(page) < 200:
-            return "\n".join(lines)
 
 
 def _retrain_run(stack, flow_run_id: str):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.data.images import MAX_PIXELS, inspect_and_store
+from tasks.data.images import MAX_PIXELS, MAX_SIDE, inspect_and_store
 from tasks.data.layout import find_candidates
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import build_manifest, default_workers
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         converted = str(DataFolder(work / "serial").converted)
         serial = _timed("single-threaded loop", n, lambda: [
-            inspect_and_store((str(c.path), converted, 32, MAX_PIXELS)) for c in candidates])
+            inspect_and_store((str(c.path), converted, 32, MAX_PIXELS, MAX_SIDE)) for c in candidates])
 
         results: dict[str, object] = {}
         threads = _timed("build_manifest (threads)", n, lambda: results.__setitem__(

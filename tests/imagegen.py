@@ -63,6 +63,36 @@ def huge_png(width: int = 5200, height: int = 5000) -> bytes:
     return buffer.getvalue()
 
 
+def tall_png(height: int = 1_000_000) -> bytes:
+    """A one-pixel-wide PNG of 2 KB (for a million rows): under the pixel limit, a side far past the side limit.
+
+    Resized as if it were a photo, it once cost minutes of CPU in the OpenCV decoder and a Pillow
+    resize 224 rows of a million pixels; everywhere now it is refused from its header.
+    """
+    buffer = io.BytesIO()
+    Image.new("L", (1, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def long_jpeg(width: int = 40, height: int = 25_000) -> bytes:
+    """A valid JPEG one side of which is longer than the limit of 20,000 pixels (and the other above --min-side)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 80, 40)).save(buffer, format="JPEG", quality=75)
+    return buffer.getvalue()
+
+
+def short_data_jpeg(claimed: tuple[int, int] = (5000, 5000)) -> bytes:
+    """A JPEG whose header says `claimed` pixels over the data of a 256 x 192 one, then its end marker.
+
+    A file spliced or cut this way ends as a whole one does, so only its size gives it away:
+    Pillow decodes it to a grey picture without a word (libjpeg pads what is missing).
+    """
+    data = bytearray(image_bytes("cat", 998, size=(256, 192)))
+    frame = data.index(b"\xff\xc0")  # the baseline frame header: FF C0, length, precision, height, width
+    data[frame + 5:frame + 9] = claimed[1].to_bytes(2, "big") + claimed[0].to_bytes(2, "big")
+    return bytes(data)
+
+
 # name -> (bytes factory, expected status, expected reason code or "" when ok)
 FAULTS: dict[str, tuple] = {
     "empty.jpg": (lambda: b"", "quarantined", "empty_file"),
@@ -71,6 +101,9 @@ FAULTS: dict[str, tuple] = {
     "Thumbs.db": (lambda: b"\xd0\xcf\x11\xe0" + b"\x00" * 60, "quarantined", "not_an_image"),
     "tiny.jpg": (lambda: image_bytes("cat", 501, size=(8, 8)), "quarantined", "too_small"),
     "huge.png": (huge_png, "quarantined", "too_large"),
+    "tall.png": (tall_png, "quarantined", "too_large"),
+    "long.jpg": (long_jpeg, "quarantined", "too_large"),
+    "short_data.jpg": (short_data_jpeg, "quarantined", "undecodable"),
 }
 
 # Decodable oddities: arranged after conversion to RGB JPEG.

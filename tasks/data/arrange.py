@@ -121,7 +121,7 @@ def _remake_conversion(original: Path, converted: Path, folder: DataFolder) -> N
     from tasks.data.images import inspect_and_store
 
     converted.unlink(missing_ok=True)
-    inspect_and_store((str(original), str(folder.converted), 1, 10**12))
+    inspect_and_store((str(original), str(folder.converted), 1, 10**12, 10**12))
 
 
 def _place(source: Path, target: Path) -> str:

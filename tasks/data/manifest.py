@@ -30,7 +30,7 @@ from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
 from tasks.common.labels import classes_of_labels
 from tasks.data.datafolder import DataFolder
-from tasks.data.images import MAX_PIXELS, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
+from tasks.data.images import MAX_PIXELS, MAX_SIDE, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
 from tasks.data.layout import Candidate, find_candidates
 
 MANIFEST_COLUMNS: list[str] = [
@@ -103,26 +103,26 @@ def _stat(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _verdict_still_holds(row: dict[str, Any], min_side: int, limit: int) -> bool:
+def _verdict_still_holds(row: dict[str, Any], min_side: int, limit: int, max_side: int) -> bool:
     """Whether a previous row's status would be the same under today's thresholds.
 
-    Size verdicts depend on `min_side`/`max_pixels`; the others (empty, not an image,
+    Size verdicts depend on `min_side`/`max_pixels`/`max_side`; the others (empty, not an image,
     undecodable) depend only on the bytes, which are unchanged when the stat is.
     """
-    pixels = row["width"] * row["height"]
-    smallest = min(row["width"], row["height"])
+    width, height = row["width"], row["height"]
+    large = width * height > limit or max(width, height) > max_side
     if row["reason"] == TOO_LARGE:
         # 0 x 0: Pillow's own bomb guard refused it from the header, and `pixel_limit` never exceeds that guard
-        return pixels > limit or pixels == 0
+        return large or width * height == 0
     if row["reason"] == TOO_SMALL:
-        return pixels <= limit and smallest < min_side
+        return not large and min(width, height) < min_side
     if row["status"] == OK:
-        return pixels <= limit and smallest >= min_side
+        return not large and min(width, height) >= min_side
     return True
 
 
 def _reusable_rows(previous: pd.DataFrame | None, folder: DataFolder, min_side: int,
-                   limit: int) -> dict[str, dict[str, Any]]:
+                   limit: int, max_side: int) -> dict[str, dict[str, Any]]:
     """Previous inspection fields by source path, for rows that can still be trusted.
 
     A row whose converted JPEG has gone missing is not reusable: inspecting the file again
@@ -141,7 +141,7 @@ def _reusable_rows(previous: pd.DataFrame | None, folder: DataFolder, min_side: 
             if not converted.is_file():
                 continue
             row["converted_path"] = str(converted)
-        if _verdict_still_holds(row, min_side, limit):
+        if _verdict_still_holds(row, min_side, limit, max_side):
             reusable[row["source_path"]] = row
     return reusable
 
@@ -166,12 +166,13 @@ def _executor(backend: Backend, workers: int) -> Executor:
 
 
 def inspect_many(paths: Sequence[str], folder: DataFolder, *, min_side: int, max_pixels: int,
-                 workers: int | None = None, backend: Backend = "thread") -> list[dict[str, Any]]:
+                 max_side: int = MAX_SIDE, workers: int | None = None,
+                 backend: Backend = "thread") -> list[dict[str, Any]]:
     """Inspect files in parallel, results in input order; one worker or one file runs inline.
 
     Fully decoding 25,000 photos takes minutes on a small machine, so progress is reported.
     """
-    jobs = [(path, str(folder.converted), min_side, max_pixels) for path in paths]
+    jobs = [(path, str(folder.converted), min_side, max_pixels, max_side) for path in paths]
     workers = workers or default_workers(backend)
     progress = Progress("Inspecting images", len(jobs), "files", logger_name=__name__)
     results: list[dict[str, Any]] = []
@@ -191,17 +192,17 @@ def inspect_many(paths: Sequence[str], folder: DataFolder, *, min_side: int, max
 
 def build_manifest(candidates: Iterable[Candidate], folder: DataFolder, *,
                    previous: pd.DataFrame | None = None, min_side: int = 32,
-                   max_pixels: int = MAX_PIXELS, workers: int | None = None,
+                   max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE, workers: int | None = None,
                    backend: Backend = "thread") -> pd.DataFrame:
     """One manifest row per candidate, sorted by relative path; split and arranged_path are "".
 
     Rows of `previous` are reused without opening the file when its source path, size and
-    mtime_ns are unchanged and its verdict still holds under `min_side`/`max_pixels`; every
+    mtime_ns are unchanged and its verdict still holds under `min_side`/`max_pixels`/`max_side`; every
     other file is inspected (`workers` threads by default, or processes with
     backend="process"). Conversions land in `data_dir/converted/<sha256>.jpg`, written
     atomically and only when missing. `frame.attrs` holds {"inspected": n, "reused": n}.
     """
-    reusable = _reusable_rows(previous, folder, min_side, pixel_limit(max_pixels))
+    reusable = _reusable_rows(previous, folder, min_side, pixel_limit(max_pixels), max_side)
     rows: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
     for candidate in sorted(candidates, key=lambda c: c.relative_path):
@@ -218,7 +219,7 @@ def build_manifest(candidates: Iterable[Candidate], folder: DataFolder, *,
             todo.append(row)
         rows.append(row)
     results = inspect_many([row["source_path"] for row in todo], folder, min_side=min_side,
-                           max_pixels=max_pixels, workers=workers, backend=backend)
+                           max_pixels=max_pixels, max_side=max_side, workers=workers, backend=backend)
     for row, result in zip(todo, results, strict=True):
         row.update(result)
     frame = normalise_manifest(pd.DataFrame(rows, columns=MANIFEST_COLUMNS)) if rows else empty_manifest()
@@ -252,7 +253,8 @@ def _read_previous(path: Path) -> pd.DataFrame | None:
 
 
 def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_side: int = 32,
-                    max_pixels: int = MAX_PIXELS, workers: int | None = None) -> ManifestBuilt:
+                    max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
+                    workers: int | None = None) -> ManifestBuilt:
     """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows.
 
     The source's class map is recorded here too (`classes.json`), from the labels its layout gave.
@@ -260,7 +262,7 @@ def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_sid
     layout, candidates = find_candidates(root)
     folder.record_classes(classes_of_labels(candidate.label for candidate in candidates))
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,
-                           max_pixels=max_pixels, workers=workers)
+                           max_pixels=max_pixels, max_side=max_side, workers=workers)
     built = ManifestBuilt(layout=layout, path=str(folder.inspected), rows=len(frame),
                           inspected=frame.attrs["inspected"], reused=frame.attrs["reused"],
                           quarantined=int((frame["status"] != OK).sum()),

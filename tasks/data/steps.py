@@ -47,9 +47,9 @@ def find_candidates(root: Path) -> LayoutFound:
 
 @task(name="build-manifest", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
-def build_manifest(root: Path, data_dir: str, min_side: int) -> ManifestBuilt:
-    """Inspect every file (reusing unchanged rows) into inspected.parquet; smaller images are quarantined."""
-    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side)
+def build_manifest(root: Path, data_dir: str, min_side: int, max_side: int) -> ManifestBuilt:
+    """Inspect every file (reusing unchanged rows) into inspected.parquet; images out of the size bounds are quarantined."""
+    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side, max_side=max_side)
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)

@@ -37,6 +37,7 @@ from tasks.common.errors import DatasetValidationError
 from tasks.common.files import atomic_directory
 from tasks.common.labels import CATS_DOGS, SPLITS, UNLABELLED, ClassMap
 from tasks.data.datafolder import DataFolder
+from tasks.data.images import MAX_SIDE
 from tasks.data.manifest import read_manifest
 
 SUITE_VERSION = "manifest-suite-1"
@@ -64,8 +65,12 @@ class ValidationThresholds(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    min_side: int = Field(32, ge=1, description="Smallest width/height of a kept image, in pixels.")
-    max_side: int = Field(20_000, ge=1, description="Largest width/height of a kept image, in pixels.")
+    min_side: int = Field(32, ge=1, description="Smallest width/height of a kept image, in pixels; smaller ones are "
+                                                "quarantined as too_small.")
+    max_side: int = Field(MAX_SIDE, ge=1, le=MAX_SIDE,
+                          description=f"Largest width/height of a kept image, in pixels; longer ones are quarantined as "
+                                      f"too_large (at most {MAX_SIDE:,}: the input pipeline refuses longer sides, in "
+                                      "training, prediction and serving alike).")
     min_per_class: int = Field(1000, ge=0, description="Fewest kept labelled images of each class overall.")
     min_per_class_per_split: int = Field(50, ge=0, description="Fewest images of each class in each of train/validation/test.")
     max_class_imbalance: float = Field(1.5, ge=1.0, description="Largest majority/minority class ratio, overall and per split.")
@@ -388,10 +393,23 @@ THRESHOLD_OF_CHECK: dict[str, str] = {
     "enough_images_per_class_per_split": "min_per_class_per_split",
     "class_balance": "max_class_imbalance",
     "quarantined_share": "max_quarantined_share",
-    "width_in_bounds": "min_side",
-    "height_in_bounds": "min_side",
 }
 """The ValidationThresholds field that loosens each check (the others are not thresholds)."""
+
+SIDE_CHECKS = ("width_in_bounds", "height_in_bounds")
+"""Checks of both size bounds: which one loosens them is the bound a side broke (`8 < 32`, `25000 > 20000`)."""
+
+
+def thresholds_to_loosen(failed: list[str], brief: list[str]) -> list[str]:
+    """The ValidationThresholds fields whose options would let the failed checks pass, sorted."""
+    checks = {line.split(":", 1)[0] for line in failed}
+    fields = {THRESHOLD_OF_CHECK[check] for check in checks if check in THRESHOLD_OF_CHECK}
+    for line in brief:
+        check, _, numbers = line.partition(":")
+        if check in SIDE_CHECKS and check in checks:
+            fields.update({"min_side"} if " < " in numbers else set())
+            fields.update({"max_side"} if " > " in numbers else set())
+    return sorted(fields)
 
 
 class Verdict(BaseModel):
@@ -410,8 +428,7 @@ class Verdict(BaseModel):
         """Stop the run, before anything is arranged, with the fix a person can type."""
         if self.success:
             return
-        checks = [line.split(":", 1)[0] for line in self.failed]
-        fields = sorted({THRESHOLD_OF_CHECK[check] for check in checks if check in THRESHOLD_OF_CHECK})
+        fields = thresholds_to_loosen(self.failed, self.brief)
         fix = "fix the source data"
         if fields:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in fields)

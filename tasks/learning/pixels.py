@@ -24,8 +24,18 @@ parameters, the served model's config), because the two give pixels a level or t
   OpenCV's INTER_AREA is further from Pillow (0.8) and slower; INTER_LINEAR alone aliases (2.0).
 
 Either way the image is squashed to the square input (aspect ratio not kept, as Keras'
-`image_dataset_from_directory` does), and an image larger than the pixel limit is refused
-from its header, before a single pixel is decoded.
+`image_dataset_from_directory` does).
+
+What one image may cost is bounded, whatever its bytes: an image over 25 MP or with a side over
+20,000 pixels is refused from its header, before a single pixel is decoded (the one size rule,
+`tasks.data.images.size_fault`, by which the manifest quarantines the same images as too_large),
+and a JPEG cut short is refused from its bytes (`jpeg_is_complete`) rather than padded with grey.
+The OpenCV decoder's smoothing costs its taps per pixel, and its taps grow with the shrink: an
+axis shrinking more than MAX_OPENCV_SHRINK times (a side over 32 x the input size after the JPEG
+reduction) is resized by Pillow instead, whose work grows with the pixels only (and which is
+the faster of the two there). So the worst an image can cost is a 25 MP PNG's decode and
+resize, about a second on one core, where a 2 KB PNG of 1 x 1,000,000 pixels once took minutes
+of an uninterruptible OpenCV call (no signal handler, SIGTERM's included, runs until it returns).
 
 Parallelism: `Decoder` decodes a batch's images in parallel, in order, a few batches ahead
 of the consumer: threads on small hosts (Pillow and OpenCV release the GIL while decoding and
@@ -58,15 +68,22 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tasks.common.errors import ConfigError
-from tasks.data.images import MAX_PIXELS, jpeg_is_complete, pixel_limit, upright_rgb
+from tasks.data.images import JPEG_FORMATS, MAX_PIXELS, jpeg_is_complete, pixel_limit, size_fault, upright_rgb
 
 OPENCV = "opencv"
 PILLOW = "pillow"
 DECODERS = (OPENCV, PILLOW)
 """Decoder names, as the config, the feature cache key and the served model's config spell them."""
 
-_OPENCV_FORMATS = ("JPEG", "MPO")
+_OPENCV_FORMATS = JPEG_FORMATS
 """Formats OpenCV decodes (MPO: a camera's JPEG with more pictures after it; the first is the image)."""
+
+MAX_OPENCV_SHRINK = 32
+"""Largest shrink per axis the OpenCV decoder's smoothing filter takes on; beyond it Pillow resizes.
+
+The filter's taps grow with the shrink (about 1.6 per unit), so its work per pixel does too:
+capped here at about 2 x 53 taps, the same order as decoding the pixels. Photos at the usual
+input sizes stay well below it (500 x 375 at 32 px: 16), so their pixels are OpenCV's as before."""
 
 _OPENCV_MODES = ("RGB", "L")
 """JPEG modes OpenCV decodes to the same pixels as Pillow (CMYK/YCCK JPEGs go through Pillow)."""
@@ -115,7 +132,7 @@ def resolve_decoder(requested: str = "auto") -> str:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) and refuse empty, unreadable and oversized images before decoding."""
+    """Open (header only) and refuse empty, unreadable, oversized and cut-short images before decoding."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
@@ -126,11 +143,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"the image has more than {pixel_limit(max_pixels):,} pixels; downscale it first") from None
     except Exception as error:  # noqa: BLE001 - a broken header surfaces as many exception types
         raise ImageError(f"the image header cannot be read ({type(error).__name__})") from None
-    width, height = image.size
-    if width * height > pixel_limit(max_pixels):
+    fault = size_fault(*image.size, max_pixels=max_pixels)
+    if fault is None and image.format in JPEG_FORMATS and not jpeg_is_complete(data):
+        fault = "the image cannot be decoded (the JPEG holds less data than its header promises: the file is truncated)"
+    if fault is not None:
         image.close()
-        raise ImageError(f"the image is {width} x {height} = {width * height:,} pixels, above the limit of "
-                         f"{pixel_limit(max_pixels):,}; downscale it first")
+        raise ImageError(fault)
     return image
 
 
@@ -162,11 +180,17 @@ def _antialias_taps(source: int, size: int) -> np.ndarray:
 
 
 def _resize_opencv(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The OpenCV decoder's one resize: antialiasing taps on each shrunk axis, then bilinear to size x size."""
+    """The OpenCV decoder's one resize: antialiasing taps on each shrunk axis, then bilinear to size x size.
+
+    Past MAX_OPENCV_SHRINK on either axis, Pillow's resize (what the taps imitate) at a cost that
+    no longer grows with the shrink.
+    """
     cv2 = _opencv()
     height, width = pixels.shape[:2]
     if (width, height) == (size, size):
         return pixels
+    if max(width, height) > MAX_OPENCV_SHRINK * size:
+        return _resize_pillow(Image.fromarray(pixels), size)
     taps_x, taps_y = _antialias_taps(width, size), _antialias_taps(height, size)
     if len(taps_x) > 1 or len(taps_y) > 1:
         pixels = cv2.sepFilter2D(pixels, -1, taps_x, taps_y)
@@ -184,9 +208,6 @@ def _decode_opencv(image: Image.Image, data: bytes, size: int) -> np.ndarray:
     cv2 = _opencv()
     if image.format not in _OPENCV_FORMATS or image.mode not in _OPENCV_MODES:
         return _resize_opencv(np.asarray(upright_rgb(image), dtype=np.uint8), size)
-    if not jpeg_is_complete(data):
-        raise ImageError("the image cannot be decoded (the JPEG data ends before its end marker: the file is "
-                         "truncated)")
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}[_reduction(*image.size, size)]
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)  # EXIF orientation applied

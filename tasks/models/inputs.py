@@ -12,8 +12,9 @@ The served model (tasks/models/pyfunc.py) accepts two input columns, both option
 Every cell goes through the one input pipeline of training (tasks/learning/pixels.py: EXIF
 orientation, RGB, the same bilinear resize, with the decoder the model was trained with), so
 served scores equal evaluated ones. A cell is
-refused before it costs memory: an encoded image over `MAX_IMAGE_BYTES` before its base64 is
-decoded, an image over the pixel limit (training's 25 MP) from its header or shape. A refusal
+refused before it costs memory or time: an encoded image over `MAX_IMAGE_BYTES` before its base64 is
+decoded, an image over training's size rule (25 MP, 20,000 pixels a side: tasks/data/images.py
+`size_fault`) from its header or shape. A refusal
 is an `ImageError` whose message is the reason, in words a client can act on.
 
 This module imports only numpy, pandas and Pillow (through tasks.learning.pixels; OpenCV too when
@@ -31,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.errors import InputError
-from tasks.learning.pixels import MAX_PIXELS, ImageError, decode_image, resize_pixels
+from tasks.data.images import size_fault
+from tasks.learning.pixels import ImageError, decode_image, resize_pixels
 
 IMAGE_COLUMN = "image"
 """Input column of encoded image bytes (base64 text in JSON)."""
@@ -67,8 +69,8 @@ def coerce_pixels(value: Any) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
         raise ImageError(f"the pixels have shape {tuple(array.shape)}; expected (height, width, 3)")
-    if array.shape[0] * array.shape[1] > MAX_PIXELS:
-        raise ImageError(f"the pixels are {array.shape[1]} x {array.shape[0]}, above the limit of {MAX_PIXELS:,}")
+    if fault := size_fault(array.shape[1], array.shape[0]):
+        raise ImageError(fault)
     array = array[..., :3]
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise ImageError("the pixel values must be finite numbers between 0 and 255")

@@ -13,8 +13,16 @@ from PIL import Image, ImageFile
 
 from tasks.data import images
 from tasks.common.files import sha256_bytes
-from tasks.data.images import MAX_PIXELS, inspect_and_store, inspect_bytes, inspect_image, jpeg_frame_marker
-from tests.imagegen import FAULTS, ODDITIES, SIZE, image_bytes
+from tasks.data.images import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    inspect_and_store,
+    inspect_bytes,
+    inspect_image,
+    jpeg_frame_marker,
+    jpeg_is_complete,
+)
+from tests.imagegen import FAULTS, ODDITIES, SIZE, image_bytes, long_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +161,25 @@ def test_size_thresholds_are_inclusive_limits():
     assert inspect_bytes(data, "a.jpg", min_side=41)["reason"] == "too_small"
     assert inspect_bytes(data, "a.jpg", max_pixels=48 * 40)["status"] == "ok"
     assert inspect_bytes(data, "a.jpg", max_pixels=48 * 40 - 1)["reason"] == "too_large"
+    assert inspect_bytes(data, "a.jpg", max_side=48)["status"] == "ok"
+    assert inspect_bytes(data, "a.jpg", max_side=47)["reason"] == "too_large"
+    assert inspect_bytes(long_jpeg(40, MAX_SIDE), "long.jpg")["status"] == "ok"  # 40 x 25,000 (FAULTS) is too_large
+
+
+@pytest.mark.parametrize("mode, size, save", [
+    ("RGB", (640, 480), {"quality": 1, "optimize": True}),  # a flat picture at the least data a JPEG can hold
+    ("RGB", (640, 480), {"quality": 1, "progressive": True, "optimize": True}),
+    ("RGB", (33, 17), {"quality": 95, "subsampling": 0}),
+    ("L", (640, 480), {"quality": 1, "optimize": True}),
+    ("CMYK", (64, 48), {"quality": 50}),
+])
+def test_whole_jpegs_of_every_kind_hold_the_data_their_header_promises(mode, size, save):
+    """The floor that finds a JPEG cut short (FAULTS' short_data.jpg) is one bit per 8 x 8 block: whole files
+    hold twice that even when flat (two bits: an empty DC difference and an end of block)."""
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="JPEG", **save)
+    assert jpeg_is_complete(buffer.getvalue())
+    assert inspect_bytes(buffer.getvalue(), "whole.jpg", min_side=1)["status"] == "ok"
 
 
 @pytest.mark.parametrize("name", ["readme.txt", "Thumbs.db", "script.py", "noextension"])
@@ -208,18 +235,18 @@ def test_inspect_and_store_writes_each_conversion_once(tmp_path):
     source.write_bytes(ODDITIES["gray.jpg"]("cat"))
     converted_dir = tmp_path / "converted"
 
-    first = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS))
+    first = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS, MAX_SIDE))
     target = converted_dir / f"{first['sha256']}.jpg"
     assert first["converted_path"] == str(target) and "converted_jpeg" not in first
     stamp = target.stat().st_mtime_ns
-    second = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS))
+    second = inspect_and_store((str(source), str(converted_dir), 32, MAX_PIXELS, MAX_SIDE))
 
     assert second == first and target.stat().st_mtime_ns == stamp
     assert [p.name for p in converted_dir.iterdir()] == [target.name]  # no temporary leftovers
 
 
 def test_unreadable_file_is_a_per_image_fault(tmp_path):
-    row = inspect_and_store((str(tmp_path / "vanished.jpg"), str(tmp_path / "converted"), 32, MAX_PIXELS))
+    row = inspect_and_store((str(tmp_path / "vanished.jpg"), str(tmp_path / "converted"), 32, MAX_PIXELS, MAX_SIDE))
     assert (row["status"], row["reason"], row["converted_path"]) == ("quarantined", "undecodable", "")
     with pytest.raises(OSError):
         inspect_image(tmp_path / "vanished.jpg")

@@ -8,9 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.common.errors import DatasetValidationError
 from tasks.common.labels import SPLITS
+from tasks.data.images import MAX_SIDE
 from tasks.data.validate import (
     ValidationThresholds,
+    Verdict,
     class_counts_frame,
     rows_frame,
     validate_manifest,
@@ -207,6 +210,8 @@ def test_thresholds_are_checked_and_json_friendly():
         ValidationThresholds(max_quarantined_share=2)
     with pytest.raises(ValueError):
         ValidationThresholds(min_per_clas=3)  # a typo is an error, not a silent default
+    with pytest.raises(ValueError):
+        ValidationThresholds(max_side=MAX_SIDE + 1)  # longer sides are refused where the model serves: not trainable
     assert ValidationThresholds.model_validate_json(THRESHOLDS.model_dump_json()) == THRESHOLDS
     assert ValidationThresholds(max_class_imbalance=1.5).share_bounds() == pytest.approx((0.4, 0.6))
 
@@ -223,3 +228,16 @@ def test_each_failure_has_a_short_line_with_its_numbers_for_the_terminal(tmp_pat
     assert verdict.brief == brief
     reused = validate_manifest(fault(good_manifest()), tmp_path / "validation", THRESHOLDS)
     assert reused.reused and reused.brief == brief  # a reused verdict tells the same numbers
+
+
+@pytest.mark.parametrize("brief, option, not_option", [
+    ("width_in_bounds: cat/train/3.jpg width 8 < 32", "--min-side", "--max-side"),
+    ("height_in_bounds: cat/train/3.jpg height 25000 > 20000", "--max-side", "--min-side"),
+])
+def test_a_side_out_of_bounds_names_the_option_of_the_bound_it_broke(brief, option, not_option):
+    check = brief.split(":")[0]
+    verdict = Verdict(success=False, failed=[f"{check}: expect_column_values_to_be_between on ..."], brief=[brief],
+                      result_path="result.json", data_docs_path="index.html", fingerprint="f", reused=False)
+    with pytest.raises(DatasetValidationError) as caught:
+        verdict.raise_if_failed("manifest.parquet")
+    assert f"loosen the checks with {option} (" in str(caught.value) and not_option not in str(caught.value)

@@ -130,7 +130,7 @@ def test_petimages_archive_arranges_exactly_the_good_images_and_a_second_run_wri
     assert summary.layout == "petimages" and summary.unlabelled == 0
     assert summary.quarantined == len(FAULTS) + 3
     assert summary.quarantine_reasons == {"duplicate": 1, "empty_file": 1, "label_conflict": 2,
-                                             "not_an_image": 2, "too_large": 1, "too_small": 1, "undecodable": 1}
+                                             "not_an_image": 2, "too_large": 3, "too_small": 1, "undecodable": 2}
     assert json.loads((data_dir / "prepare_summary.json").read_text()) == summary.model_dump(mode="json")
     assert Path(summary.paths.validation_result).is_file()
     assert Path(summary.paths.data_docs).is_file()

@@ -25,7 +25,7 @@ from tasks.learning.pixels import (
     resize_pixels,
     resolve_decoder,
 )
-from tests.imagegen import class_pixels, huge_png, image_bytes, truncated_jpeg
+from tests.imagegen import class_pixels, huge_png, image_bytes, short_data_jpeg, tall_png, truncated_jpeg
 
 both = pytest.mark.parametrize("decoder", DECODERS)
 
@@ -148,6 +148,7 @@ def test_opencv_pixels_are_within_a_level_of_pillows_on_photos():
     (b"", "empty"),
     (b"this is not an image", "not an image"),
     (truncated_jpeg(), "cannot be decoded"),
+    (short_data_jpeg(), "holds less data than its header promises: the file is truncated"),  # not grey pixels
 ])
 def test_bad_bytes_are_an_image_error_with_the_reason(decoder, data, words):
     with pytest.raises(ImageError, match=words):
@@ -172,6 +173,22 @@ def test_an_oversized_image_is_refused_from_its_header(decoder):
     with pytest.raises(ImageError, match="above the limit"):
         decode_image(huge_png(6000, 5000), 32, decoder=decoder)  # 30 MP > 25 MP, refused before decoding
     assert MAX_PIXELS == 25_000_000
+    # 2 KB and one megapixel, but a side of a million: minutes of OpenCV's smoothing, refused as the manifest does
+    with pytest.raises(ImageError, match="a side longer than the limit of 20,000"):
+        decode_image(tall_png(), 32, decoder=decoder)
+
+
+def test_opencv_hands_a_shrink_past_its_filters_bound_to_pillows_resize():
+    """Past MAX_OPENCV_SHRINK the OpenCV decoder's taps would grow with the shrink: Pillow's resize, exactly, instead."""
+    array = np.random.default_rng(9).integers(0, 256, (2400, 60, 3), dtype=np.uint8)  # 2400 / 32 = 75 > 32
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG")
+    pillow = decode_image(png.getvalue(), 32, decoder="pillow")
+    np.testing.assert_array_equal(decode_image(png.getvalue(), 32, decoder="opencv"), pillow)
+    np.testing.assert_array_equal(resize_pixels(array, 32, decoder="opencv"), pillow)
+    assert pipeline.MAX_OPENCV_SHRINK * 32 < 2400 and 2400 <= pipeline.MAX_OPENCV_SHRINK * 224  # at 224 px: OpenCV's own
+    assert _mean_gap(decode_image(png.getvalue(), 224, decoder="opencv"),
+                     decode_image(png.getvalue(), 224, decoder="pillow")) > 0
 
 
 @both

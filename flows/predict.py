@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> int:
         summary = predict(config)
-        left_out = f", {summary.n_left_out} left out (no Kaggle id)" if summary.n_left_out else ""
+        left_out = f", {summary.n_left_out} left out (no Kaggle id of their own)" if summary.n_left_out else ""
         errors = f"; errors in {summary.errors_csv}" if summary.errors_csv else ""
         print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{left_out}{errors}.")
         return 0

@@ -4,9 +4,11 @@ The submission is exactly Kaggle's format, `id,label` with label = p(dog): Kaggl
 rejects any other column. An image that cannot be scored still gets its row, with 0.5 (the
 uninformative score, which costs the least log loss), and its reason goes to a side file
 `<submission>.errors.csv`. A Kaggle submission carries Kaggle ids only, which are numbers
-(`test1/123.jpg` is id 123): in a folder of numbered images, a file whose name is not a number
-is left out of the submission and listed in the errors file instead; a folder with no numbered
-image at all (your own photos) is scored by file name. When the images came with Kaggle's
+(`test1/123.jpg` is id 123), each once: in a folder of numbered images, a file whose name is not
+a number, or whose number another file has (`1.png` beside `1.jpg`), is left out of the
+submission and listed in the errors file instead; a folder with no numbered image at all (your
+own photos) is scored by file stem, and by file name where two files share a stem (`one.jpg`,
+`one.png`), as the log says. When the images came with Kaggle's
 `sampleSubmission.csv`, the ids are checked against it (same ids, same order) before anything
 is scored, and the written file again (same columns) before it is called done; the log says
 whether one was found. Given the competition zip (or its extracted folder) as a whole, its
@@ -15,12 +17,14 @@ unusable, and a reader never sees half a file.
 
 A model of other classes than cats and dogs writes `id,label,p_<class>...` instead: label is
 the predicted class name, then one probability per class ("" for an image that failed, whose
-reason goes to the errors file as above). Ids are the file names (numbers where they are numbers).
+reason goes to the errors file as above). Ids are the file stems (numbers where they are numbers),
+or the file names where two files share a stem.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +107,22 @@ def list_images(folder: Path) -> tuple[list[Path], int]:
 
 
 def csv_ids(images: list[Path], folder: Path) -> list[int | str]:
-    """Ids for the CSV: numeric stems, or relative paths when two files share a stem."""
-    ids = [image_id(path) for path in images]
-    if len(set(ids)) == len(ids):
-        return ids
-    return [path.relative_to(folder).with_suffix("").as_posix() for path in images]
+    """Ids for the CSV, unique: file stems (numbers where they are numbers), file names where stems collide.
+
+    `one.jpg` and `one.png` are `one.jpg` and `one.png` (their paths under `folder`, with the
+    extension: `a/one.jpg`, `b/one.jpg` in sub-folders); every other image keeps its stem.
+    """
+    stems = Counter(path.stem for path in images)
+    return [image_id(path) if stems[path.stem] == 1 else path.relative_to(folder).as_posix() for path in images]
+
+
+def log_named_ids(images: list[Path], ids: list[int | str]) -> None:
+    """Say which images are named by their file names because another image has their stem."""
+    named = [image for image, key in zip(images, ids) if key != image_id(image)]
+    if named:
+        shown = ", ".join(path.name for path in named[:5]) + (", ..." if len(named) > 5 else "")
+        run_logger(__name__).warning("%d image(s) share their file stem with another, so their ids are their file "
+                                     "names: %s", len(named), shown)
 
 
 def find_sample_submission(folder: Path) -> Path | None:
@@ -119,16 +134,33 @@ def find_sample_submission(folder: Path) -> Path | None:
     return None
 
 
-def kaggle_numbered(images: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(images to score, images left out): in a folder of numbered images, those whose names are not numbers.
+NOT_A_KAGGLE_ID = "not a Kaggle id: its name is not a number, so it is left out of the submission"
 
-    Kaggle's ids are numbers; a row `broken,0.5` would make the whole submission fail there. A
-    folder with no numbered image is not Kaggle's and keeps every image (ids are the names).
+
+def kaggle_numbered(images: list[Path], folder: Path) -> tuple[list[Path], list[tuple[str, Path, str]]]:
+    """(images to score, (id, image, why) of each image left out): a Kaggle submission holds each number once.
+
+    In a folder of numbered images, a file whose name is not a number is left out (a row
+    `broken,0.5` would make the whole submission fail on Kaggle), and so is a second file of one
+    number (`1.png` beside `1.jpg`, `007.jpg` beside `7.jpg`): the first in `images`' order
+    keeps the id. A folder with no numbered image is not Kaggle's and keeps every image (ids
+    are the names).
     """
-    numbered = [path for path in images if path.stem.isdigit()]
-    if not numbered:
+    if not any(path.stem.isdigit() for path in images):
         return images, []
-    return numbered, [path for path in images if not path.stem.isdigit()]
+    kept: list[Path] = []
+    left_out: list[tuple[str, Path, str]] = []
+    owners: dict[int, Path] = {}
+    for path in images:
+        if not path.stem.isdigit():
+            left_out.append((path.stem, path, NOT_A_KAGGLE_ID))
+        elif (owner := owners.setdefault(int(path.stem), path)) is not path:
+            left_out.append((path.relative_to(folder).as_posix(), path,
+                             f"its Kaggle id {int(path.stem)} is {owner.relative_to(folder).as_posix()}'s, so it is "
+                             "left out of the submission; rename one of them to score both"))
+        else:
+            kept.append(path)
+    return kept, left_out
 
 
 def check_ids_against_sample(ids: list[int | str], sample_path: Path) -> None:
@@ -153,18 +185,15 @@ def check_against_sample(frame: pd.DataFrame, sample_path: Path) -> None:
     check_ids_against_sample(frame["id"].tolist(), sample_path)
 
 
-NOT_A_KAGGLE_ID = "not a Kaggle id: its name is not a number, so it is left out of the submission"
-
-
 def write_submission(target: Path, ids: list[int | str], scores: list[float], files: list[str],
                      errors: list[str], sample: Path | None = None,
-                     left_out: list[Path] = ()) -> tuple[Path, Path | None]:
+                     left_out: list[tuple[str, Path, str]] = ()) -> tuple[Path, Path | None]:
     """Write `id,label` (and `<name>.errors.csv` when some image failed or was left out), each atomically."""
     frame = pd.DataFrame({"id": ids, "label": scores}, columns=list(SUBMISSION_COLUMNS))
     if sample is not None:
         check_against_sample(frame, sample)
     failed = [(image, file, error) for image, file, error in zip(ids, files, errors) if error]
-    failed += [(path.stem, path.name, NOT_A_KAGGLE_ID) for path in left_out]
+    failed += [(image, path.name, why) for image, path, why in left_out]
     errors_path = target.with_name(f"{target.stem}.errors.csv")
     if failed:
         with atomic_path(errors_path, suffix=".csv") as tmp:
@@ -200,6 +229,7 @@ def predict_classes(folder: Path, model: Any, model_uri: str, output_csv: Path, 
     from tasks.common.progress import Progress
 
     ids = csv_ids(images, folder)
+    log_named_ids(images, ids)
     progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
     scored = score_table(model, images, batch_size, progress.advance)
     progress.finish()
@@ -224,12 +254,13 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     if not classes.kaggle:
         log.info("Classes: %s; writing id,label and a probability per class", classes.text())
         return predict_classes(folder, load_pyfunc(model_uri), model_uri, output_csv, batch_size, images, skipped)
-    images, left_out = kaggle_numbered(images)
+    images, left_out = kaggle_numbered(images, folder)
     if left_out:
-        shown = ", ".join(path.name for path in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-        log.warning("%d image(s) without a Kaggle id (a number) left out of the submission, listed in its errors "
-                    "file: %s", len(left_out), shown)
+        shown = ", ".join(path.name for _, path, _ in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        log.warning("%d image(s) without a Kaggle id of their own (a number no other file has) left out of the "
+                    "submission, listed in its errors file: %s", len(left_out), shown)
     ids = csv_ids(images, folder)
+    log_named_ids(images, ids)
     sample = find_sample_submission(folder)
     if sample is None:
         log.info("No %s beside or above %s: the ids are not checked against Kaggle's", SAMPLE_SUBMISSION, folder)

@@ -11,7 +11,7 @@ from flows.predict import main
 from flows.predict import predict as predict_flow
 from tasks.common.errors import ConfigError, InputError
 from tasks.models.predictions import ERROR_LABEL
-from tests.imagegen import image_bytes, truncated_jpeg, zip_tree
+from tests.imagegen import image_bytes, tall_png, truncated_jpeg, zip_tree
 
 LABELS = {1: "cat", 2: "dog", 3: "cat", 10: "dog", 11: "dog"}
 
@@ -169,21 +169,29 @@ def test_a_file_without_a_kaggle_id_is_left_out_and_named_in_the_errors(store, t
     folder = _test1_folder(tmp_path / "test1")
     (folder / "broken.jpg").write_bytes(truncated_jpeg())
     (folder / "my_cat.jpg").write_bytes(image_bytes("cat", 7))
+    (folder / "1.png").write_bytes(image_bytes("dog", 8, fmt="PNG"))  # a second file of Kaggle id 1
+    (folder / "5.png").write_bytes(tall_png())  # 2 KB, 1 x 1,000,000: its row's error, at once
     out = tmp_path / "submission.csv"
     code = main([str(folder), "--output-csv", str(out)])
     assert code == 0
-    assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 10, 11]  # Kaggle ids only: no `broken,0.500000`
+    assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 5, 10, 11]  # Kaggle ids only, each once
     errors = pd.read_csv(out.with_name("submission.errors.csv")).set_index("file")
     assert errors.loc["broken.jpg", "error"].startswith("not a Kaggle id: its name is not a number")
     assert errors.loc["my_cat.jpg", "id"] == "my_cat"
+    assert errors.loc["1.png", "error"].startswith("its Kaggle id 1 is 1.jpg's, so it is left out of the submission")
+    assert "a side longer than the limit of 20,000" in errors.loc["5.png", "error"]
     captured = capsys.readouterr()
-    assert "2 left out (no Kaggle id)" in captured.out
-    assert "2 image(s) without a Kaggle id (a number) left out of the submission" in captured.err
+    assert "3 left out (no Kaggle id of their own)" in captured.out
+    assert "3 image(s) without a Kaggle id of their own (a number no other file has) left out" in captured.err
     own = tmp_path / "own"  # no numbered image at all: your own photos, scored by name
     own.mkdir()
     (own / "my_cat.jpg").write_bytes(image_bytes("cat", 7))
+    (own / "one.jpg").write_bytes(image_bytes("cat", 9))
+    (own / "one.png").write_bytes(image_bytes("dog", 9, fmt="PNG"))
+    caplog.set_level("INFO", logger="prefect")  # main() above quietened Prefect again for its exit
     predict(str(own), output_csv=str(tmp_path / "own.csv"))
-    assert pd.read_csv(tmp_path / "own.csv")["id"].tolist() == ["my_cat"]
+    assert pd.read_csv(tmp_path / "own.csv")["id"].tolist() == ["my_cat", "one.jpg", "one.png"]  # unique, said so
+    assert "2 image(s) share their file stem with another, so their ids are their file names" in caplog.text
 
 
 def test_ids_that_differ_from_kaggles_sample_fail_before_any_image_is_scored(store, tmp_path, monkeypatch):

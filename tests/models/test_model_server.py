@@ -26,12 +26,13 @@ from types import SimpleNamespace
 
 import httpx
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
-from tests.imagegen import class_pixels, image_bytes
+from tests.imagegen import class_pixels, image_bytes, tall_png
 from tests.memory import PeakRss, tree_rss
-from tests.servers import REPO_ROOT, base_env, free_port, running, start_process, wait_for_http
+from tests.servers import REPO_ROOT, base_env, free_port, running, start_process, wait_for_http, wait_until
 from tests.test_readme import served_model
 
 pytestmark = pytest.mark.slow
@@ -245,3 +246,34 @@ def test_the_proxy_refuses_a_body_over_32_mib_before_the_model_server_reads_it(p
     assert response.status_code == 413
     assert "larger than 32 MiB" in response.json()["message"]
     assert rss.peak - before < 16 * 2**20  # not a byte of it reached the model server
+
+
+# ------------------------------------------------------------------ last in the module: it stops the server
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_2_kb_png_of_a_million_rows_is_its_rows_error_and_then_sigterm_ends_the_server(server):
+    """The 1 x 1,000,000 PNG once held a worker for minutes of OpenCV smoothing: a 504 after 60 s, the next
+    request a 503, the idle server burning CPU and deaf to SIGTERM (no signal handler runs inside a C call,
+    and the interpreter joins the request's thread before it exits). Now it is refused from its header, as
+    the manifest refuses it in training: its row's error, the other rows scored, the next request answered,
+    and SIGTERM, sent as `docker stop` or a service manager sends it, ends the server and its worker."""
+    good = [_b64(image_bytes(label, 60 + index)) for index, label in enumerate(("cat", "dog", "cat"))]
+    response = _invoke(server, _payload([_b64(tall_png()), *good]))
+    assert response.status_code == 200, response.text[:500]
+    rows = response.json()["predictions"]
+    assert "a side longer than the limit of 20,000" in rows[0]["error"] and rows[0]["p_dog"] is None
+    assert [row["label"] for row in rows[1:]] == ["cat", "dog", "cat"] and not any(row["error"] for row in rows[1:])
+    response = _invoke(server, _payload([good[1]]))
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == "dog"
+
+    tree = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    assert any("uvicorn" in " ".join(process.cmdline()) for process in tree[1:])
+    server.process.popen.terminate()
+    wait_until(lambda: all(_gone(process) for process in tree), timeout=60, what="the server to end on SIGTERM")

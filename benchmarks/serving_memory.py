@@ -20,7 +20,11 @@ Probes (each a probe that once broke the served model):
             more work than the server's 60 s request timeout), then a small request every 2 s:
             how long until the server answers again;
 - jpegs:    `clients` x `requests` requests of `images` flat JPEGs of `side` x `side` pixels
-            (the large-image load of the first serving limits; compare with commit 1f90b46).
+            (the large-image load of the first serving limits; compare with commit 1f90b46);
+- tall:     one request of a 2 KB PNG of 1 x 1,000,000 pixels and 3 small JPEGs, then a small
+            request: what each got back and when, the server's CPU-seconds in the 5 s after them
+            (idle, it should spend none), then SIGTERM to `mlflow models serve` and how long until
+            its process tree is gone (compare with commit 763e005, before the one size rule).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+
+import psutil  # noqa: E402
 
 from tests.memory import PeakRss, tree_rss  # noqa: E402
 from tests.servers import BIN_DIR, base_env, cli, free_port, running, start_process, wait_for_http  # noqa: E402
@@ -172,7 +179,7 @@ def measure(pid: int, load: Callable[[], list[str]]) -> dict:
             "outcomes": collections.Counter(outcomes)}
 
 
-def parquet_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+def parquet_probe(url: str, _pid: int, args: argparse.Namespace) -> Callable[[], list[str]]:
     import pandas as pd
 
     buffer = io.BytesIO()
@@ -182,7 +189,7 @@ def parquet_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]
     return lambda: [post(url, body, "application/vnd.apache.parquet")]
 
 
-def bodies_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+def bodies_probe(url: str, _pid: int, args: argparse.Namespace) -> Callable[[], list[str]]:
     png = base64.b64encode(flat_image(5000, "PNG", (200, 60, 90))).decode()
     body = request_body([png, "A" * (args.body_mib * MIB - len(png) - 100)])  # a slow image and a large cell
     print(f"  bodies: {args.bodies} concurrent requests of {len(body) / MIB:.1f} MiB (a 25 MP PNG and a "
@@ -194,7 +201,7 @@ def bodies_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
     return load
 
 
-def timeout_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+def timeout_probe(url: str, _pid: int, args: argparse.Namespace) -> Callable[[], list[str]]:
     png = base64.b64encode(flat_image(5000, "PNG", (200, 60, 90))).decode()
     rows = max(1, args.timeout_mib * MIB // len(png))
     body = request_body([png] * rows)
@@ -224,7 +231,7 @@ def timeout_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]
     return load
 
 
-def jpegs_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
+def jpegs_probe(url: str, _pid: int, args: argparse.Namespace) -> Callable[[], list[str]]:
     image = base64.b64encode(flat_image(args.side)).decode("ascii")
     body = request_body([image] * args.images)
     print(f"  jpegs: {args.clients} concurrent clients x {args.requests} requests x {args.images} JPEGs of "
@@ -237,7 +244,72 @@ def jpegs_probe(url: str, args: argparse.Namespace) -> Callable[[], list[str]]:
     return load
 
 
-PROBES = {"parquet": parquet_probe, "bodies": bodies_probe, "timeout": timeout_probe, "jpegs": jpegs_probe}
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU-seconds the processes have spent so far (those that ended count no more)."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def tall_probe(url: str, pid: int, args: argparse.Namespace) -> Callable[[], list[str]]:
+    from PIL import Image
+
+    from tests.imagegen import image_bytes
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1_000_000)).save(buffer, format="PNG", optimize=True)
+    tall = base64.b64encode(buffer.getvalue()).decode()
+    good = [base64.b64encode(image_bytes(label, 60 + index)).decode()
+            for index, label in enumerate(("cat", "dog", "cat"))]
+    print(f"  tall: 1 request of a {len(buffer.getvalue()):,}-byte PNG of 1 x 1,000,000 pixels and 3 JPEGs, then "
+          "a request of 1 JPEG, then SIGTERM", flush=True)
+
+    def load() -> list[str]:
+        tree = _tree(pid)
+        started = time.monotonic()
+        outcomes = [f"request: {post(url, request_body([tall, *good]), timeout=args.timeout_cap)} "
+                    f"after {time.monotonic() - started:.1f} s"]
+        asked = time.monotonic()
+        outcomes.append(f"next request: {post(url, request_body(good[:1]), timeout=args.timeout_cap)} "
+                        f"after {time.monotonic() - asked:.1f} s")
+        tree = _tree(pid) or tree
+        idle = tree_cpu_seconds(tree)
+        time.sleep(5.0)
+        outcomes.append(f"server CPU in the 5 s after both answers: {tree_cpu_seconds(tree) - idle:.1f} s")
+        outcomes.append(f"server CPU from the first request on: {tree_cpu_seconds(tree):.1f} s in all "
+                        "(its start and warm-up included)")
+        os.kill(pid, signal.SIGTERM)
+        termed = time.monotonic()
+        while time.monotonic() - termed < args.sigterm_cap and not all(_gone(process) for process in tree):
+            time.sleep(0.1)
+        left = [process for process in tree if not _gone(process)]
+        outcomes.append(f"SIGTERM: the server's process tree gone after {time.monotonic() - termed:.1f} s" if not left
+                        else f"SIGTERM: {len(left)} of the server's processes still running after "
+                             f"{args.sigterm_cap} s (killed)")
+        return outcomes
+    return load
+
+
+PROBES = {"parquet": parquet_probe, "bodies": bodies_probe, "timeout": timeout_probe, "jpegs": jpegs_probe,
+          "tall": tall_probe}
 
 
 def main() -> None:
@@ -249,6 +321,7 @@ def main() -> None:
     parser.add_argument("--body-mib", type=int, default=31)
     parser.add_argument("--timeout-mib", type=int, default=30, help="MiB of PNGs per timed-out request")
     parser.add_argument("--timeout-cap", type=int, default=600, help="seconds to wait for the server to answer")
+    parser.add_argument("--sigterm-cap", type=int, default=120, help="tall: seconds to wait for the server to end")
     parser.add_argument("--side", type=int, default=12_000, help="jpegs: pixels per side of each image")
     parser.add_argument("--images", type=int, default=3, help="jpegs: images per request")
     parser.add_argument("--clients", type=int, default=2, help="jpegs: concurrent clients")
@@ -265,7 +338,7 @@ def main() -> None:
             print(f"{label}: served with {readme_serve_env(root) or 'no extra environment'}", flush=True)
             for name in probes:  # a fresh server per probe: one probe's leftovers never hide another's peak
                 with served(root, home, store) as (url, pid):
-                    result = measure(pid, PROBES[name](url, args))
+                    result = measure(pid, PROBES[name](url, pid, args))
                 print(f"  {name}: server RSS at rest {result['rest'] / MIB:,.0f} MiB, peak "
                       f"{result['peak'] / MIB:,.0f} MiB (+{(result['peak'] - result['rest']) / MIB:,.0f}); "
                       f"took {result['seconds']:.1f} s", flush=True)

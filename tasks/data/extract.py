@@ -20,6 +20,7 @@ holds `train.zip` and `test1.zip`, which become the folders `train/` and `test1/
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -43,6 +44,9 @@ from tasks.common.logs import run_logger
 
 NESTED_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar", ".zip")
 """Member names unpacked in place of themselves (one level deep by default)."""
+
+NAME_MAX = 255
+"""Longest name, in bytes, of one file or folder on the common filesystems (ext4, XFS, Btrfs, APFS, tmpfs)."""
 
 _CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -126,6 +130,11 @@ def safe_parts(label: str, name: str) -> tuple[str, ...]:
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
         raise _refuse(label, name, "contains '..' and would escape the extraction folder")
+    longest = max((len(os.fsencode(part)) for part in parts), default=0)
+    if longest > NAME_MAX:
+        raise _refuse(label, name, f"has a name of {longest} bytes, longer than the {NAME_MAX} a file or folder "
+                                   "name may have", "rename it in the archive, or unpack it yourself and pass the "
+                                                    "folder with --source")
     return parts
 
 
@@ -299,6 +308,15 @@ class _Writer:
         self._made.add(folder)
 
     def write(self, entry: _Entry, source: IO[bytes] | None) -> None:
+        """Write one member; a path longer than the filesystem allows (names of 255 bytes, nested deep) is refused."""
+        try:
+            self._write(entry, source)
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            raise _refuse(self.label, entry.name, "makes a path longer than this filesystem allows") from None
+
+    def _write(self, entry: _Entry, source: IO[bytes] | None) -> None:
         target = self.root.joinpath(*entry.parts)
         if entry.is_dir or source is None:
             self._folder(target)

@@ -117,6 +117,16 @@ def test_tar_with_escaping_name_is_refused(place, tmp_path, name, words):
     assert not list(tmp_path.rglob("evil.txt"))
 
 
+@pytest.mark.parametrize("name, words", [
+    ("PetImages/Cat/" + "c" * 296 + ".jpg", "has a name of 300 bytes, longer than the 255"),  # from its header
+    ("/".join(["d" * 250] * 17) + "/0.jpg", "makes a path longer than this filesystem allows"),  # when it is written
+])
+def test_a_member_whose_name_no_filesystem_holds_is_refused_in_one_sentence(place, tmp_path, name, words):
+    work, root = place
+    archive = _zip(work / "long.zip", {"PetImages/Cat/0.jpg": image_bytes("cat", 0), name: image_bytes("cat", 1)})
+    _assert_refused(archive, root, tmp_path, name, words)
+
+
 def test_zip_symlink_member_is_refused(place, tmp_path):
     work, root = place
     archive = _zip(work / "link.zip", {"PetImages/Cat/0.jpg": image_bytes("cat", 0), "escape": b"/etc"},

@@ -1,7 +1,7 @@
 """The `retrain` flow: the product's main job, from a data source to a gated champion.
 
-    hold the data folder (a second run waits) -> check weights files and the image decoder
-    -> set straight what killed runs left -> prepare the data (subflow prepare_data)
+    hold the data folder (a second run waits) -> check weights files, the image decoder and
+    the MLflow store (a folder, damaged or read-only: one sentence) -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
     -> train (subflow train_model)
@@ -63,6 +63,7 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     for backbone in config.backbones:
         learning.check_weights(backbone, config.weights)
     learning.check_decoder(config.decoder)
+    models.check_store()
     logger.info("Reconcile: %s", models.reconcile(data_dir, config.experiment, config.model_name).summary)
 
     prepared = prepare_data(config.section(DataConfig).model_copy(update={"data_dir": data_dir}))

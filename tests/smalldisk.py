@@ -1,8 +1,9 @@
-"""A small real disk for tests: a tmpfs of a few MiB, mounted where a test asks for it.
+"""A small real disk for tests: a tmpfs of a few MiB, mounted where a test asks for it; and a read-only view.
 
 A full disk cannot be faked convincingly (every writer meets ENOSPC in its own way: Python's
-buffered files, sqlite, a child process's banner), so the tests make a real one. Mounting needs
-root in a sandbox that allows it; elsewhere the test is skipped with the reason.
+buffered files, sqlite, a child process's banner), so the tests make a real one. A read-only
+disk neither (root may write through any permission bits): a read-only bind mount is one.
+Mounting needs root in a sandbox that allows it; elsewhere the test is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def read_only_view(folder: Path, at: Path) -> Iterator[Path]:
+    """`folder` bind-mounted read-only at `at` (created) for the block: writes there fail with EROFS, as on a read-only disk."""
+    if shutil.which("mount") is None:
+        pytest.skip("a read-only view needs the mount command")
+    at.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "--bind", str(folder), str(at)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"bind mounts are not permitted here ({done.stderr.strip()}); the read-only store tests need root "
+                    "in a sandbox that allows mounts")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", str(at)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"a read-only remount is not permitted here ({remount.stderr.strip()})")
+        yield at
+    finally:
+        subprocess.run(["umount", "--lazy", str(at)], capture_output=True)
 
 
 def fill(disk: Path, leave: int = 0) -> Path:

@@ -27,6 +27,14 @@ SUMMARY_ARTIFACT_KEY = "retrain-summary"
 """Prefect artifact key: every run adds a version, so the UI shows the history under one key."""
 
 
+@task(name="check-store", **IO_RETRIES)
+def check_store() -> str:
+    """Fail before any work, in one sentence, when the MLflow store is a folder, damaged or read-only; what was checked."""
+    from tasks.models.store import check_writable_store
+
+    return check_writable_store()
+
+
 @task(name="reconcile", **IO_RETRIES)
 def reconcile(data_dir: str, experiment: str, model_name: str) -> Reconciled:
     """Set straight what killed runs left: stuck runs and flow runs, pending models, half-registered

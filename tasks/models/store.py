@@ -11,12 +11,19 @@ processes doing that at once leave it half-migrated for good (`_alembic_tmp_... 
 exists`). So the first use in each process takes an exclusive lock beside the database while
 it creates or migrates, and a second process waits for it.
 
+What a sqlite store path may hold is checked before any work: a folder where the file should be,
+or a store a retrain cannot write (a read-only disk or folder), is one sentence; an empty file
+(0 bytes) is said, since it holds no runs, models or champion where some may have been expected.
+Readers (batch prediction, `mlflow models serve`) need none of it writable: on a read-only store
+they take no lock (nothing can be creating a store there), and an empty one is "no model" to them.
+
 Every function resolves the URI at call time (never at import), so a process that changes
 `MLFLOW_TRACKING_URI` (tests, a Prefect worker) is always honoured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -28,6 +35,7 @@ from urllib.parse import unquote, urlparse
 from tasks.common.databases import check_database
 from tasks.common.errors import ConfigError
 from tasks.common.flock import exclusive_flock
+from tasks.common.logs import run_logger
 from tasks.models.naming import DEFAULT_EXPERIMENT
 
 DEFAULT_STORE_DIR = "mlruns"
@@ -80,35 +88,83 @@ def sqlite_path(uri: str) -> Path | None:
     return None if not path or path == ":memory:" else Path(path).expanduser().resolve()
 
 
+EMPTY_STORE = ("it is empty (0 bytes): it holds no runs, models or champion, and a retrain starts a new store in "
+               "its place; if it held them, restore it from a backup first")
+
+
+def _is_writable(database: Path) -> bool:
+    """Whether a retrain can write the store: the file (when it exists) and its folder (sqlite's journal goes there)."""
+    folder = next((parent for parent in (database.parent, *database.parent.parents) if parent.exists()), None)
+    return (folder is not None and os.access(folder, os.W_OK | os.X_OK)
+            and (not database.exists() or os.access(database, os.W_OK)))
+
+
 def check_store(uri: str | None = None) -> str:
     """Check a local sqlite store page by page (DamagedDatabase names the file and the repair); what was checked.
 
-    A server store (http://...) is its server's to keep; only its URI is returned.
+    A path that is a folder is a ConfigError; an empty file is said (see EMPTY_STORE), and so is
+    a store that cannot be written here. A server store (http://...) is its server's to keep;
+    only its URI is returned.
     """
     uri = uri or resolve_tracking_uri()
     database = sqlite_path(uri)
     if database is None:
         return f"MLflow store {uri}: a server, which keeps its own database"
+    if database.is_dir():
+        raise ConfigError(f"The MLflow store {database} is a folder, not a sqlite file; point MLFLOW_TRACKING_URI at "
+                          f"the database file (sqlite:///{database / DB_NAME} for one inside it).")
     if not database.is_file():
         return f"MLflow store {database}: not created yet"
+    if database.stat().st_size == 0:
+        return f"MLflow store {database}: {EMPTY_STORE}"
     check_database(database, "The MLflow store")
+    if not _is_writable(database):
+        return f"MLflow store {database}: intact, read-only here (prediction and serving read it; a retrain cannot)"
     return f"MLflow store {database}: intact"
 
 
+def check_writable_store(uri: str | None = None) -> str:
+    """What `check_store` says, for a store a retrain will write: one that cannot be written is a ConfigError too.
+
+    Run before a retrain's work (flows/retrain.py), so a store it cannot record into stops it in
+    one sentence instead of after an hour of training (or minutes of retries).
+    """
+    uri = uri or resolve_tracking_uri()
+    checked = check_store(uri)
+    database = sqlite_path(uri)
+    if database is not None and not _is_writable(database):
+        raise ConfigError(f"The MLflow store {database} is read-only here (a read-only disk or folder), and a retrain "
+                          "records its run and model in it; make it writable, or point MLFLOW_TRACKING_URI at a "
+                          "store you can write.")
+    return checked
+
+
 def _prepare(uri: str, *, create: bool) -> None:
-    """Check, create or migrate a local sqlite store once per process, serialised across processes."""
+    """Check, create or migrate a local sqlite store once per process, serialised across processes.
+
+    Writers (`create`) are refused a store they cannot write, before any work; readers are
+    refused one that holds nothing, and take the creation lock only where it can be taken (no
+    one is creating a read-only store).
+    """
     with _READY_LOCK:
         if uri in _READY:
             return
         database = sqlite_path(uri)
         if database is not None:
-            if not create and not database.is_file():
-                raise ConfigError(f"The MLflow store {database} does not exist; run a retrain first "
-                                  "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
-            check_store(uri)  # a damaged store is named before a run relies on it (or trains for nothing)
+            # a damaged (or unwritable) store is named before a run relies on it (or trains for nothing)
+            checked = check_writable_store(uri) if create else check_store(uri)
+            empty = database.is_file() and database.stat().st_size == 0
+            if not create and (empty or not database.is_file()):
+                state = "is empty (0 bytes)" if empty else "does not exist"
+                raise ConfigError(f"The MLflow store {database} {state}; run a retrain first (python -m flows.retrain), "
+                                  "or point MLFLOW_TRACKING_URI at your store.")
+            if empty:
+                run_logger(__name__).warning("The MLflow store %s: %s.", database, checked.split(": ", 1)[1])
             from mlflow.tracking import MlflowClient
 
-            with exclusive_flock(database.with_name(f".{database.name}.init.lock"), timeout_s=INIT_LOCK_TIMEOUT_S):
+            lock = database.with_name(f".{database.name}.init.lock")
+            with exclusive_flock(lock, timeout_s=INIT_LOCK_TIMEOUT_S) if create or _is_writable(lock) \
+                    else contextlib.nullcontext():
                 MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates
         _READY.add(uri)
 

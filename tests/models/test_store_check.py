@@ -6,6 +6,7 @@ taken mid-write leaves it, so `PRAGMA integrity_check` fails while many reads st
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import pytest
 
 from flows.retrain import main
 from tasks.common.databases import DamagedDatabase, integrity_problem
+from tasks.common.errors import ConfigError
 from tasks.models.store import check_store, use_tracking
 from tests.fake_training import seed_store
 from tests.servers import REPO_ROOT, base_env
+from tests.smalldisk import read_only_view
 
 
 def damage_last_page(database: Path) -> Path:
@@ -58,6 +61,56 @@ def test_a_forced_retrain_on_a_damaged_store_stops_before_training(damaged_store
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and str(damaged_store) in line and ".recover" in line and "Traceback" not in err
+    assert not (data_dir / "training").exists() and not (data_dir / "manifest.parquet").exists()
+
+
+def test_a_folder_an_empty_file_and_a_read_only_store_are_each_named(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "folder" / "mlflow.db"
+    folder.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"The MLflow store {folder} is a folder, not a sqlite file; point "
+                                          f"MLFLOW_TRACKING_URI at the database file \\(sqlite:///{folder}/mlflow.db"):
+        check_store(f"sqlite:///{folder}")
+
+    empty = tmp_path / "empty" / "mlflow.db"
+    empty.parent.mkdir()
+    empty.touch()
+    assert check_store(f"sqlite:///{empty}") == (
+        f"MLflow store {empty}: it is empty (0 bytes): it holds no runs, models or champion, and a retrain starts a "
+        "new store in its place; if it held them, restore it from a backup first")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{empty}")
+    with pytest.raises(ConfigError, match="is empty \\(0 bytes\\); run a retrain first"):
+        use_tracking(create=False)  # a reader never turns it into a new store
+    assert empty.stat().st_size == 0
+    caplog.set_level("WARNING", logger="tasks.models.store")
+    use_tracking()  # a retrain starts a new store in its place, saying so
+    assert [record.getMessage() for record in caplog.records] == [
+        f"The MLflow store {empty}: it is empty (0 bytes): it holds no runs, models or champion, and a retrain starts "
+        "a new store in its place; if it held them, restore it from a backup first."]
+
+    seed_store(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    with read_only_view(tmp_path / "store", tmp_path / "read-only") as view:
+        assert check_store(f"sqlite:///{view / 'mlflow.db'}").endswith(
+            ": intact, read-only here (prediction and serving read it; a retrain cannot)")
+
+
+@pytest.mark.parametrize("kind", ["folder", "read-only"])
+def test_a_retrain_on_a_store_it_cannot_write_stops_in_one_sentence_before_any_work(kind, tmp_path, monkeypatch,
+                                                                                    capsys):
+    data_dir = tmp_path / "data"
+    with contextlib.ExitStack() as stack:
+        if kind == "folder":
+            database = tmp_path / "mlruns" / "mlflow.db"
+            database.mkdir(parents=True)
+            expected = f"The MLflow store {database} is a folder, not a sqlite file"
+        else:
+            seed_store(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+            database = stack.enter_context(read_only_view(tmp_path / "store", tmp_path / "read-only")) / "mlflow.db"
+            expected = f"The MLflow store {database} is read-only here (a read-only disk or folder)"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+        code = main(["--source", str(tmp_path), "--data-dir", str(data_dir), "--weights", "none", "--force"])
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and expected in line and "Traceback" not in err
     assert not (data_dir / "training").exists() and not (data_dir / "manifest.parquet").exists()
 
 

@@ -118,6 +118,21 @@ def test_a_store_that_does_not_exist_is_an_error_not_a_new_empty_one(tmp_path, m
     assert not (tmp_path / "typo").exists()
 
 
+def test_predict_reads_a_read_only_store(store, tmp_path, monkeypatch):
+    """Prediction only reads: a store on a read-only disk (its runs' artifacts where they were logged) must do."""
+    import shutil
+
+    from tests.smalldisk import read_only_view
+
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(store.uri[len("sqlite:///"):], tmp_path / "store" / "mlflow.db")
+    out = tmp_path / "submission.csv"
+    with read_only_view(tmp_path / "store", tmp_path / "read-only") as view:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{view / 'mlflow.db'}")
+        predict(str(_test1_folder(tmp_path / "test1")), output_csv=str(out))
+    _check_submission(out)
+
+
 def test_the_submission_is_checked_against_kaggles_sample(store, tmp_path):
     folder = _test1_folder(tmp_path / "comp" / "test1")
     sample = tmp_path / "comp" / "sampleSubmission.csv"

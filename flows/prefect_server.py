@@ -9,12 +9,19 @@ child the kernel sends SIGTERM the moment the command dies (Linux `PR_SET_PDEATH
 the child before it runs), and points this process and its children at it for the command's
 duration (PREFECT_API_URL, marked as temporary: see tasks/common/prefect_api.py). Nothing of
 Prefect's internals is touched. Where an API is configured, nothing is started.
+
+Commands started together share one PREFECT_HOME and its sqlite database, which each server
+creates or migrates as it starts: two servers migrating one new database at once fail
+(`duplicate column name`, exit code 3). So a server's start, up to its first healthy answer, is
+serialised by a lock beside the database (tasks/common/flock.py); the next command's server
+then starts on a migrated database, a few seconds later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -26,6 +33,7 @@ from pathlib import Path
 
 from tasks.common.databases import check_database
 from tasks.common.errors import ConfigError
+from tasks.common.flock import LockTimeout, exclusive_flock
 from tasks.common.prefect_api import TEMPORARY_API_ENV, prefect_api
 
 STARTUP_TIMEOUT_S = 180.0
@@ -104,6 +112,40 @@ def drain_clients() -> None:
         pass
 
 
+def setup_lock(database: Path) -> Path:
+    """The lock file a server's start holds, beside the sqlite database it creates or migrates."""
+    return database.with_name(f".{database.name}.setup.lock")
+
+
+@contextlib.contextmanager
+def _setting_up(timeout_s: float) -> Iterator[None]:
+    """Hold the start-up lock beside the local database for the block (where there is one to hold).
+
+    Another command's server creating or migrating the same database meanwhile is waited for;
+    a home whose folder cannot hold a lock file starts unlocked, as it did before.
+    """
+    database = local_database()
+    said: list[float] = []
+
+    def waiting(seconds: float) -> None:
+        if not said:
+            logging.getLogger(__name__).info("Waiting for another command's Prefect server to set up %s; this "
+                                             "command's own starts once that one answers", database)
+            said.append(seconds)
+
+    with contextlib.ExitStack() as stack:
+        if database is not None:
+            try:
+                stack.enter_context(exclusive_flock(setup_lock(database), timeout_s=timeout_s, while_waiting=waiting))
+            except LockTimeout:  # before OSError: a TimeoutError is one
+                raise ConfigError(f"Another command's Prefect server took over {timeout_s:.0f} s to set up {database}; "
+                                  "try again, or start one server (prefect server start) and set PREFECT_API_URL."
+                                  ) from None
+            except OSError:
+                pass
+        yield
+
+
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -135,14 +177,19 @@ def temporary_server(timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str | Non
     env = {**{name: value for name, value in os.environ.items() if name != "FORCE_COLOR"},
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "PREFECT_CLI_PROMPT": "false",
            "PREFECT_LOGGING_COLORS": "false", "NO_COLOR": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-ui", "--log-level", "WARNING"],
-        env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C is for the command: the server must outlive its goodbyes, then it is stopped
-        preexec_fn=_die_with_parent(os.getpid()))
+    with _setting_up(timeout_s):  # one server at a time creates or migrates a shared database
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-ui", "--log-level", "WARNING"],
+            env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C is for the command: the server must outlive its goodbyes, then stopped
+            preexec_fn=_die_with_parent(os.getpid()))
+        try:
+            _wait_until_healthy(process, url, timeout_s)
+        except BaseException:
+            _stop(process)
+            raise
     try:
-        _wait_until_healthy(process, url, timeout_s)
         previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", TEMPORARY_API_ENV)}
         os.environ.update({"PREFECT_API_URL": url, TEMPORARY_API_ENV: url})  # child processes meet it too
         try:

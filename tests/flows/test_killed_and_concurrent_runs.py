@@ -12,6 +12,7 @@ process costs tens of seconds on a small CPU.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sqlite3
@@ -119,3 +120,49 @@ def test_a_retrain_killed_in_the_gate_is_set_straight_by_the_run_that_waited_for
     assert (flow, state) == ("retrain", "CRASHED") and f"pid {killed.pid}" in message and killed_run in reconciled
     assert not [run for run in runs.values() if run[1] == "RUNNING"], runs
     assert all(_gone(proc) for proc in descendants), [p for p in descendants if not _gone(p)]  # its server died too
+
+
+_OWN_SERVER = """
+import logging
+from flows.prefect_server import temporary_server
+logging.basicConfig(level=logging.INFO)
+with temporary_server() as url:
+    print("served by", url, flush=True)
+"""
+
+
+def _held(lock: Path) -> bool:
+    """Whether another process holds the flock on `lock` (tried without waiting, released at once if free)."""
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_command_waits_while_another_sets_up_its_prefect_server_on_the_same_new_home(tmp_path):
+    """Each command line starts its own temporary Prefect server (flows/cli.py); two started together on a new
+    PREFECT_HOME once both migrated its new database, and the second died ("Prefect's temporary server exited
+    with code 3", `duplicate column name`). Here the test holds the set-up lock, as a first command setting up
+    its server would: the command waits, saying so, with no server of its own, then holds the lock itself while
+    its server sets up the database, and runs."""
+    from tasks.common.flock import exclusive_flock
+
+    home = tmp_path / "prefect"
+    lock = home / ".prefect.db.setup.lock"  # beside the database (flows/prefect_server.py `setup_lock`)
+    command = start_process("command", [sys.executable, "-c", _OWN_SERVER],
+                            env=prefect_env(home, PYTHONPATH=str(REPO_ROOT)), log_path=tmp_path / "command.log",
+                            cwd=tmp_path)
+    with running(command):
+        with exclusive_flock(lock, timeout_s=0):
+            wait_until(lambda: "Waiting for another command's Prefect server to set up" in _log(command),
+                       timeout=RUN_TIMEOUT_S, what="the command to wait for the set-up", process=command)
+            assert not [child for child in psutil.Process(command.pid).children(recursive=True)
+                        if "prefect server start" in " ".join(child.cmdline())]
+        wait_until(lambda: _held(lock), timeout=RUN_TIMEOUT_S, interval=0.02, what="the command to take the lock",
+                   process=command)  # held while its own server creates and migrates the database
+        command.popen.wait(timeout=RUN_TIMEOUT_S)
+        assert command.popen.returncode == 0 and "served by http://127.0.0.1:" in _log(command), _log(command)
+    assert prefect_database(home).is_file() and not _held(lock)

@@ -129,12 +129,15 @@ def _place(source: Path, target: Path) -> str:
 
     The link is made under a temporary name in the target folder and moved over the target with
     `os.replace`, so a reader sees the old file or the new one, never a missing or partial one.
+    A source that is a symbolic link (links in a source folder are followed) is placed as the
+    file it leads to: `link(2)` would otherwise link the symbolic link itself, and the arranged
+    folder would hold a link out of the data folder (dangling, when relative).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         try:
-            os.link(source, tmp)
+            os.link(os.path.realpath(source), tmp)
             how = "linked"
         except OSError as error:
             if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,10 +314,13 @@ def inspect_image(path: str | os.PathLike[str], *, min_side: int = 32, max_pixel
     an image), width and height (after EXIF orientation; header values for refused images),
     status ("ok"/"quarantined"), reason ("" or one of `REASONS`), and converted_jpeg: the RGB
     JPEG bytes to train on instead of the source, or None when the source is already a plain
-    RGB baseline JPEG without rotation (or is quarantined). Reading errors (OSError) propagate:
-    the caller decides whether a vanished file is a fault.
+    RGB baseline JPEG without rotation (or is quarantined). What is not a regular file (a fifo,
+    a device) is not_an_image, unread. Reading errors (OSError) propagate: the caller decides
+    whether a vanished file is a fault.
     """
     path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):  # a fifo or a device (a link to /dev/zero): never read
+        return {**_quarantine(_row(b""), NOT_AN_IMAGE), "sha256": ""}
     return inspect_bytes(path.read_bytes(), path.name, min_side=min_side, max_pixels=max_pixels, max_side=max_side)
 
 

@@ -21,6 +21,15 @@ its label. Cats and dogs layouts are tried first and keep their labels (cat, dog
 Hidden files, ``__MACOSX/`` and stray top-level files (readme, licence, csv) are ignored. Every
 file inside a class folder is a candidate, even ``Thumbs.db``: the manifest step quarantines it
 as ``not_an_image``, so it is visible in the manifest instead of silently dropped.
+
+Symbolic links are followed, folders and files alike, as if what they lead to were there: a
+class folder that is a link (``roses -> /mnt/photos/roses``) is a class like any other, and a
+linked file is read where it leads (the arranged copy is its bytes, never a link: see
+tasks/data/arrange.py). A link that leads nowhere where folders are looked for stops the run
+naming it (it may be a class whose disk is not mounted); a linked file that leads nowhere is
+quarantined like any unreadable file; a link to a folder above, or to one walked already, is
+not followed (no loop, no file twice). (Archives hold no links at all: tasks/data/extract.py
+refuses them.)
 """
 
 from __future__ import annotations
@@ -84,27 +93,50 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() == "__macosx"
 
 
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The visible entries of `folder`; a symbolic link that leads nowhere is a LayoutError naming it.
+
+    Where folders are looked for, such a link could be a whole class (a link to a disk that is not
+    mounted): dropping it without a word would train on the other classes alone.
+    """
+    entries = [entry for entry in os.scandir(folder) if not _ignored(entry.name)]
+    for entry in entries:
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise LayoutError(f"{entry.path} is a symbolic link to {os.readlink(entry.path)}, which does not exist; "
+                              "restore (or mount) what it leads to, or remove the link.")
+    return entries
+
+
+def _subfolders(folder: Path) -> dict[str, Path]:
+    """Sub-folders by name, links to folders included (links are followed, folders and files alike)."""
+    return {entry.name: Path(entry.path) for entry in _entries(folder) if entry.is_dir()}
+
+
 def _visible_dirs(folder: Path) -> dict[str, Path]:
-    """Sub-folders by lower-cased name (symlinked folders are not followed)."""
-    return {
-        entry.name.lower(): Path(entry.path)
-        for entry in os.scandir(folder)
-        if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)
-    }
+    """Sub-folders by lower-cased name, links to folders included."""
+    return {name.lower(): path for name, path in _subfolders(folder).items()}
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return [
-        Path(entry.path)
-        for entry in os.scandir(folder)
-        if not _ignored(entry.name) and not entry.is_dir(follow_symlinks=False)
-    ]
+    return [Path(entry.path) for entry in _entries(folder) if not entry.is_dir()]
 
 
-def _files_under(folder: Path) -> Iterator[Path]:
-    """Every visible file below `folder`, recursively: a class folder's sub-folders are still that class."""
-    for current, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _ignored(d)]
+def files_under(folder: Path) -> Iterator[Path]:
+    """Every visible file below `folder`, recursively, links followed: a class folder's sub-folders are still that class.
+
+    A link to a folder above (`up -> ..`) is not followed, and a folder reached twice (two links
+    to it) is walked once: no loop, and no file listed twice.
+    """
+    top = os.path.realpath(folder)
+    walked = {top}
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(current, name))
+            if not _ignored(name) and real not in walked and not top.startswith(real + os.sep):
+                walked.add(real)
+                kept.append(name)
+        dirs[:] = kept
         for name in files:
             if not _ignored(name):
                 yield Path(current) / name
@@ -132,7 +164,7 @@ def _class_folders(folder: Path) -> list[tuple[Path, str]] | None:
 
 
 def _class_files(folders: list[tuple[Path, str]], source_split: str) -> list[_Found]:
-    return [(path, label, source_split) for folder, label in folders for path in _files_under(folder)]
+    return [(path, label, source_split) for folder, label in folders for path in files_under(folder)]
 
 
 # --------------------------------------------------------------------------- detectors
@@ -151,12 +183,12 @@ def _kaggle(base: Path) -> list[_Found] | None:
     if not any(_KAGGLE_NAME.match(path.name) for path in _visible_files(train)):
         return None
     found: list[_Found] = []
-    for path in _files_under(train):
+    for path in files_under(train):
         match = _KAGGLE_NAME.match(path.name)
         found.append((path, match.group(1).lower(), "train") if match else (path, "", UNLABELLED))
     for name in KAGGLE_UNLABELLED_FOLDERS:
         if name in dirs:
-            found.extend((path, "", UNLABELLED) for path in _files_under(_unwrap_same_name(dirs[name])))
+            found.extend((path, "", UNLABELLED) for path in files_under(_unwrap_same_name(dirs[name])))
     return found
 
 
@@ -202,8 +234,7 @@ def _any_class_folders(folder: Path) -> list[tuple[Path, str]] | None:
     Cats and dogs folders beside other folders are refused with a sentence rather than taken
     as N classes: `birds/` beside `cats/` and `dogs/` is more often a stray than a class.
     """
-    dirs = {entry.name: Path(entry.path) for entry in os.scandir(folder)
-            if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)}
+    dirs = _subfolders(folder)
     if len(dirs) < 2 or any(name.lower() in _NOT_CLASSES for name in dirs):
         return None
     pets = sorted(name for name in dirs if name.lower() in CLASS_FOLDER_LABELS)
@@ -225,8 +256,7 @@ def _any_presplit(base: Path) -> list[_Found] | None:
     found: list[_Found] = []
     folders: list[Path] = []
     for name, split_dir in sorted(dirs.items()):
-        classes = {entry.name: Path(entry.path) for entry in os.scandir(split_dir)
-                   if not _ignored(entry.name) and entry.is_dir(follow_symlinks=False)}
+        classes = _subfolders(split_dir)
         if not classes or any(folder.lower() in _NOT_CLASSES for folder in classes):
             return None
         if len(classes) > 1:

@@ -92,13 +92,15 @@ def image_id(path: Path) -> int | str:
 def list_images(folder: Path) -> tuple[list[Path], int]:
     """(image files sorted by id, number of other files skipped); hidden files are ignored.
 
-    Sorting numerically gives Kaggle's order (1, 2, ..., 10, not 1, 10, 2).
+    Links are followed as in a source folder (tasks/data/layout.py `files_under`), folders and
+    files alike; what is not a regular file in the end (a fifo, a link that leads nowhere) is
+    skipped, never read. Sorting numerically gives Kaggle's order (1, 2, ..., 10, not 1, 10, 2).
     """
+    from tasks.data.layout import files_under
+
     images, skipped = [], 0
-    for path in folder.rglob("*"):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+    for path in files_under(folder):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             images.append(path)
         elif path.name != SAMPLE_SUBMISSION:
             skipped += 1

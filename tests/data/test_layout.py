@@ -190,3 +190,29 @@ def test_task_returns_a_small_summary(tmp_path):
         "labels": {"cat": 2, "dog": 2, "": 1}, "source_splits": {"train": 4, "unlabelled": 1},
     }
     assert summary.counts_text() == "cat 2, dog 2, 1 unlabelled"  # Kaggle's test1 pool has no label: said so
+
+
+def test_links_are_followed_once_and_a_folder_link_that_leads_nowhere_is_named(tmp_path):
+    """Folders and files alike (README "Your own classes"); a link up is not followed; a dangling link where
+    class folders are looked for may be a whole class (a disk not mounted): it stops the run, naming it."""
+    root = tmp_path / "flowers"
+    for name in ("daisy", "tulips"):
+        _write(root / name / "1.jpg", image_bytes("cat", 1))
+    _write(tmp_path / "elsewhere" / "roses" / "1.jpg", image_bytes("dog", 2))
+    (root / "roses").symlink_to(tmp_path / "elsewhere" / "roses")
+    (root / "daisy" / "up").symlink_to(Path(".."))  # a loop: flowers/daisy/up/daisy/up/...
+    (root / "tulips" / "2.jpg").symlink_to(tmp_path / "elsewhere" / "roses" / "1.jpg")
+
+    layout, candidates = find_candidates(root)
+
+    assert layout == "any_classes"
+    assert _labels(candidates) == {
+        "daisy/1.jpg": ("daisy", ""), "roses/1.jpg": ("roses", ""),  # once dropped without a word
+        "tulips/1.jpg": ("tulips", ""), "tulips/2.jpg": ("tulips", ""),
+    }
+
+    (root / "daisy" / "up").unlink()
+    (root / "lilies").symlink_to(tmp_path / "unmounted" / "lilies")
+    with pytest.raises(LayoutError, match=f"{root / 'lilies'} is a symbolic link to .*unmounted/lilies, which does "
+                                          "not exist; restore \\(or mount\\) what it leads to, or remove the link"):
+        find_candidates(root)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -35,6 +36,12 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     from flows.retrain import main as retrain_main
 
     source = write_class_folders(tmp_path / "flowers", FOLDERS, per_class=15)
+    # Links are followed, folders and files alike: a class folder kept elsewhere, a photo linked in
+    (tmp_path / "_outside").mkdir()
+    (source / "tulips").rename(tmp_path / "_outside" / "tulips")
+    (source / "tulips").symlink_to(Path("..") / "_outside" / "tulips")  # once: a two-class model, without a word
+    (tmp_path / "_outside" / "daisy.jpg").write_bytes(indexed_image_bytes(0, 3, 777))
+    (source / "Daisy" / "linked.jpg").symlink_to(tmp_path / "_outside" / "daisy.jpg")
     data_dir = tmp_path / "data"
 
     assert retrain_main(["--source", str(source), "--data-dir", str(data_dir), "--model-name", "flowers",
@@ -50,6 +57,9 @@ def test_three_class_folders_retrain_to_a_champion_that_serves_three_probabiliti
     assert run.data.metrics["test_accuracy"] > run.data.metrics["test_chance_accuracy"]
     assert {"test_macro_f1", "test_roc_auc", "test_recall_red_roses"} <= set(run.data.metrics)
     assert json.loads((data_dir / "classes.json").read_text())["names"] == CLASSES
+    arranged = [path for path in (data_dir / "arranged").rglob("*") if not path.is_dir()]
+    assert len(arranged) == 46 and not [path for path in arranged if path.is_symlink()]  # bytes, never a link out
+    assert any(path.name.startswith("linked_") and path.parent.name == "daisy" for path in arranged)
 
     with served_model("models:/flowers@champion", mlflow_uri, tmp_path) as server:
         cells = [[base64.b64encode(indexed_image_bytes(index, 3, 900 + index)).decode("ascii")] for index in range(3)]

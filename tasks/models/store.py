@@ -123,43 +123,49 @@ def check_store(uri: str | None = None) -> str:
     return f"MLflow store {database}: intact"
 
 
+def _refuse_unwritable(database: Path) -> None:
+    if not _is_writable(database):
+        raise ConfigError(f"The MLflow store {database} is read-only here (a read-only disk or folder), and a retrain "
+                          "records its run and model in it; make it writable, or point MLFLOW_TRACKING_URI at a "
+                          "store you can write.")
+
+
 def check_writable_store(uri: str | None = None) -> str:
     """What `check_store` says, for a store a retrain will write: one that cannot be written is a ConfigError too.
 
     Run before a retrain's work (flows/retrain.py), so a store it cannot record into stops it in
-    one sentence instead of after an hour of training (or minutes of retries).
+    one sentence instead of after an hour of training (or minutes of retries), and an empty one
+    is a warning line before the retrain starts a new store in its place.
     """
     uri = uri or resolve_tracking_uri()
     checked = check_store(uri)
     database = sqlite_path(uri)
-    if database is not None and not _is_writable(database):
-        raise ConfigError(f"The MLflow store {database} is read-only here (a read-only disk or folder), and a retrain "
-                          "records its run and model in it; make it writable, or point MLFLOW_TRACKING_URI at a "
-                          "store you can write.")
+    if database is not None:
+        _refuse_unwritable(database)
+        if checked.endswith(EMPTY_STORE):
+            run_logger(__name__).warning("The MLflow store %s: %s.", database, EMPTY_STORE)
     return checked
 
 
 def _prepare(uri: str, *, create: bool) -> None:
     """Check, create or migrate a local sqlite store once per process, serialised across processes.
 
-    Writers (`create`) are refused a store they cannot write, before any work; readers are
-    refused one that holds nothing, and take the creation lock only where it can be taken (no
-    one is creating a read-only store).
+    Writers (`create`) are refused a store they cannot write; readers are refused one that holds
+    nothing, and take the creation lock only where it can be taken (no one is creating a
+    read-only store).
     """
     with _READY_LOCK:
         if uri in _READY:
             return
         database = sqlite_path(uri)
         if database is not None:
-            # a damaged (or unwritable) store is named before a run relies on it (or trains for nothing)
-            checked = check_writable_store(uri) if create else check_store(uri)
-            empty = database.is_file() and database.stat().st_size == 0
-            if not create and (empty or not database.is_file()):
-                state = "is empty (0 bytes)" if empty else "does not exist"
+            check_store(uri)  # a damaged store is named before a run relies on it (or trains for nothing)
+            if create:
+                _refuse_unwritable(database)
+            elif not database.is_file() or database.stat().st_size == 0:
+                state = "does not exist" if not database.is_file() else "is empty (0 bytes)"
                 raise ConfigError(f"The MLflow store {database} {state}; run a retrain first (python -m flows.retrain), "
                                   "or point MLFLOW_TRACKING_URI at your store.")
-            if empty:
-                run_logger(__name__).warning("The MLflow store %s: %s.", database, checked.split(": ", 1)[1])
             from mlflow.tracking import MlflowClient
 
             lock = database.with_name(f".{database.name}.init.lock")

@@ -17,7 +17,7 @@ import pytest
 from flows.retrain import main
 from tasks.common.databases import DamagedDatabase, integrity_problem
 from tasks.common.errors import ConfigError
-from tasks.models.store import check_store, use_tracking
+from tasks.models.store import check_store, check_writable_store, use_tracking
 from tests.fake_training import seed_store
 from tests.servers import REPO_ROOT, base_env
 from tests.smalldisk import read_only_view
@@ -82,7 +82,7 @@ def test_a_folder_an_empty_file_and_a_read_only_store_are_each_named(tmp_path, m
         use_tracking(create=False)  # a reader never turns it into a new store
     assert empty.stat().st_size == 0
     caplog.set_level("WARNING", logger="tasks.models.store")
-    use_tracking()  # a retrain starts a new store in its place, saying so
+    check_writable_store()  # what a retrain checks before any work: it will start a new store in its place
     assert [record.getMessage() for record in caplog.records] == [
         f"The MLflow store {empty}: it is empty (0 bytes): it holds no runs, models or champion, and a retrain starts "
         "a new store in its place; if it held them, restore it from a backup first."]

@@ -142,15 +142,16 @@ def _held(lock: Path) -> bool:
         return False
 
 
-def test_a_command_waits_while_another_sets_up_its_prefect_server_on_the_same_new_home(tmp_path):
+def test_a_command_waits_while_another_sets_up_its_prefect_server_on_the_same_home(tmp_path):
     """Each command line starts its own temporary Prefect server (flows/cli.py); two started together on a new
     PREFECT_HOME once both migrated its new database, and the second died ("Prefect's temporary server exited
     with code 3", `duplicate column name`). Here the test holds the set-up lock, as a first command setting up
     its server would: the command waits, saying so, with no server of its own, then holds the lock itself while
-    its server sets up the database, and runs."""
+    its server sets up (creates or migrates) the database, and runs. (Every start takes the lock, so the home
+    starts from the session's migrated database: a new one costs seconds of migrations and shows nothing more.)"""
     from tasks.common.flock import exclusive_flock
 
-    home = tmp_path / "prefect"
+    home = seed_prefect_home(tmp_path / "prefect")
     lock = home / ".prefect.db.setup.lock"  # beside the database (flows/prefect_server.py `setup_lock`)
     command = start_process("command", [sys.executable, "-c", _OWN_SERVER],
                             env=prefect_env(home, PYTHONPATH=str(REPO_ROOT)), log_path=tmp_path / "command.log",

@@ -301,6 +301,9 @@ def tall_probe(url: str, pid: int, args: argparse.Namespace) -> Callable[[], lis
         while time.monotonic() - termed < args.sigterm_cap and not all(_gone(process) for process in tree):
             time.sleep(0.1)
         left = [process for process in tree if not _gone(process)]
+        for process in left:  # reparented to init once `mlflow models serve` is gone: the server's stop misses them
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         outcomes.append(f"SIGTERM: the server's process tree gone after {time.monotonic() - termed:.1f} s" if not left
                         else f"SIGTERM: {len(left)} of the server's processes still running after "
                              f"{args.sigterm_cap} s (killed)")

@@ -276,4 +276,9 @@ def test_a_2_kb_png_of_a_million_rows_is_its_rows_error_and_then_sigterm_ends_th
     tree = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
     assert any("uvicorn" in " ".join(process.cmdline()) for process in tree[1:])
     server.process.popen.terminate()
-    wait_until(lambda: all(_gone(process) for process in tree), timeout=60, what="the server to end on SIGTERM")
+    try:
+        wait_until(lambda: all(_gone(process) for process in tree), timeout=60, what="the server to end on SIGTERM")
+    finally:  # a worker left behind is init's child now: the fixture's stop would not find it
+        for process in tree:
+            if not _gone(process):
+                process.kill()

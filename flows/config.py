@@ -79,10 +79,11 @@ class DataConfig(_Section):
         description="Pin the source archive's sha256 (otherwise trusted on first use and checked ever after).")
     data_dir: str = Field(default="data", description="Data folder (relative paths resolve against the working directory).")
     split_fractions: tuple[float, float, float] = Field(
-        default=DEFAULT_FRACTIONS, description="Train/validation/test shares of the content-hash split.")
+        default=DEFAULT_FRACTIONS, description="Train/validation/test shares of each class (images keep the split "
+                                               "the data folder gave them; other fractions split afresh).")
     respect_source_split: bool = Field(
         default=True, description="Keep a pre-split source's own train/validation folders (test is carved from "
-                                  "its train images by content hash when it has none).")
+                                  "each class's train images when it has none).")
     thresholds: ValidationThresholds = Field(
         default_factory=ValidationThresholds,
         description="Dataset-level checks before training (and the image size limits of the manifest); the "

@@ -52,8 +52,9 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
                  inspected.rows, inspected.inspected, inspected.reused, inspected.quarantined)
 
         split = steps.assign_splits(data_dir, config.split_fractions, config.respect_source_split)
-        log.info("Assign splits: %d duplicates, %d label conflicts quarantined; source splits kept: %s",
-                 split.duplicate, split.label_conflict, split.presplit or "none (split by content hash)")
+        log.info("Assign splits: %d duplicates, %d label conflicts quarantined; %d images kept their split, %d placed "
+                 "(each class in its fractions); source splits kept: %s", split.duplicate, split.label_conflict,
+                 split.kept, split.placed, split.presplit or "none")
 
         required = tuple(name for name, share in zip(SPLITS, config.split_fractions) if share > 0)
         verdict = steps.validate(data_dir, config.thresholds, required)

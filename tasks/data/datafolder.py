@@ -8,6 +8,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     classes.json               the class map (names in label order, their arranged folders); none = cats vs. dogs
     inspected.parquet          one row per source file, inspected (input of dedupe and split)
     splits.parquet             after dedupe and split (what Great Expectations validates)
+    splits.json                the rule and fractions splits.parquet was made with (its splits are kept while they hold)
     manifest.parquet           the final manifest, with `arranged_path`
     validation/                GX result.json and Data Docs
     arranged/<split>/<class folder>/   the images to learn from (links or copies; cats/, dogs/ by default)
@@ -153,6 +154,11 @@ class DataFolder:
     @property
     def splits(self) -> Path:
         return self.root / "splits.parquet"
+
+    @property
+    def split_settings(self) -> Path:
+        """The split rule and settings `splits.parquet` was made with: images keep those splits while they are the same."""
+        return self.root / "splits.json"
 
     @property
     def manifest(self) -> Path:

@@ -54,7 +54,7 @@ def build_manifest(root: Path, data_dir: str, min_side: int) -> ManifestBuilt:
 
 @task(name="assign-splits", cache_policy=NO_CACHE)
 def assign_splits(data_dir: str, fractions: Sequence[float], respect_source_split: bool) -> SplitsAssigned:
-    """Dedupe by content and split by content hash into splits.parquet."""
+    """Dedupe by content and split each class in its fractions into splits.parquet (images keep their splits)."""
     return assign_splits_file(DataFolder.at(data_dir), fractions=fractions,
                               respect_source_split=respect_source_split)
 

@@ -139,7 +139,7 @@ def class_map(folders: Iterable[str]) -> ClassMap:
 
 
 def classes_of_labels(labels: Iterable[str]) -> ClassMap:
-    """The class map of a source's labels: cats vs. dogs whenever they are cat/dog only (even one of them,
-    which validation then reports as a missing class), else `class_map` of the names."""
+    """The class map of a source's labels: cats vs. dogs whenever they are cat/dog only, else `class_map` of
+    the names (a source of one class is refused before this, by tasks/data/layout.py)."""
     found = {label for label in labels if label}
     return CATS_DOGS if found <= set(CATS_DOGS.names) else class_map(found)

@@ -26,7 +26,7 @@ def test_class_names_are_normalised_sorted_and_cats_and_dogs_stay_kaggles():
     assert class_map(["Dog", "cat"]) is CATS_DOGS and CATS_DOGS.probability_columns == ("p_dog",)
     assert CATS_DOGS.positive == "dog" and CATS_DOGS.folder_of == {"cat": "cats", "dog": "dogs"}
     assert ClassMap.from_json(THREE.to_json()) == THREE and ClassMap.from_json(CATS_DOGS.to_json()) is CATS_DOGS
-    assert classes_of_labels(["cat", "", "cat"]) is CATS_DOGS  # one of cat/dog: validation says a class is missing
+    assert classes_of_labels(["cat", "", "dog"]) is CATS_DOGS
 
 
 @pytest.mark.parametrize("folders,message", [
@@ -37,6 +37,19 @@ def test_class_names_are_normalised_sorted_and_cats_and_dogs_stay_kaggles():
 def test_unusable_class_folders_are_refused_in_one_sentence_naming_them(folders, message):
     with pytest.raises(LayoutError, match=message):
         class_map(folders)
+
+
+@pytest.mark.parametrize("folders,splits,message", [
+    (["cats"], None, r"No dog images were found in .*, only cat images; add the dog images \(a dogs/ folder beside cats/\)"),
+    (["Dog"], {"train": 1, "validation": 1}, r"No cat images were found in .*, only dog images"),
+    (["Daisy"], None, r"One class \(Daisy/\) was found in .*/wrapper: a classifier needs two or more; add a folder"),
+    (["daisy"], {"train": 1, "validation": 1}, r"Only one class \(daisy\) was found"),
+])
+def test_a_source_of_one_class_says_so_in_one_sentence(tmp_path, folders, splits, message):
+    write_class_folders(tmp_path / "source" / "wrapper", folders, per_class=1, splits=splits)
+    with pytest.raises(LayoutError, match=message) as caught:
+        find_candidates(tmp_path / "source")
+    assert len(str(caught.value).splitlines()) == 1 and "--min" not in str(caught.value)  # no threshold helps
 
 
 def test_any_class_folders_and_their_presplit_form_are_layouts(tmp_path):

@@ -28,7 +28,8 @@ from tasks.data.validate import ValidationThresholds, Verdict, validate_splits
 @task(name="acquire", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
 def acquire(source: str, data_dir: str, expected_sha256: str | None = None) -> Path:
-    """Locate or download the source; network failures retry (resuming), bad input never."""
+    """Locate or download the source: a download tries again within itself (resuming) and then says how often it
+    tried, so only other I/O failures retry here; bad input never."""
     return acquire_source(source, DataFolder.at(data_dir).downloads, expected_sha256=expected_sha256)
 
 

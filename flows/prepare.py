@@ -47,7 +47,7 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         if not found.classes().kaggle:
             log.info("Classes: %s (label order)", ", ".join(found.classes().names))
 
-        inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side)
+        inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side, config.replace_classes)
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
                  inspected.rows, inspected.inspected, inspected.reused, inspected.quarantined)
 

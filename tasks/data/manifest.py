@@ -252,13 +252,15 @@ def _read_previous(path: Path) -> pd.DataFrame | None:
 
 
 def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_side: int = 32,
-                    max_pixels: int = MAX_PIXELS, workers: int | None = None) -> ManifestBuilt:
+                    max_pixels: int = MAX_PIXELS, workers: int | None = None,
+                    replace_classes: bool = False) -> ManifestBuilt:
     """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows.
 
-    The source's class map is recorded here too (`classes.json`), from the labels its layout gave.
+    The source's class map is recorded here too (`classes.json`), from the labels its layout gave,
+    before any image is inspected: a folder holding other classes refuses them unless `replace_classes`.
     """
     layout, candidates = find_candidates(root)
-    folder.record_classes(classes_of_labels(candidate.label for candidate in candidates))
+    folder.record_classes(classes_of_labels(candidate.label for candidate in candidates), replace=replace_classes)
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,
                            max_pixels=max_pixels, workers=workers)
     built = ManifestBuilt(layout=layout, path=str(folder.inspected), rows=len(frame),

@@ -48,9 +48,11 @@ def find_candidates(root: Path) -> LayoutFound:
 
 @task(name="build-manifest", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
-def build_manifest(root: Path, data_dir: str, min_side: int) -> ManifestBuilt:
-    """Inspect every file (reusing unchanged rows) into inspected.parquet; smaller images are quarantined."""
-    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side)
+def build_manifest(root: Path, data_dir: str, min_side: int, replace_classes: bool = False) -> ManifestBuilt:
+    """Inspect every file (reusing unchanged rows) into inspected.parquet; smaller images are quarantined.
+
+    A data folder of other classes is refused first, unless `replace_classes`."""
+    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side, replace_classes=replace_classes)
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)

@@ -4,8 +4,7 @@
     -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
-    -> train (subflow train_model)
-    -> log the run to MLflow
+    -> open the MLflow run, train (subflow train_model), log it into the run
     -> score the candidate on the test split, register it, move `champion` only through the gate
     -> leave a markdown summary artifact in Prefect
 
@@ -83,9 +82,11 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
         return summary
 
     compute = config.section(ComputeConfig)  # where shards are computed: in-process by default, else Dask
-    with workers_reach_the_api(compute):
-        trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
-    logged = models.log_to_mlflow(prepared, trained, config.model_dump(mode="json"), config.source, config.experiment)
+    with models.training_run(prepared.fingerprint, config_hash, config.experiment) as run:  # spans the work
+        with workers_reach_the_api(compute):
+            trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
+        logged = models.log_to_mlflow(run, prepared, trained, config.model_dump(mode="json"), config.source,
+                                      config.model_name)
     candidate = models.score_on_test_split(logged.model_uri, data_dir)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,
                                         config.floor, config.margin, config.metric, config.model_name)

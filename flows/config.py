@@ -73,8 +73,8 @@ class DataConfig(_Section):
 
     source: str = Field(
         default="petimages",
-        description='"petimages" (Microsoft\'s public archive), "kaggle", an https:// URL, '
-                    "a local .zip/.tar(.gz) archive or an extracted folder.")
+        description='"petimages" (Microsoft\'s public archive of Dogs vs. Cats), "kaggle", an https:// URL, '
+                    "a local .zip/.tar(.gz) archive or an extracted folder; your own classes: one folder per class.")
     expected_sha256: str | None = Field(
         default=None, json_schema_extra=_cli("--sha256"),
         description="Pin the source archive's sha256 (otherwise trusted on first use and checked ever after).")
@@ -353,11 +353,12 @@ class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
 
 
 class PredictConfig(_Section):
-    """Batch prediction: which images, which model, where the submission goes."""
+    """Batch prediction: which images, which model, where the CSV goes."""
 
     images: str = Field(description="Folder or .zip/.tar archive of images (e.g. Kaggle's test1).")
     model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
-    output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
+    output_csv: str = Field(default="submission.csv", description="Where the CSV goes (Kaggle's submission for "
+                                                                  "cats vs. dogs).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
     data_dir: str = Field(default=DEFAULT_DATA_DIR,
                           description="Data folder: an archive of images is extracted under its extracted/, and the "

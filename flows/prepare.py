@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.options import build_parser, parse
 
     parsed = parse(DataConfig, build_parser(DataConfig, "python -m flows.prepare",
-                                            "Acquire, check and arrange the Dogs vs. Cats images into a data folder."),
+                                            "Acquire, check and arrange the images (Dogs vs. Cats by default, or your own "
+                                            "classes: one folder per class) into a data folder."),
                    argv)
     if parsed is None:
         return 2
@@ -99,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_data(config).paths.summary)
         return 0
 
-    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose)
+    def preflight() -> None:
+        from tasks.data.acquire import check_source
+
+        check_source(config.source)
+
+    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose, preflight=preflight)
 
 
 if __name__ == "__main__":

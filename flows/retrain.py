@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.options import program_name
 
     return generated(RetrainConfig, program_name("flows.retrain", "catsdogs-retrain"),
-                     "Prepare the Dogs vs. Cats data, train, log to MLflow and promote a champion through the gate.",
+                     "Prepare the images (Dogs vs. Cats by default, or your own classes: one folder per class, "
+                     "with a --model-name of their own), train, log to MLflow and promote a champion through the "
+                     "gate.",
                      _own_options)
 
 
@@ -220,7 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0
 
-    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose)
+    def preflight() -> None:
+        from tasks.data.acquire import check_source
+
+        check_source(config.source)
+
+    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose,
+                    preflight=None if args.store_check else preflight)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ def test_the_readme_marks_every_step_of_the_walk():
     assert "/path/to" not in main and main.endswith(".venv/bin/python -m flows.retrain")  # runnable as pasted
 
 
+def test_the_folders_the_readme_makes_are_never_committed():
+    """`data/`, each model's `data-<name>/` and the MLflow store are git-ignored (the store's README is not)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    paths = ["data/x.jpg", "data-flowers/arranged/train/Daisy/1.jpg", "mlruns/mlflow.db", "mlruns/README.md",
+             "tasks/data/splits.py"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=servers.REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == paths[:3], done.stderr
+
+
 README_PORTS = ("5000", "5001", "4200")  # mlflow ui, mlflow models serve, prefect server start
 
 

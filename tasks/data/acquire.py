@@ -115,13 +115,25 @@ def source_uri(source: str) -> str:
     return Path(source).expanduser().absolute().as_uri()
 
 
-def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
-    """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
-    expected_sha256 = _normalise_digest(expected_sha256)
+def check_source(source: str) -> None:
+    """Refuse a local source that is not there, with the sentence acquiring it would end in, before any work.
+
+    What a command line checks before it starts a server or a flow: the answer needs no download,
+    no store and no Prefect (keywords and URLs are judged when they are acquired).
+    """
+    source = str(source)
+    if source.strip().lower() in ("kaggle", "petimages") or "://" in source:
+        return
     path = Path(source).expanduser()
     if not path.exists():
         raise AcquireError(f"Source {source!r} does not exist (looked for {path.absolute()}); {_SOURCES_HINT}.")
-    path = path.resolve()
+
+
+def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
+    """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
+    expected_sha256 = _normalise_digest(expected_sha256)
+    check_source(source)
+    path = Path(source).expanduser().resolve()
     if path.is_dir():
         if expected_sha256:
             raise AcquireError(f"Source {path} is a folder, which has no sha256; drop --sha256 "

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from tasks.common.files import write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
-from tasks.common.labels import classes_of_labels
+from tasks.common.labels import classes_of_files
 from tasks.data.datafolder import DataFolder
 from tasks.data.images import MAX_PIXELS, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
 from tasks.data.layout import Candidate, find_candidates
@@ -260,7 +260,7 @@ def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_sid
     before any image is inspected: a folder holding other classes refuses them unless `replace_classes`.
     """
     layout, candidates = find_candidates(root)
-    folder.record_classes(classes_of_labels(candidate.label for candidate in candidates), replace=replace_classes)
+    folder.record_classes(classes_of_files((c.label, c.relative_path) for c in candidates), replace=replace_classes)
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,
                            max_pixels=max_pixels, workers=workers)
     built = ManifestBuilt(layout=layout, path=str(folder.inspected), rows=len(frame),

@@ -95,6 +95,17 @@ def check_store(uri: str | None = None) -> str:
     return f"MLflow store {database}: intact"
 
 
+def check_store_exists(uri: str | None = None) -> None:
+    """A reader's store must be there: a local one that is not is one sentence (and never created), before any work.
+
+    Needs no MLflow import, so a command can say it before it starts anything.
+    """
+    database = sqlite_path(uri or resolve_tracking_uri())
+    if database is not None and not database.is_file():
+        raise ConfigError(f"The MLflow store {database} does not exist; run a retrain first "
+                          "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
+
+
 def _prepare(uri: str, *, create: bool) -> None:
     """Check, create or migrate a local sqlite store once per process, serialised across processes."""
     with _READY_LOCK:
@@ -102,9 +113,8 @@ def _prepare(uri: str, *, create: bool) -> None:
             return
         database = sqlite_path(uri)
         if database is not None:
-            if not create and not database.is_file():
-                raise ConfigError(f"The MLflow store {database} does not exist; run a retrain first "
-                                  "(python -m flows.retrain), or point MLFLOW_TRACKING_URI at your store.")
+            if not create:
+                check_store_exists(uri)
             check_store(uri)  # a damaged store is named before a run relies on it (or trains for nothing)
             from mlflow.tracking import MlflowClient
 

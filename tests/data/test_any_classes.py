@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from tasks.common.errors import DatasetValidationError, LayoutError
-from tasks.common.labels import CATS_DOGS, ClassMap, class_map, classes_of_labels, normalise_class_name
+from tasks.common.labels import CATS_DOGS, ClassMap, class_map, classes_of_files, classes_of_labels, \
+    normalise_class_name
 from tasks.data.arrange import arranged_paths, dataset_fingerprint
 from tasks.data.datafolder import DataFolder
 from tasks.data.layout import describe_layout, find_candidates
@@ -64,6 +65,24 @@ def test_any_class_folders_and_their_presplit_form_are_layouts(tmp_path):
     assert layout == "presplit_classes"
     assert {c.source_split for c in candidates} == {"train", "validation"}
     assert sorted({c.label for c in candidates}) == ["a", "b", "c"]
+
+
+def test_classes_are_arranged_in_their_folders_as_on_disk(tmp_path):
+    from tasks.data.arrange import arrange_folder
+    from tasks.data.manifest import build_inspected
+    from tasks.data.splits import assign_splits_file
+
+    folder = DataFolder.at(tmp_path / "data")
+    build_inspected(write_class_folders(tmp_path / "flowers", ["Daisy", "Red Roses", "tulips"], per_class=3), folder,
+                    workers=1)
+    recorded = json.loads(folder.classes_file.read_text())
+    assert recorded == {"names": ["daisy", "red_roses", "tulips"], "folders": ["Daisy", "Red Roses", "tulips"]}
+    assert folder.classes().folder_of["red_roses"] == "Red Roses"
+    assign_splits_file(folder)
+    arrange_folder(folder)
+    assert sorted(path.name for path in (folder.arranged / "train").iterdir()) == ["Daisy", "Red Roses", "tulips"]
+    assert folder.labelled_rows("train")["label"].tolist().count("red_roses") == 3  # 3 images: 80% rounds to all
+    assert classes_of_files([("cat", "PetImages/Cat/1.jpg"), ("dog", "PetImages/Dog/1.jpg")]) is CATS_DOGS
 
 
 def test_cats_and_dogs_beside_another_folder_say_how_to_mean_either(tmp_path):

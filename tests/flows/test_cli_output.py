@@ -61,9 +61,10 @@ def test_help_is_quick_to_reach_and_lists_every_option(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == ""
     for option in ("--source", "--weights", "--min-per-class", "--precision", "--decoder", "--fine-tune", "--verbose",
-                   "--serve"):
+                   "--serve", "--model-name", "--replace-classes"):
         assert option in done.stdout
     assert done.stdout.startswith("usage: python -m flows.retrain ")  # the command as it was typed
+    assert "your own classes: one folder per class" in " ".join(done.stdout.split())  # not Dogs vs. Cats only
     script = Path(sys.executable).with_name("catsdogs-retrain")  # the installed script calls itself by its name
     if script.exists():
         done = subprocess.run([str(script), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -73,6 +74,7 @@ def test_help_is_quick_to_reach_and_lists_every_option(tmp_path):
                              text=True, timeout=120)
     assert predict.returncode == 0 and "PydanticUndefined" not in predict.stdout
     assert "test1)\n" in predict.stdout  # the positional argument's help ends with its own words, no default
+    assert "id,label,p_<class>... (label = the class) for other classes" in " ".join(predict.stdout.split())
 
 
 

@@ -34,15 +34,18 @@ def check_prefect_api() -> None:
                           "prefect config unset PREFECT_API_URL if it is set in your Prefect profile.") from None
 
 
-def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) -> int:
+def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False,
+             preflight: Callable[[], None] | None = None) -> int:
     """Run an entry point's work with a quiet console: its exit code, or one `error:` line.
 
     Input errors (the project's `InputError`) are what a person fixes: one sentence, exit 2.
     Anything else is a bug or an outage: one line naming it and the log file holding the
-    traceback, exit 1. With `verbose`, tracebacks are printed as usual.
+    traceback, exit 1. With `verbose`, tracebacks are printed as usual. `preflight` checks what
+    needs no work (a missing source, a missing store) before a Prefect server or a flow starts,
+    so its sentence comes as quickly as a mistyped option's.
     """
     try:
-        return _run_quietly(work, log_path, verbose)
+        return _run_quietly(work, log_path, verbose, preflight)
     finally:
         if not verbose:
             # The process ends after this: Prefect's log and event workers say goodbye from exit
@@ -51,7 +54,8 @@ def run_main(work: Callable[[], int], *, log_path: Path, verbose: bool = False) 
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
+def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool,
+                 preflight: Callable[[], None] | None = None) -> int:
     from flows.console import console, log_pointer, open_log
     from flows.prefect_server import temporary_server
     from tasks.common.diskspace import disk_full
@@ -76,6 +80,8 @@ def _run_quietly(work: Callable[[], int], log_path: Path, verbose: bool) -> int:
             return 2
 
         try:
+            if preflight is not None:
+                preflight()
             check_prefect_api()
             with temporary_server():  # dies with the command, even under kill -9
                 return work()

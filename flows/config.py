@@ -27,7 +27,8 @@ from tasks.common.errors import ConfigError
 from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
-from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME
+from tasks.models.naming import DEFAULT_DATA_DIR, DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME, \
+    default_data_dir, parse_registry_uri
 
 
 def _cli(*aliases: str) -> dict[str, Any]:
@@ -72,17 +73,23 @@ class DataConfig(_Section):
 
     source: str = Field(
         default="petimages",
-        description='"petimages" (Microsoft\'s public archive), "kaggle", an https:// URL, '
-                    "a local .zip/.tar(.gz) archive or an extracted folder.")
+        description='"petimages" (Microsoft\'s public archive of Dogs vs. Cats), "kaggle", an https:// URL, '
+                    "a local .zip/.tar(.gz) archive or an extracted folder; your own classes: one folder per class.")
     expected_sha256: str | None = Field(
         default=None, json_schema_extra=_cli("--sha256"),
         description="Pin the source archive's sha256 (otherwise trusted on first use and checked ever after).")
-    data_dir: str = Field(default="data", description="Data folder (relative paths resolve against the working directory).")
+    data_dir: str = Field(default=DEFAULT_DATA_DIR,
+                          description="Data folder (relative paths resolve against the working directory); a retrain's "
+                                      "default is data-<model name> for any --model-name but cats-vs-dogs.")
     split_fractions: tuple[float, float, float] = Field(
-        default=DEFAULT_FRACTIONS, description="Train/validation/test shares of the content-hash split.")
+        default=DEFAULT_FRACTIONS, description="Train/validation/test shares of each class (images keep the split "
+                                               "the data folder gave them; other fractions split afresh).")
     respect_source_split: bool = Field(
         default=True, description="Keep a pre-split source's own train/validation folders (test is carved from "
-                                  "its train images by content hash when it has none).")
+                                  "each class's train images when it has none).")
+    replace_classes: bool = Field(
+        default=False, description="Let this source's classes replace the other set of classes the data folder "
+                                   "holds (otherwise refused: give each set of classes its own data folder).")
     thresholds: ValidationThresholds = Field(
         default_factory=ValidationThresholds,
         description="Dataset-level checks before training (and the image size limits of the manifest); the "
@@ -331,15 +338,39 @@ class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
     """
 
     force: bool = Field(default=False, description="Train even when data and config equal a registered version's.")
-    experiment: str = Field(default=DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment name.")
+    experiment: str = Field(default=DEFAULT_EXPERIMENT, min_length=1,
+                            description="MLflow experiment of the runs; by default named after --model-name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_after_the_model(cls, values: Any) -> Any:
+        """A model name carries its own data folder and experiment, unless they are given (cats-vs-dogs keeps `data`)."""
+        if not isinstance(values, dict) or not isinstance(values.get("model_name"), str):
+            return values
+        name = values["model_name"]
+        defaults = {"data_dir": default_data_dir(name), "experiment": name}
+        return {**defaults, **{key: value for key, value in values.items() if value is not None or key not in defaults}}
 
 
 class PredictConfig(_Section):
-    """Batch prediction: which images, which model, where the submission goes."""
+    """Batch prediction: which images, which model, where the CSV goes."""
 
     images: str = Field(description="Folder or .zip/.tar archive of images (e.g. Kaggle's test1).")
     model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
-    output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
+    output_csv: str = Field(default="submission.csv", description="Where the CSV goes (Kaggle's submission for "
+                                                                  "cats vs. dogs).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
-    data_dir: str = Field(default="data", description="Data folder: an archive of images is extracted under its "
-                                                      "extracted/, and the command's log goes to its logs/.")
+    data_dir: str = Field(default=DEFAULT_DATA_DIR,
+                          description="Data folder: an archive of images is extracted under its extracted/, and the "
+                                      "command's log goes to its logs/; by default the model's (data-<model name> for "
+                                      "any model but cats-vs-dogs).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_dir_of_the_model(cls, values: Any) -> Any:
+        """A registered model's own data folder, as its retrain chose it, unless one is given."""
+        if not isinstance(values, dict) or values.get("data_dir") is not None:
+            return values
+        parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
+        return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
+

@@ -27,7 +27,8 @@ from tasks.models.predictions import check_output_path
 
 @flow(name="predict")
 def predict(config: PredictConfig) -> PredictSummary:
-    """Write a Kaggle submission CSV (`id,label`) of p(dog) for a folder or archive of images.
+    """Score a folder or archive of images: Kaggle's submission CSV (`id,label` = p(dog)) for cats vs. dogs,
+    `id,label,p_<class>...` for a model of other classes.
 
     Raises InputError/ConfigError (one sentence, nothing written) for an output path that
     cannot be written, a missing input, a folder without images, or a model URI or MLflow
@@ -38,9 +39,9 @@ def predict(config: PredictConfig) -> PredictSummary:
     steps.check_model(config.model_uri)
     folder = steps.locate_images(config.images, str(DataFolder.at(config.data_dir).extracted))
     summary = steps.score_images(folder, config.model_uri, target, config.batch_size)
-    logger.info("Scored %d images with %s (%d errors, %d left out without a Kaggle id, %d other files skipped) -> %s",
-                summary.n_images, config.model_uri, summary.n_errors, summary.n_left_out, summary.n_skipped,
-                summary.output_csv)
+    left_out = f", {summary.n_left_out} left out without a Kaggle id" if summary.n_left_out else ""
+    logger.info("Scored %d images with %s (%d errors%s, %d other files skipped) -> %s", summary.n_images,
+                config.model_uri, summary.n_errors, left_out, summary.n_skipped, summary.output_csv)
     return summary
 
 
@@ -51,8 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flows.options import build_parser, parse
 
     parsed = parse(PredictConfig, build_parser(PredictConfig, "python -m flows.predict",
-                                               "Write a Kaggle submission (id,label = p(dog)) for a folder or "
-                                               "archive of images."), argv)
+                                               "Score a folder or archive of images with a registered model: "
+                                               "Kaggle's submission (id,label = p(dog)) for cats vs. dogs, "
+                                               "id,label,p_<class>... (label = the class) for other classes."), argv)
     if parsed is None:
         return 2
     args, config = parsed
@@ -64,7 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{left_out}{errors}.")
         return 0
 
-    return run_main(work, log_path=log_path_for(config.data_dir, "predict"), verbose=args.verbose)
+    def preflight() -> None:
+        from tasks.models.naming import parse_registry_uri
+        from tasks.models.predictions import check_images
+        from tasks.models.store import check_store_exists
+
+        check_output_path(config.output_csv)
+        check_images(config.images)
+        if parse_registry_uri(config.model_uri) or config.model_uri.startswith("runs:/"):
+            check_store_exists()
+
+    return run_main(work, log_path=log_path_for(config.data_dir, "predict"), verbose=args.verbose, preflight=preflight)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,15 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         if not found.classes().kaggle:
             log.info("Classes: %s (label order)", ", ".join(found.classes().names))
 
-        inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side, config.thresholds.max_side)
+        inspected = steps.build_manifest(root, data_dir, config.thresholds.min_side, config.thresholds.max_side,
+                                         config.replace_classes)
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
                  inspected.rows, inspected.inspected, inspected.reused, inspected.quarantined)
 
         split = steps.assign_splits(data_dir, config.split_fractions, config.respect_source_split)
-        log.info("Assign splits: %d duplicates, %d label conflicts quarantined; source splits kept: %s",
-                 split.duplicate, split.label_conflict, split.presplit or "none (split by content hash)")
+        log.info("Assign splits: %d duplicates, %d label conflicts quarantined; %d images kept their split, %d placed "
+                 "(each class in its fractions); source splits kept: %s", split.duplicate, split.label_conflict,
+                 split.kept, split.placed, split.presplit or "none")
 
         required = tuple(name for name, share in zip(SPLITS, config.split_fractions) if share > 0)
         verdict = steps.validate(data_dir, config.thresholds, required)
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.options import build_parser, parse
 
     parsed = parse(DataConfig, build_parser(DataConfig, "python -m flows.prepare",
-                                            "Acquire, check and arrange the Dogs vs. Cats images into a data folder."),
+                                            "Acquire, check and arrange the images (Dogs vs. Cats by default, or your own "
+                                            "classes: one folder per class) into a data folder."),
                    argv)
     if parsed is None:
         return 2
@@ -98,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_data(config).paths.summary)
         return 0
 
-    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose)
+    def preflight() -> None:
+        from tasks.data.acquire import check_source
+
+        check_source(config.source)
+
+    return run_main(work, log_path=log_path_for(config.data_dir, "prepare"), verbose=args.verbose, preflight=preflight)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@
     the MLflow store (a folder, damaged or read-only: one sentence) -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
-    -> train (subflow train_model)
-    -> log the run to MLflow
+    -> open the MLflow run, train (subflow train_model), log it into the run
     -> score the candidate on the test split, register it, move `champion` only through the gate
     -> leave a markdown summary artifact in Prefect
 
@@ -84,9 +83,11 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
         return summary
 
     compute = config.section(ComputeConfig)  # where shards are computed: in-process by default, else Dask
-    with workers_reach_the_api(compute):
-        trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
-    logged = models.log_to_mlflow(prepared, trained, config.model_dump(mode="json"), config.source, config.experiment)
+    with models.training_run(prepared.fingerprint, config_hash, config.experiment) as run:  # spans the work
+        with workers_reach_the_api(compute):
+            trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
+        logged = models.log_to_mlflow(run, prepared, trained, config.model_dump(mode="json"), config.source,
+                                      config.model_name)
     candidate = models.score_on_test_split(logged.model_uri, data_dir)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,
                                         config.floor, config.margin, config.metric, config.model_name)
@@ -177,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.options import program_name
 
     return generated(RetrainConfig, program_name("flows.retrain", "catsdogs-retrain"),
-                     "Prepare the Dogs vs. Cats data, train, log to MLflow and promote a champion through the gate.",
+                     "Prepare the images (Dogs vs. Cats by default, or your own classes: one folder per class, "
+                     "with a --model-name of their own), train, log to MLflow and promote a champion through the "
+                     "gate.",
                      _own_options)
 
 
@@ -220,7 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary.model_dump(mode="json"), indent=2) if args.json else summary_markdown(summary))
         return 0
 
-    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose)
+    def preflight() -> None:
+        from tasks.data.acquire import check_source
+
+        check_source(config.source)
+
+    return run_main(work, log_path=log_path_for(config.data_dir, "retrain"), verbose=args.verbose,
+                    preflight=None if args.store_check else preflight)
 
 
 if __name__ == "__main__":

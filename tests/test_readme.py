@@ -1,6 +1,7 @@
 """A walk through the README in its order, with its own commands, on small generated data.
 
-    main job -> the small-sample command (nothing changed) -> MLflow UI -> serve + curl
+    main job -> the small-sample command (nothing changed) -> your own classes (retrain, serve,
+    predict three class folders beside the cats) -> MLflow UI -> serve + curl
     -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run
     -> batch prediction -> the server gone
 
@@ -9,7 +10,8 @@ The commands are read from the README's fenced blocks (the main command and the 
 root. What differs from a user's machine: `.venv/bin/` is this interpreter's folder, the fixed
 ports are free ones, the PetImages URL points at a loopback server holding a small archive
 (the internet is the one thing faked), the main job gets the small-sample options the README
-gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here), and until
+gives under "Pointing it at your data" (ImageNet weights cannot be downloaded here; your own
+classes get them too, but keep the default class-balance check), and until
 the walk reaches its own Prefect server the commands use the test session's (each command
 otherwise starts a temporary one: tests/flows/test_killed_and_concurrent_runs.py runs that).
 Batch prediction runs once, on the walk's server: one command costs tens of seconds here.
@@ -17,6 +19,7 @@ Batch prediction runs once, on the walk's server: one command costs tens of seco
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import os
@@ -30,13 +33,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
 from tests import servers
 from tests.flows.test_deployment import load_deployment_spec
 from tests.httpserver import FileServer
-from tests.imagegen import image_bytes, write_kaggle_tree, zip_tree
+from tests.imagegen import image_bytes, indexed_image_bytes, write_class_folders, write_kaggle_tree, zip_tree
 
 README = servers.REPO_ROOT / "README.md"
 NOISE = ("I0000", "W0000", "E0000", "cuInit", "oneDNN", "absl", "Traceback", "telemetry", "CloudPickle",
@@ -85,10 +89,21 @@ def served_model(model_uri: str, tracking_uri: str, folder: Path, **extra_env: s
 
 
 def test_the_readme_marks_every_step_of_the_walk():
-    assert set(blocks()) == {"main-command", "small", "mlflow-ui", "serve", "curl", "predict", "prefect-server",
-                             "prefect-env", "worker", "deploy", "run"}
+    assert set(blocks()) == {"main-command", "small", "own-classes", "mlflow-ui", "serve", "curl", "predict",
+                             "prefect-server", "prefect-env", "worker", "deploy", "run"}
     main = blocks()["main-command"][0]
     assert "/path/to" not in main and main.endswith(".venv/bin/python -m flows.retrain")  # runnable as pasted
+
+
+def test_the_folders_the_readme_makes_are_never_committed():
+    """`data/`, each model's `data-<name>/` and the MLflow store are git-ignored (the store's README is not)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    paths = ["data/x.jpg", "data-flowers/arranged/train/Daisy/1.jpg", "mlruns/mlflow.db", "mlruns/README.md",
+             "tasks/data/splits.py"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=servers.REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == paths[:3], done.stderr
 
 
 README_PORTS = ("5000", "5001", "4200")  # mlflow ui, mlflow models serve, prefect server start
@@ -152,7 +167,8 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
     anywhere = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".whl", "*.egg-info")
 
     def ignored(folder: str, names: list[str]) -> set[str]:  # a user's data/ and mlruns/, not tasks/data/
-        top = {"data", "mlruns"} & set(names) if Path(folder) == servers.REPO_ROOT else set()
+        top = {name for name in names if name in ("data", "mlruns") or name.startswith("data-")} \
+            if Path(folder) == servers.REPO_ROOT else set()
         return set(anywhere(folder, names)) | top
 
     shutil.copytree(servers.REPO_ROOT, root, ignore=ignored)
@@ -181,6 +197,7 @@ def test_walk_through_the_readme_in_its_order(tmp_path):
         walk = Walk(root, env)
         try:
             _main_job_and_rerun(walk, steps, small, root)
+            _own_classes(walk, steps, small, root)
             _mlflow_ui(walk, steps)
             _serve_and_curl(walk, steps)
             for process in walk.background:  # leave the cores to Prefect
@@ -202,6 +219,8 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     assert not [line for line in lines + first.stdout.splitlines() if re.search(r"\d\.\d{5,}", line)]  # 0.9994, not 0.99936...
     for step in ("Acquire:", "Build manifest:", "Validate: passed", "Arrange:", "Chosen backbone:", "Version 1"):
         assert any(step in line for line in lines), step
+    said = [line for line in lines + first.stdout.splitlines() if "bfloat16 must gain" in line]
+    assert len(said) == 1 and "vgg16 at 32 px computes in" in said[0], said  # why that precision: once
     for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting vgg16 features:",
                       "Training the vgg16 head:", "Scoring models:/"):  # the default source, downloaded
         assert any(long_step in line and "/s" in line for line in lines), long_step  # count, rate, time left
@@ -217,6 +236,80 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     assert scored["served_test_accuracy"] > scored["served_test_chance_accuracy"], scored  # the quick try learns
     again = walk.run(steps["small"][0])  # the same images from a local copy, the same config
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stderr
+
+
+FOLDERS = ["Daisy", "Red Roses", "tulips"]
+CLASSES = ["daisy", "red_roses", "tulips"]
+
+
+def _own_classes(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
+    """README "Your own classes" as pasted, after the cats: three class folders retrained, served and predicted.
+
+    The retrain gets the small-sample options but keeps the default class-balance check (30 images a
+    class, stratified); everything lands under the model's own name, beside the cats, never in them.
+    """
+    from mlflow.tracking import MlflowClient
+
+    source = write_class_folders(root / "flowers", FOLDERS, per_class=30)
+    # Links are followed, folders and files alike: a class folder kept elsewhere, a photo linked in
+    (root / "_outside").mkdir()
+    (source / "tulips").rename(root / "_outside" / "tulips")
+    (source / "tulips").symlink_to(Path("..") / "_outside" / "tulips")  # once: a two-class model, without a word
+    (root / "_outside" / "daisy.jpg").write_bytes(indexed_image_bytes(0, 3, 777))
+    (source / "Daisy" / "linked.jpg").symlink_to(root / "_outside" / "daisy.jpg")
+    write_class_folders(root / "new_photos", FOLDERS, per_class=2, seed0=5000)
+    cats = (root / "data" / "manifest.parquet").read_bytes()
+    retrain, serve, predict = steps["own-classes"]
+    loosened = {"--max-class-imbalance", "--max-quarantined-share"}
+    tiny = [word for at, word in enumerate(small) if word not in loosened and small[at - 1] not in loosened]
+    done = walk.run(f"{retrain} {shlex.join(tiny)}")
+    assert done.returncode == 0, done.stderr
+    assert "| split | daisy | red_roses | tulips |" in done.stdout and "Validate: passed" in done.stderr
+    folder = root / "data-flowers"  # the model's own data folder; the cats' is untouched
+    assert json.loads((folder / "classes.json").read_text()) == {"names": CLASSES, "folders": FOLDERS}
+    assert sorted(path.name for path in (folder / "arranged" / "test").iterdir()) == FOLDERS  # as on disk
+    assert (root / "data" / "manifest.parquet").read_bytes() == cats
+    arranged = [path for path in (folder / "arranged").rglob("*") if not path.is_dir()]
+    assert len(arranged) == 91 and not [path for path in arranged if path.is_symlink()]  # bytes, never a link out
+    assert any(path.name.startswith("linked_") and path.parent.name == "Daisy" for path in arranged)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("flowers", "champion")  # its own registered model
+    assert str(client.get_model_version_by_alias("cats-vs-dogs", "champion").version) == "1"
+    run = client.get_run(champion.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "flowers"
+    assert {item.dataset.name for item in run.inputs.dataset_inputs} == {"flowers-train", "flowers-validation",
+                                                                         "flowers-test"}
+    shards = [path.stat().st_mtime * 1000 for path in (folder / "features").rglob("shard-*")]
+    assert shards and run.info.start_time <= min(shards)  # opened when training started
+    assert run.data.params["data.classes"] == "daisy,red_roses,tulips"
+    assert run.data.metrics["test_accuracy"] > run.data.metrics["test_chance_accuracy"]
+    assert {"test_macro_f1", "test_roc_auc", "test_recall_red_roses"} <= set(run.data.metrics)
+
+    server = walk.start("serve-flowers", serve)  # without MLFLOW_TRACKING_URI in the walk's environment
+    done = walk.run(predict)  # in another terminal while the server starts, as a person would
+    assert done.returncode == 0 and "Kaggle id" not in done.stderr + done.stdout, done.stderr
+    table = pd.read_csv(root / "flowers.csv")
+    assert list(table.columns) == ["id", "label", "p_daisy", "p_red_roses", "p_tulips"]
+    assert len(table) == 6 and set(table["label"]) <= set(CLASSES)
+    assert np.allclose(table[["p_daisy", "p_red_roses", "p_tulips"]].sum(axis=1), 1.0, atol=1e-4)
+    assert list((folder / "logs").glob("predict-*.log"))  # the model's data folder, found from its URI
+
+    url = f"http://127.0.0.1:{walk.ports['5001']}"
+    servers.wait_for_http(f"{url}/ping", timeout=300, process=server)
+    cells = [[base64.b64encode(indexed_image_bytes(index, 3, 900 + index)).decode("ascii")] for index in range(3)]
+    answer = httpx.post(f"{url}/invocations", timeout=300,
+                        json={"dataframe_split": {"columns": ["image"], "data": [*cells, ["%%% not base64 %%%"]]}})
+    server.stop()
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()["predictions"]
+    assert list(rows[0]) == ["p_daisy", "p_red_roses", "p_tulips", "label", "label_index", "error"]
+    for row in rows[:3]:
+        probabilities = [row[f"p_{name}"] for name in CLASSES]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == CLASSES[int(np.argmax(probabilities))] == CLASSES[row["label_index"]]
+    assert sum(row["label"] == name for row, name in zip(rows, CLASSES)) >= 2
+    assert rows[3]["label"] == "" and rows[3]["p_daisy"] is None and "base64" in rows[3]["error"]
 
 
 def _mlflow_ui(walk: Walk, steps: dict) -> None:

@@ -48,6 +48,38 @@ def backend() -> str:
     return keras.config.backend()
 
 
+def keras_without_tensorflow() -> None:
+    """Off the TensorFlow backend, keep Keras from importing TensorFlow only to look for it.
+
+    Where TensorFlow is installed, Keras imports it whatever the backend, to seed it
+    (`keras.utils.set_random_seed`) and to recognise its types when a model is saved: ~9 CPU-seconds
+    and several hundred MB in a process that computes on JAX, and a process that behaves unlike
+    the GPU hosts, which have no TensorFlow. Keras asks its lazy `tensorflow` module whether it is
+    available; this answers no for it, as if TensorFlow were not installed. Nothing changes on the
+    TensorFlow backend, or once TensorFlow was imported anyway (by the caller's own code).
+    """
+    import sys
+
+    if backend() == "tensorflow" or "tensorflow" in sys.modules:
+        return
+    from keras.src.utils import module_utils
+
+    lazy = getattr(module_utils, "tensorflow", None)
+    if lazy is not None and getattr(lazy, "module", None) is None:
+        lazy._available = False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the backend (Keras' global seed generator): one seed makes a fit reproducible.
+
+    `keras.utils.set_random_seed`, without the TensorFlow import it would make on other backends.
+    """
+    import keras
+
+    keras_without_tensorflow()
+    keras.utils.set_random_seed(int(seed))
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU feature flags (empty where /proc/cpuinfo does not exist)."""
     try:

@@ -39,18 +39,20 @@ class DiskFullError(InputError):
 
 
 class UnreachableError(OSError):
-    """Something the run needs over the network stayed unreachable through every retry.
+    """Something the run needs over the network stayed unreachable through every attempt.
 
-    Unlike an input error it is worth retrying (tasks do), but once the retries are spent a
-    person must act, so the command line reports its sentence as it reports bad input.
+    It is raised where the attempts were made, once they are spent (its sentence says how many),
+    so tasks do not retry it again: a person must act, and the command line reports its sentence
+    as it reports bad input.
     """
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError nor a full disk."""
+    """Prefect `retry_condition_fn`: retry transient failures (network, I/O), never InputError, a full disk,
+    nor an UnreachableError (its own attempts are spent)."""
     try:
         state.result()
-    except InputError:
+    except (InputError, UnreachableError):
         return False
     except Exception as error:
         return not is_disk_full(error)

@@ -13,13 +13,15 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from tasks.common.errors import LayoutError
 
 
 @dataclass(frozen=True)
 class ClassMap:
-    """Class names in label order (index = label) and the folder of each class under `arranged/<split>/`."""
+    """Class names in label order (index = label) and the folder of each class under `arranged/<split>/`
+    (`cats`/`dogs`, or the class's own folder name as the source spells it)."""
 
     names: tuple[str, ...]
     folders: tuple[str, ...]
@@ -139,7 +141,26 @@ def class_map(folders: Iterable[str]) -> ClassMap:
 
 
 def classes_of_labels(labels: Iterable[str]) -> ClassMap:
-    """The class map of a source's labels: cats vs. dogs whenever they are cat/dog only (even one of them,
-    which validation then reports as a missing class), else `class_map` of the names."""
+    """The class map of a source's labels: cats vs. dogs whenever they are cat/dog only, else `class_map` of
+    the names (a source of one class is refused before this, by tasks/data/layout.py)."""
     found = {label for label in labels if label}
     return CATS_DOGS if found <= set(CATS_DOGS.names) else class_map(found)
+
+
+def classes_of_files(files: Iterable[tuple[str, str]]) -> ClassMap:
+    """The class map of a source's (label, relative path) pairs, each class arranged in its folder's name as on disk.
+
+    Your own classes keep the names their folders have (`Red Roses/` is class `red_roses`, arranged in
+    `arranged/<split>/Red Roses/`, and `classes.json` lists that folder); cats vs. dogs keep `cats/` and
+    `dogs/`. Where a class's folder is spelled two ways (`train/Daisy/`, `test/daisy/`), the first path's wins.
+    """
+    pairs = [(label, path) for label, path in files if label]
+    classes = classes_of_labels(label for label, _ in pairs)
+    if classes.kaggle:
+        return classes
+    folders: dict[str, str] = {}
+    for label, path in sorted(pairs, key=lambda pair: pair[1]):
+        if label not in folders:
+            parts = PurePosixPath(path).parts[:-1]
+            folders[label] = next((part for part in parts if normalise_class_name(part) == label), label)
+    return ClassMap(classes.names, tuple(folders.get(name, name) for name in classes.names))

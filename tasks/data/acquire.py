@@ -24,13 +24,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import requests
+from urllib3.exceptions import NameResolutionError
 
 from tasks.common.diskspace import ensure_room, no_room
 from tasks.common.errors import AcquireError, UnreachableError, is_disk_full
@@ -64,8 +67,10 @@ class TransientDownloadError(OSError):
 
 
 class DownloadFailedError(TransientDownloadError, UnreachableError):
-    """A download that stayed broken through every attempt here: says what to check and the way around it."""
+    """A download that stayed broken through every attempt here: says how many, what to check and the way around it."""
 
+
+T = TypeVar("T")
 
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
               TransientDownloadError)
@@ -110,13 +115,25 @@ def source_uri(source: str) -> str:
     return Path(source).expanduser().absolute().as_uri()
 
 
-def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
-    """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
-    expected_sha256 = _normalise_digest(expected_sha256)
+def check_source(source: str) -> None:
+    """Refuse a local source that is not there, with the sentence acquiring it would end in, before any work.
+
+    What a command line checks before it starts a server or a flow: the answer needs no download,
+    no store and no Prefect (keywords and URLs are judged when they are acquired).
+    """
+    source = str(source)
+    if source.strip().lower() in ("kaggle", "petimages") or "://" in source:
+        return
     path = Path(source).expanduser()
     if not path.exists():
         raise AcquireError(f"Source {source!r} does not exist (looked for {path.absolute()}); {_SOURCES_HINT}.")
-    path = path.resolve()
+
+
+def local_source(source: str, downloads_dir: Path, *, expected_sha256: str | None = None) -> Path:
+    """A local archive or folder, resolved; checked against `expected_sha256` when one is given."""
+    expected_sha256 = _normalise_digest(expected_sha256)
+    check_source(source)
+    path = Path(source).expanduser().resolve()
     if path.is_dir():
         if expected_sha256:
             raise AcquireError(f"Source {path} is a folder, which has no sha256; drop --sha256 "
@@ -392,23 +409,56 @@ def download_url(url: str, downloads_dir: Path, *, expected_sha256: str | None =
     run_logger(__name__).info("Downloading %s to %s", url, final)
     with requests.Session() as session:
         session.headers["User-Agent"] = "catsdogs-pipeline (+requests)"
-        for attempt in range(1, attempts + 1):
-            try:
-                digest = _fetch(url, part, meta, session, expected_sha256)
-                break
-            except _TRANSIENT as err:
-                if attempt == attempts:
-                    raise DownloadFailedError(
-                        f"Could not download {url} after {attempts} attempt(s) ({_short_reason(err)}); check this "
-                        "machine's internet connection and run the command again (the download resumes), or pass "
-                        "a local copy of the archive with --source PATH.") from err
-                run_logger(__name__).warning("Download of %s interrupted (%s); retrying (%d/%d)", url, _short_reason(err), attempt, attempts)
-                time.sleep(RETRY_BACKOFF_S * attempt)
+        digest = with_attempts(url, attempts, lambda: _fetch(url, part, meta, session, expected_sha256),
+                               "run the command again (the download resumes), or pass a local copy of the archive "
+                               "with --source PATH")
     try:
         return _promote(part, final, url, downloads_dir, expected_sha256=expected_sha256,
                         expected_size=expected_size, digest=digest, origin=url)
     finally:
         _discard(meta)
+
+
+def with_attempts(origin: str, attempts: int, fetch: Callable[[], T], way_around: str) -> T:
+    """`fetch()`, tried up to `attempts` times while it fails in a way a retry can fix; then one sentence.
+
+    A host name that does not resolve is not tried again: the machine is offline (or the name is
+    wrong), and seconds later it still is. Every connection error ends as DownloadFailedError,
+    whose sentence says how many attempts were made, what to check and `way_around`; the acquire
+    task does not retry it again (tasks/common/errors.py).
+    """
+    log = run_logger(__name__)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fetch()
+        except _TRANSIENT as err:
+            offline = unresolved_host(err)
+            if attempt == attempts or offline:
+                why = f"{offline} does not resolve ({_short_reason(err)})" if offline else _short_reason(err)
+                raise DownloadFailedError(
+                    f"Could not download {origin} after {attempt} attempt(s): {why}; check this machine's internet "
+                    f"connection and {way_around}.") from err
+            log.warning("Download of %s interrupted (%s); retrying (%d/%d)", origin, _short_reason(err), attempt, attempts)
+            time.sleep(RETRY_BACKOFF_S * attempt)
+    raise AssertionError("unreachable: attempts must be at least 1")
+
+
+def unresolved_host(err: BaseException) -> str | None:
+    """The host name that failed to resolve somewhere in `err`'s chain (requests -> urllib3 -> socket), or None."""
+    seen: set[int] = set()
+    todo: list[Any] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NameResolutionError):
+            return str(getattr(current, "_host", None) or "its host")
+        if isinstance(current, socket.gaierror):
+            return "its host"
+        if isinstance(current, BaseException):
+            todo += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+    return None
 
 
 def _short_reason(err: Exception) -> str:
@@ -452,6 +502,7 @@ def _kaggle_api(competition: str) -> Any:
 
 
 def _kaggle_http_error(err: requests.HTTPError, competition: str) -> Exception:
+    """Kaggle's refusals as the sentence that fixes them; a server's hiccup as a transient error (tried again)."""
     code = err.response.status_code if err.response is not None else None
     if code == 403:
         return AcquireError(f"Kaggle refused the download of '{competition}' (HTTP 403, competition rules not "
@@ -463,7 +514,10 @@ def _kaggle_http_error(err: requests.HTTPError, competition: str) -> Exception:
                             "(or set KAGGLE_USERNAME and KAGGLE_KEY).")
     if code == 404:
         return AcquireError(f"Kaggle has no competition '{competition}' (HTTP 404); check its name.")
-    return err
+    if code is not None and 400 <= code < 500 and code not in (408, 429):
+        return AcquireError(f"Kaggle refused the download of '{competition}' (HTTP {code}); check the client's "
+                            "version (pip install -U kaggle), or pass --source petimages or a local archive.")
+    return TransientDownloadError(f"Kaggle answered HTTP {code}, usually temporary")
 
 
 def acquire_kaggle(downloads_dir: Path, *, expected_sha256: str | None = None,
@@ -488,10 +542,15 @@ def acquire_kaggle(downloads_dir: Path, *, expected_sha256: str | None = None,
     staging = downloads_dir / f".{competition}.kaggle-part"
     staging.mkdir(parents=True, exist_ok=True)
     run_logger(__name__).info("Downloading Kaggle competition %s into %s", competition, staging)
-    try:
-        api.competition_download_files(competition, path=str(staging), quiet=False)
-    except requests.HTTPError as err:
-        raise _kaggle_http_error(err, competition) from err
+
+    def download() -> None:
+        try:
+            api.competition_download_files(competition, path=str(staging), quiet=False)
+        except requests.HTTPError as err:
+            raise _kaggle_http_error(err, competition) from err
+
+    with_attempts(f"Kaggle competition '{competition}'", DOWNLOAD_ATTEMPTS, download,
+                  "run the command again, or pass --source petimages or a local copy of the archive with --source PATH")
     archive = staging / f"{competition}.zip"
     if not archive.is_file():
         found = sorted(path.name for path in staging.iterdir())

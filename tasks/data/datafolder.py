@@ -8,6 +8,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     classes.json               the class map (names in label order, their arranged folders); none = cats vs. dogs
     inspected.parquet          one row per source file, inspected (input of dedupe and split)
     splits.parquet             after dedupe and split (what Great Expectations validates)
+    splits.json                the rule and fractions splits.parquet was made with (its splits are kept while they hold)
     manifest.parquet           the final manifest, with `arranged_path`
     validation/                GX result.json and Data Docs
     arranged/<split>/<class folder>/   the images to learn from (links or copies; cats/, dogs/ by default)
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from tasks.common.errors import DatasetValidationError
+from tasks.common.errors import ConfigError, DatasetValidationError
 from tasks.common.files import is_unfinished_write, partial_path, write_if_changed
 from tasks.common.labels import CATS_DOGS, SPLITS, ClassMap
 from tasks.data.folderlock import WAIT_S, hold, holds
@@ -142,8 +143,23 @@ class DataFolder:
             raise DatasetValidationError(f"{self.classes_file} is damaged; delete it and run prepare_data "
                                          "again to record the classes.") from None
 
-    def record_classes(self, classes: ClassMap) -> bool:
-        """Keep the class map as classes.json (atomically, rewritten only on change); whether it was written."""
+    def held_classes(self) -> ClassMap | None:
+        """The class map of what this folder holds, or None while it holds nothing (no classes.json, no manifest)."""
+        return self.classes() if self.classes_file.is_file() or self.inspected.is_file() else None
+
+    def record_classes(self, classes: ClassMap, *, replace: bool = False) -> bool:
+        """Keep the class map as classes.json (atomically, rewritten only on change); whether it was written.
+
+        A folder that holds another set of classes is not rearranged for these unless `replace`:
+        one data folder silently serving two class sets would remove each other's images in turn.
+        """
+        held = self.held_classes()
+        if held is not None and held.names != classes.names and not replace:
+            raise ConfigError(
+                f"The data folder {self.root} holds the classes {', '.join(held.names)}, but this source has "
+                f"{', '.join(classes.names)}; give them a data folder of their own (--data-dir, or a --model-name "
+                "of their own, whose default folder is data-<model name>), or pass --replace-classes to rearrange "
+                "this one for them.")
         return write_if_changed(self.classes_file, classes.to_json().encode("utf-8"))
 
     @property
@@ -153,6 +169,11 @@ class DataFolder:
     @property
     def splits(self) -> Path:
         return self.root / "splits.parquet"
+
+    @property
+    def split_settings(self) -> Path:
+        """The split rule and settings `splits.parquet` was made with: images keep those splits while they are the same."""
+        return self.root / "splits.json"
 
     @property
     def manifest(self) -> Path:

@@ -367,8 +367,37 @@ def find_candidates(root: str | os.PathLike[str]) -> tuple[str, list[Candidate]]
                     f"The {layout} layout in {base} holds no files in its class folders; "
                     "check that the archive was extracted completely."
                 )
+            _refuse_one_class(base, found)
             return layout, _to_candidates(root, found)
-    raise _unrecognised(root)
+    raise _lone_class_folder(root) or _unrecognised(root)
+
+
+def _refuse_one_class(base: Path, found: list[_Found]) -> None:
+    """A source of one class (a lone `cats/` folder) in one sentence: no threshold can make it a classifier's data."""
+    labels = {label for _, label, _ in found if label}
+    if len(labels) != 1:
+        return
+    [label] = labels
+    if label in CLASS_FOLDER_LABELS.values():
+        other = "dog" if label == "cat" else "cat"
+        raise LayoutError(f"No {other} images were found in {base}, only {label} images; add the {other} images "
+                          f"(a {other}s/ folder beside {label}s/), as a classifier needs two or more classes.")
+    raise LayoutError(f"One class ({label}) was found in {base}: a classifier needs two or more; "
+                      "add a folder of images for each other class beside it.")
+
+
+def _lone_class_folder(root: Path) -> LayoutError | None:
+    """`flowers/daisy/*.jpg` and nothing beside `daisy/` (in the root or its wrapping folder): one class, said as
+    such rather than as an unknown layout."""
+    for base in _bases(root):
+        dirs = _visible_dirs(base)
+        if len(dirs) != 1 or _visible_files(base):
+            continue
+        [folder] = dirs.values()
+        if not _visible_dirs(folder) and _visible_files(folder):
+            return LayoutError(f"One class ({folder.name}/) was found in {base}: a classifier needs two or more; "
+                               f"add a folder of images for each other class beside {folder.name}/.")
+    return None
 
 
 def kaggle_unlabelled_folder(root: str | os.PathLike[str]) -> Path | None:

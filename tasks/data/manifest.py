@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from tasks.common.files import write_if_changed
 from tasks.common.logs import run_logger
 from tasks.common.progress import Progress
-from tasks.common.labels import classes_of_labels
+from tasks.common.labels import classes_of_files
 from tasks.data.datafolder import DataFolder
 from tasks.data.images import MAX_PIXELS, MAX_SIDE, OK, TOO_LARGE, TOO_SMALL, inspect_and_store, pixel_limit
 from tasks.data.layout import Candidate, find_candidates
@@ -253,14 +253,15 @@ def _read_previous(path: Path) -> pd.DataFrame | None:
 
 
 def build_inspected(root: str | os.PathLike[str], folder: DataFolder, *, min_side: int = 32,
-                    max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
-                    workers: int | None = None) -> ManifestBuilt:
+                    max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE, workers: int | None = None,
+                    replace_classes: bool = False) -> ManifestBuilt:
     """Inspect every candidate under `root` into `inspected.parquet`, reusing the last one's rows.
 
-    The source's class map is recorded here too (`classes.json`), from the labels its layout gave.
+    The source's class map is recorded here too (`classes.json`), from the labels its layout gave,
+    before any image is inspected: a folder holding other classes refuses them unless `replace_classes`.
     """
     layout, candidates = find_candidates(root)
-    folder.record_classes(classes_of_labels(candidate.label for candidate in candidates))
+    folder.record_classes(classes_of_files((c.label, c.relative_path) for c in candidates), replace=replace_classes)
     frame = build_manifest(candidates, folder, previous=_read_previous(folder.inspected), min_side=min_side,
                            max_pixels=max_pixels, max_side=max_side, workers=workers)
     built = ManifestBuilt(layout=layout, path=str(folder.inspected), rows=len(frame),

@@ -1,19 +1,28 @@
-"""Deduplicate and split: every kept image gets one split, decided by its content hash alone.
+"""Deduplicate and split: every kept image gets one split, each class in its fractions, stable as data grows.
 
-`split_for_hash` maps an image's sha256 to a split, so adding images never moves an old one
-and an image cannot land in two splits. `assign_splits` is a pure function over the manifest:
-identical bytes are kept once, the same bytes under both labels are quarantined, and a
-pre-split source keeps its own train/validation where it has them.
+Each class is split on its own (stratified), so every class has its share of every split to
+within one image: a ten-class set of 150 images each has 15 of each class in validation, not
+the 7 to 24 that cutting each image's content hash at fixed points gives by chance. And an image
+keeps the split it was given: the data folder records the splits (`splits.parquet`, with the
+rule and fractions that made them in `splits.json`), and a class's new images, in sha256 order,
+fill its splits towards the fractions. So adding images never moves an old one, the same images
+always give the same splits (sha256 order depends on content only), and an image cannot land
+in two splits. Other fractions (or `respect_source_split`) split the data afresh.
+
+`assign_splits` is a pure function over the manifest: identical bytes are kept once, the same
+bytes under two labels are quarantined, and a pre-split source keeps its own splits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 from pydantic import BaseModel
 
 from tasks.common.errors import ConfigError
+from tasks.common.files import read_json_object, write_if_changed
 from tasks.common.labels import SPLITS, UNLABELLED
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
@@ -24,7 +33,8 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 SPLIT_REASONS: frozenset[str] = frozenset({"duplicate", "label_conflict"})
 """Quarantine reasons this module owns; any others come from the manifest step and are kept."""
 
-_HASH_DIGITS = 13  # 52 bits: exact in a float, so the position is always < 1
+RULE = "stratified-by-class-1"
+"""Names the rule in `splits.json`; splits recorded under another rule are not kept."""
 
 
 # --------------------------------------------------------------------------- split rules
@@ -41,25 +51,39 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def hash_unit(sha256: str) -> float:
-    """Map a hex digest to [0, 1): the image's fixed position on the split line."""
-    return int(sha256[:_HASH_DIGITS], 16) / 16**_HASH_DIGITS
+def allocate(recorded: Mapping[str, int], new: int, shares: Mapping[str, float]) -> dict[str, int]:
+    """How many of `new` images each split of a pool takes, given the pool's recorded counts and shares.
 
-
-def split_for_hash(sha256: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
-    """The split of an image, decided by its content hash alone.
-
-    The hash is cut against cumulative fractions (train first), so the answer never depends on
-    which other images exist: adding images never moves an old one. Changing the fractions only
-    moves images across the boundaries that moved.
+    One image at a time goes to the split furthest below its share of the pool so far (ties go
+    to the first in `shares`), so a new pool lands within one image of its shares and a pool whose
+    recorded images lean one way is pulled back without moving any of them. A split with share 0
+    never takes one.
     """
-    position = hash_unit(sha256)
-    cumulative = 0.0
-    for split, fraction in zip(SPLITS, check_fractions(fractions)):
-        cumulative += fraction
-        if position < cumulative:
-            return split
-    return next(s for s, f in zip(reversed(SPLITS), reversed(fractions)) if f > 0)  # float rounding
+    have = {split: int(recorded.get(split, 0)) for split in shares}
+    taken = dict.fromkeys(shares, 0)
+    total = sum(have.values())
+    order = {split: index for index, split in enumerate(shares)}
+    for _ in range(new):
+        total += 1
+        split = max(shares, key=lambda s: (shares[s] * total - have[s] - taken[s], -order[s]))
+        taken[split] += 1
+    return taken
+
+
+def fill(new_sha256: Sequence[str], counts: Mapping[str, int]) -> dict[str, str]:
+    """New images of one pool to splits: in sha256 order, the first `counts[train]` to train, and so on.
+
+    The sha256 order is random with respect to what an image shows, so each split gets a random
+    sample of the class, and it depends on content only.
+    """
+    ordered = sorted(new_sha256)
+    placed: dict[str, str] = {}
+    start = 0
+    for split in SPLITS:
+        for sha in ordered[start:start + counts.get(split, 0)]:
+            placed[sha] = split
+        start += counts.get(split, 0)
+    return placed
 
 
 def presplit_splits(manifest: pd.DataFrame) -> frozenset[str]:
@@ -67,29 +91,55 @@ def presplit_splits(manifest: pd.DataFrame) -> frozenset[str]:
 
     A source counts as pre-split when its labelled images carry more than one of
     train/validation/test (e.g. `cats_and_dogs_filtered`: train + validation). Kaggle's single
-    labelled `train/` folder is *not* a split decision, so it is split by hash like any other.
+    labelled `train/` folder is *not* a split decision, so it is split like any other.
     """
     labelled = manifest[(manifest["status"] == "ok") & _labelled(manifest)]
     found = frozenset(labelled["source_split"]) & frozenset(SPLITS)
     return found if len(found) > 1 else frozenset()
 
 
-def _split_for_row(sha256: str, source_split: str, kept: frozenset[str],
-                   fractions: tuple[float, float, float]) -> str:
-    """A labelled image's split: the source's own where it has one, else the hash's.
+def _pool_shares(source_split: str, presplit: frozenset[str],
+                 fractions: tuple[float, float, float]) -> dict[str, float] | None:
+    """The splits an image may take and their shares, or None when its source decides (a pre-split source's own split).
 
     Pre-split sources rarely ship every split (`cats_and_dogs_filtered` has no test folder).
-    The missing ones are carved out of the source's *train* images by content hash: a train
-    image whose hash falls in a missing split's band moves there; its validation images stay
-    put. So with 80/10/10 and a train+validation source, about 10% of its train images become
-    the test split, and the carve is as stable as the hash split itself.
+    The missing ones are carved out of the source's *train* images, each class's train images
+    giving each missing split its fraction of them; its validation images stay put. So with
+    80/10/10 and a train+validation source, 10% of each class's train images become its test split.
     """
-    by_hash = split_for_hash(sha256, fractions)
-    if source_split not in kept:
-        return by_hash
-    if source_split == "train" and by_hash not in kept:
-        return by_hash
-    return source_split
+    if source_split not in presplit:
+        return dict(zip(SPLITS, fractions))
+    missing = {split: share for split, share in zip(SPLITS, fractions) if split not in presplit}
+    if source_split != "train" or not missing:
+        return None
+    return {"train": 1.0 - sum(missing.values()), **missing}
+
+
+def stratified_splits(rows: pd.DataFrame, presplit: frozenset[str], fractions: tuple[float, float, float],
+                      record: Mapping[str, str] | None = None) -> pd.Series:
+    """The split of each kept labelled row (`sha256`, `label`, `source_split`; one row per sha256), index-aligned.
+
+    Rows are pooled by class (and, in a pre-split source, by whether their train images may be
+    carved); a recorded split the pool allows is kept, and the pool's new images fill its splits
+    towards its shares (`allocate`, then `fill`).
+    """
+    record = record or {}
+    chosen: dict[str, str] = {}
+    pools: dict[tuple[str, tuple[tuple[str, float], ...]], list[str]] = {}
+    for sha, label, source_split in zip(rows["sha256"], rows["label"], rows["source_split"]):
+        shares = _pool_shares(source_split, presplit, fractions)
+        if shares is None:
+            chosen[sha] = source_split
+        else:
+            pools.setdefault((label, tuple(shares.items())), []).append(sha)
+    for (_, shares_items), members in pools.items():
+        shares = dict(shares_items)
+        kept = {sha: record[sha] for sha in members if record.get(sha) in shares}
+        recorded = {split: list(kept.values()).count(split) for split in shares}
+        new = [sha for sha in members if sha not in kept]
+        chosen.update(kept)
+        chosen.update(fill(new, allocate(recorded, len(new), shares)))
+    return rows["sha256"].map(chosen)
 
 
 # --------------------------------------------------------------------------- assign_splits
@@ -131,18 +181,19 @@ def _keeper_order(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def assign_splits(manifest: pd.DataFrame, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  respect_source_split: bool = True) -> pd.DataFrame:
+                  respect_source_split: bool = True, record: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Deduplicate by content, quarantine label conflicts and give every kept image its split.
 
     Pure: returns a new frame with `status`, `reason`, `split` updated and `arranged_path` "".
     Rows already quarantined by the manifest step keep their reason and get split "".
 
-    * The same bytes under both labels: every copy is quarantined as `label_conflict`
+    * The same bytes under two labels: every copy is quarantined as `label_conflict`
       (we cannot tell which label is right, and keeping either would teach noise).
     * Otherwise identical images are kept once; the other copies are `duplicate`.
     * Unlabelled images (Kaggle's `test1/`) get split "unlabelled" and are never trained on.
-    * Labelled images get `split_for_hash`, unless `respect_source_split` and the source is
-      pre-split (see `presplit_splits` and `_split_for_row` for how a missing test split is carved).
+    * Labelled images keep their split in `record` (sha256 -> split, what the data folder gave
+      them before), and the others are stratified by class (`stratified_splits`), unless
+      `respect_source_split` and the source is pre-split (`presplit_splits`, `_pool_shares`).
     """
     fractions = check_fractions(fractions)
     frame = _reset_split_fields(manifest)
@@ -163,30 +214,67 @@ def assign_splits(manifest: pd.DataFrame, *, fractions: Sequence[float] = DEFAUL
     kept_labelled = kept & _labelled(frame)
     frame.loc[kept & ~_labelled(frame), "split"] = UNLABELLED
     presplit = presplit_splits(frame) if respect_source_split else frozenset()
-    frame.loc[kept_labelled, "split"] = [
-        _split_for_row(sha, src, presplit, fractions)
-        for sha, src in zip(frame.loc[kept_labelled, "sha256"], frame.loc[kept_labelled, "source_split"])
-    ]
+    frame.loc[kept_labelled, "split"] = stratified_splits(frame[kept_labelled], presplit, fractions, record)
     return frame
 
 
+# --------------------------------------------------------------------------- the record in the data folder
+
+
+def split_settings(fractions: Sequence[float], respect_source_split: bool) -> dict[str, object]:
+    """What `splits.json` records beside `splits.parquet`: the splits there were made by this rule and these settings."""
+    return {"rule": RULE, "fractions": list(check_fractions(fractions)), "respect_source_split": respect_source_split}
+
+
+def split_record(folder: DataFolder, settings: Mapping[str, object]) -> dict[str, str]:
+    """sha256 -> split of every image the data folder has split before under the same settings ({} when none).
+
+    A folder prepared before `splits.json` existed keeps the splits it arranged (`manifest.parquet`:
+    its champion was tested on them); one never arranged, or recorded under other settings, is split afresh.
+    """
+    saved = read_json_object(folder.split_settings)
+    if saved:
+        source = folder.splits if saved == dict(settings) else None
+    else:
+        source = folder.manifest if folder.manifest.is_file() else None
+    if source is None or not source.is_file():
+        return {}
+    try:
+        frame = pd.read_parquet(source, columns=["sha256", "status", "split"])
+    except Exception:  # noqa: BLE001 - an unreadable record only costs a fresh split
+        return {}
+    placed = frame[(frame["status"] == "ok") & frame["split"].isin(SPLITS)]
+    return dict(zip(placed["sha256"], placed["split"]))
+
+
 class SplitsAssigned(BaseModel):
-    """What `assign_splits_file` did: duplicates and conflicts found, source splits kept."""
+    """What `assign_splits_file` did: duplicates and conflicts found, splits kept and new, source splits kept."""
 
     path: str
     written: bool
     duplicate: int
     label_conflict: int
     presplit: list[str]
+    kept: int = 0
+    """Labelled images that kept the split the data folder had given them."""
+    placed: int = 0
+    """Labelled images given a split now (new images, or all of them on a fresh split)."""
 
 
 def assign_splits_file(folder: DataFolder, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                        respect_source_split: bool = True) -> SplitsAssigned:
-    """Dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed)."""
+    """Dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed), and record the settings."""
     inspected = read_manifest(folder.inspected)
-    frame = assign_splits(inspected, fractions=fractions, respect_source_split=respect_source_split)
+    settings = split_settings(fractions, respect_source_split)
+    record = split_record(folder, settings)
+    frame = assign_splits(inspected, fractions=fractions, respect_source_split=respect_source_split, record=record)
+    written = write_manifest(frame, folder.splits)
+    write_if_changed(folder.split_settings, (json.dumps(settings, indent=2) + "\n").encode("utf-8"))
+    labelled = frame[(frame["status"] == "ok") & frame["split"].isin(SPLITS)]
+    kept = int((labelled["sha256"].map(record) == labelled["split"]).sum())
     return SplitsAssigned(
-        path=str(folder.splits), written=write_manifest(frame, folder.splits),
+        path=str(folder.splits), written=written,
         duplicate=int((frame["reason"] == "duplicate").sum()),
         label_conflict=int((frame["reason"] == "label_conflict").sum()),
-        presplit=sorted(presplit_splits(inspected)) if respect_source_split else [])
+        presplit=sorted(presplit_splits(inspected)) if respect_source_split else [],
+        kept=kept, placed=len(labelled) - kept)

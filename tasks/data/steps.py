@@ -28,7 +28,8 @@ from tasks.data.validate import ValidationThresholds, Verdict, validate_splits
 @task(name="acquire", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
 def acquire(source: str, data_dir: str, expected_sha256: str | None = None) -> Path:
-    """Locate or download the source; network failures retry (resuming), bad input never."""
+    """Locate or download the source: a download tries again within itself (resuming) and then says how often it
+    tried, so only other I/O failures retry here; bad input never."""
     return acquire_source(source, DataFolder.at(data_dir).downloads, expected_sha256=expected_sha256)
 
 
@@ -47,14 +48,18 @@ def find_candidates(root: Path) -> LayoutFound:
 
 @task(name="build-manifest", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
-def build_manifest(root: Path, data_dir: str, min_side: int, max_side: int) -> ManifestBuilt:
-    """Inspect every file (reusing unchanged rows) into inspected.parquet; images out of the size bounds are quarantined."""
-    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side, max_side=max_side)
+def build_manifest(root: Path, data_dir: str, min_side: int, max_side: int,
+                   replace_classes: bool = False) -> ManifestBuilt:
+    """Inspect every file (reusing unchanged rows) into inspected.parquet; images out of the size bounds are quarantined.
+
+    A data folder of other classes is refused first, unless `replace_classes`."""
+    return build_inspected(root, DataFolder.at(data_dir), min_side=min_side, max_side=max_side,
+                           replace_classes=replace_classes)
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)
 def assign_splits(data_dir: str, fractions: Sequence[float], respect_source_split: bool) -> SplitsAssigned:
-    """Dedupe by content and split by content hash into splits.parquet."""
+    """Dedupe by content and split each class in its fractions into splits.parquet (images keep their splits)."""
     return assign_splits_file(DataFolder.at(data_dir), fractions=fractions,
                               respect_source_split=respect_source_split)
 

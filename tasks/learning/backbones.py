@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.common.devices import seed_everything
 from tasks.common.errors import AcquireError, ConfigError
 from tasks.common.files import atomic_path, sha256_file
 from tasks.data.datafolder import DataFolder
@@ -140,11 +141,9 @@ def random_weights_file(folder: DataFolder, name: str, seed: int = 42) -> Path:
     end-to-end model loads it, and a second run reuses both. include_top=False weights fit
     every input size.
     """
-    import keras
-
     target = folder.random_weights(get_backbone(name).name)
     if not target.is_file():
-        keras.utils.set_random_seed(seed)
+        seed_everything(seed)
         model = build_backbone(name, None, get_backbone(name).min_size)
         with atomic_path(target, suffix=".weights.h5") as tmp:
             model.save_weights(tmp)

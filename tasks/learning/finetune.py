@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from tasks.common.devices import seed_everything
 from tasks.common.errors import ConfigError
 from tasks.common.files import atomic_write_json
 from tasks.common.results import FineTuneReport
@@ -242,9 +243,7 @@ def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_si
                     decoder: str = "auto") -> tuple[dict[str, list[float]], FineTuneReport]:
     """Fine-tune in place; returns (history, report). `baseline_val_loss` is the head-only
     model's validation loss (see `keep_if_better`)."""
-    import keras
-
-    keras.utils.set_random_seed(params.seed)
+    seed_everything(params.seed)
     n_classes = len(folder.classes().names)
     weights = None if params.class_weight == "none" else \
         class_weights(params.class_weight, folder.split_rows("train")["y"].to_numpy(), n_classes)

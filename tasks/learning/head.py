@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.common.devices import keras_without_tensorflow, seed_everything
 from tasks.common.files import atomic_path, atomic_write_json
 from tasks.common.results import HeadScores
 from tasks.data.datafolder import DataFolder
@@ -160,11 +161,9 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
              n_classes: int = 2) -> tuple[Any, dict[str, list[float]]]:
     """Train a head on feature arrays; returns (model with the best validation weights, history).
 
-    Seeded layers plus seeding NumPy and TensorFlow (batch shuffling) right before the fit
+    Seeded layers plus seeding Python, NumPy and the backend (batch shuffling) right before the fit
     make it reproducible: the same features and params give the same weights in any process.
     """
-    import keras
-
     train_x = np.asarray(train_x, dtype=np.float32)
     val_x = np.asarray(val_x, dtype=np.float32)
     weights = class_weights(params.class_weight, train_y, n_classes)
@@ -175,7 +174,7 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
                          f"and {val_x.shape}/{val_y.shape}")
     if val_x.ndim != 2 or val_x.shape[1] != train_x.shape[1]:
         raise ValueError(f"validation features have shape {val_x.shape}, expected (n, {train_x.shape[1]})")
-    keras.utils.set_random_seed(params.seed)
+    seed_everything(params.seed)
     model = build_head(train_x, params.dense_units, params.dropout, params.seed, n_classes)
     compile_classifier(model, params.learning_rate, n_classes)
     history = model.fit(
@@ -204,6 +203,7 @@ def inference_copy(model: Any) -> Any:
 
 def save_model(model: Any, target: Path) -> Path:
     """Atomic `.keras` save (Keras infers the format from the suffix, hence the suffixed temp name)."""
+    keras_without_tensorflow()  # saving looks for TensorFlow's types otherwise
     with atomic_path(target, suffix=".keras") as tmp:
         model.save(tmp)
     return Path(target)

@@ -32,7 +32,6 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.common.devices import backend, choose_precision, cpu_flags, cpu_name
 from tasks.common.files import atomic_write_json
-from tasks.common.logs import run_logger
 from tasks.data.datafolder import DataFolder
 from tasks.learning.backbones import get_backbone, resolve_input_size, weights_fingerprint
 
@@ -143,8 +142,7 @@ def measured_precision(folder: DataFolder, backbone: str, weights: str, input_si
     why = (f"CPU: bfloat16 ran {verdict.speedup:.2f}x float32 for {verdict.backbone} at {size} px on Keras/"
            f"{verdict.backend} ({when}, {verdict.measured_at}; {comparison} the {verdict.min_speedup:g}x that "
            f"bfloat16 must gain; cached in {path}, delete it to measure again)")
-    run_logger(__name__).info("Precision %s: %s.", verdict.precision, why)
-    return verdict.precision, why
+    return verdict.precision, why  # the train flow says it, once per backbone
 
 
 def resolve_precision(folder: DataFolder, backbone: str, weights: str, input_size: int | None,

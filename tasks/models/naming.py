@@ -6,11 +6,14 @@ them without importing MLflow.
 
 from __future__ import annotations
 
-DEFAULT_EXPERIMENT = "cats-vs-dogs"
-"""Experiment that holds every retrain (and every skipped retrain)."""
-
 MODEL_NAME = "cats-vs-dogs"
-"""The registered model every retrain adds a version to."""
+"""The registered model every retrain adds a version to, unless `--model-name` names another (one per class set)."""
+
+DEFAULT_EXPERIMENT = MODEL_NAME
+"""Experiment of the default model's retrains (and skipped retrains); any other model's is named after it."""
+
+DEFAULT_DATA_DIR = "data"
+"""The default model's data folder; any other model's is `data-<model name>` (`default_data_dir`)."""
 
 CHAMPION = "champion"
 """Alias of the version that serves (`models:/cats-vs-dogs@champion`)."""
@@ -27,3 +30,26 @@ TAG_FINGERPRINT = "dataset_fingerprint"
 TAG_CONFIG_HASH = "config_hash"
 TAG_BACKBONE = "chosen_backbone"
 TAG_SKIP_REASON = "skip_reason"
+
+
+def default_data_dir(model_name: str) -> str:
+    """The data folder of a model's class set unless one is given: `data` for cats-vs-dogs, `data-<name>` for others.
+
+    One folder per class set: a folder arranged for one set is never silently rearranged for another
+    (tasks/data/datafolder.py refuses it).
+    """
+    return DEFAULT_DATA_DIR if model_name == MODEL_NAME else f"{DEFAULT_DATA_DIR}-{model_name}"
+
+
+def parse_registry_uri(model_uri: str) -> tuple[str, str, str] | None:
+    """("alias"|"version"|"stage", model name, ref) for models:/ registry URIs, else None."""
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return "alias", name, alias
+    if "/" in rest:
+        name, ref = rest.rsplit("/", 1)
+        return ("version" if ref.isdigit() else "stage"), name, ref
+    return None  # models:/<model id> (a logged model, not a registered one)

@@ -62,6 +62,14 @@ def check_output_path(output_csv: str | os.PathLike[str]) -> Path:
     return target
 
 
+def check_images(images: str | os.PathLike[str]) -> Path:
+    """The images to score, refused in one sentence when they are not there (a command checks it before any work)."""
+    source = Path(images).expanduser()
+    if not source.exists():
+        raise InputError(f"Images {source} do not exist; pass a folder or a .zip/.tar archive of images.")
+    return source
+
+
 def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathLike[str]) -> Path:
     """The folder of images: `images` itself, or where its archive was safely extracted.
 
@@ -72,9 +80,7 @@ def locate_images(images: str | os.PathLike[str], extracted_root: str | os.PathL
     from tasks.data.extract import extract_archive
     from tasks.data.layout import kaggle_unlabelled_folder
 
-    source = Path(images).expanduser()
-    if not source.exists():
-        raise InputError(f"Images {source} do not exist; pass a folder or a .zip/.tar archive of images.")
+    source = check_images(images)
     folder = extract_archive(source, Path(extracted_root))
     pool = kaggle_unlabelled_folder(folder)
     if pool is None:

@@ -15,7 +15,7 @@ from typing import Any
 from tasks.common.errors import ConfigError
 from tasks.common.results import ChampionInfo
 from tasks.models.gate import finite
-from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_CONFIG_HASH, TAG_FINGERPRINT
+from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_CONFIG_HASH, TAG_FINGERPRINT, parse_registry_uri
 from tasks.models.store import use_tracking
 
 GATE_DECISION_TAG = "gate.decision"
@@ -129,20 +129,6 @@ def register(client: Any, model_name: str, run_id: str, model_uri: str, tags: Ma
 
 
 # --------------------------------------------------------------------------- URIs users pass
-
-
-def parse_registry_uri(model_uri: str) -> tuple[str, str, str] | None:
-    """("alias"|"version"|"stage", model name, ref) for models:/ registry URIs, else None."""
-    if not model_uri.startswith("models:/"):
-        return None
-    rest = model_uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        return "alias", name, alias
-    if "/" in rest:
-        name, ref = rest.rsplit("/", 1)
-        return ("version" if ref.isdigit() else "stage"), name, ref
-    return None  # models:/<model id> (a logged model, not a registered one)
 
 
 def check_model_uri(model_uri: str) -> None:

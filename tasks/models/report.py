@@ -64,7 +64,7 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines.append(f"- Chosen backbone: **{summary.chosen_backbone}**")
     if summary.devices:
         lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
-                     f"{summary.devices.precision} ({summary.devices.reason})")
+                     f"{summary.devices.precision}")  # why that precision: the run's log says it, once
     if data.counts:
         lines += ["", "## Data", "", "| split | " + " | ".join(data.classes) + " |",
                   "|---|" + "---:|" * len(data.classes)]

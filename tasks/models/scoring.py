@@ -101,10 +101,10 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
 
     classes = folder.classes()
     logged = ClassMap.from_names(logged_classes(model_uri) or CATS_DOGS.names)  # from MLmodel: no weights loaded
-    if logged != classes:
+    if logged.names != classes.names:
         raise ClassesDiffer(f"{model_uri} answers the classes {logged.text()}, but {folder.root} holds "
-                            f"{classes.text()}; score it on a data folder of its own classes, and keep models of "
-                            "other classes in a store of their own (MLFLOW_TRACKING_URI).")
+                            f"{classes.text()}; score it on a data folder of its own classes, and give models of "
+                            "other classes a --model-name of their own.")
     model = load_pyfunc(model_uri)
     progress = Progress(f"Scoring {model_uri} on the {split} split", len(rows), "images", logger_name=__name__)
     scored = score_table(model, [Path(path) for path in rows["path"]], batch_size, progress.advance)

@@ -6,6 +6,8 @@ server restarting, a locked database) and never bad input; none is cached by Pre
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +70,24 @@ def record_unchanged(reason: str, fingerprint: str, config_hash: str, experiment
     return log_skipped_run(reason, fingerprint, config_hash, experiment=experiment)
 
 
+@contextlib.contextmanager
+def training_run(fingerprint: str, config_hash: str, experiment: str) -> Iterator[MlflowRun]:
+    """The retrain's MLflow run, opened as training starts and closed after it is logged (a context, not a
+    task: it spans the training subflow and the logging, so its duration and system metrics cover the work)."""
+    from tasks.models.tracking import training_run as opened
+
+    with opened(fingerprint, config_hash, experiment=experiment) as run:
+        yield run
+
+
 @task(name="log-to-mlflow", **IO_RETRIES)
-def log_to_mlflow(prepared: PrepareSummary, trained: TrainResult, config: dict[str, Any], source: str,
-                  experiment: str) -> MlflowRun:
-    """Parent run (config, data, metrics, plots, model) and one child run per backbone."""
+def log_to_mlflow(run: MlflowRun, prepared: PrepareSummary, trained: TrainResult, config: dict[str, Any],
+                  source: str, model_name: str) -> MlflowRun:
+    """Into the open run: config, data (datasets named after the model), metrics, plots, the model, and one child
+    run per backbone."""
     from tasks.models.tracking import log_retrain
 
-    return log_retrain(prepared, trained, config, source=source, experiment=experiment)
+    return log_retrain(prepared, trained, config, source=source, run=run, model_name=model_name)
 
 
 @task(name="score-on-test-split", **IO_RETRIES)

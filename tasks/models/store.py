@@ -147,6 +147,20 @@ def check_writable_store(uri: str | None = None) -> str:
     return checked
 
 
+def check_store_exists(uri: str | None = None) -> None:
+    """A reader's store must be there: a local one that is missing or empty is one sentence (and never created).
+
+    Needs no MLflow import, so a command can say it before it starts anything.
+    """
+    database = sqlite_path(uri or resolve_tracking_uri())
+    if database is None or database.is_dir():
+        return  # a server keeps its own; a folder is check_store's sentence
+    if not database.is_file() or database.stat().st_size == 0:
+        state = "does not exist" if not database.is_file() else "is empty (0 bytes)"
+        raise ConfigError(f"The MLflow store {database} {state}; run a retrain first (python -m flows.retrain), "
+                          "or point MLFLOW_TRACKING_URI at your store.")
+
+
 def _prepare(uri: str, *, create: bool) -> None:
     """Check, create or migrate a local sqlite store once per process, serialised across processes.
 
@@ -162,10 +176,8 @@ def _prepare(uri: str, *, create: bool) -> None:
             check_store(uri)  # a damaged store is named before a run relies on it (or trains for nothing)
             if create:
                 _refuse_unwritable(database)
-            elif not database.is_file() or database.stat().st_size == 0:
-                state = "does not exist" if not database.is_file() else "is empty (0 bytes)"
-                raise ConfigError(f"The MLflow store {database} {state}; run a retrain first (python -m flows.retrain), "
-                                  "or point MLFLOW_TRACKING_URI at your store.")
+            else:
+                check_store_exists(uri)
             from mlflow.tracking import MlflowClient
 
             lock = database.with_name(f".{database.name}.init.lock")

@@ -8,10 +8,11 @@ data it came from. Where the store is and how it is made ready: tasks/models/sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tasks.common.processes import ProcessId
 from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
 from tasks.models.naming import (
     DEFAULT_EXPERIMENT,
+    MODEL_NAME,
     TAG_BACKBONE,
     TAG_CONFIG_HASH,
     TAG_FINGERPRINT,
@@ -186,8 +188,9 @@ def dataset_logging(data: PrepareSummary) -> tuple[dict[str, Any], dict[str, flo
     return params, metrics
 
 
-def log_datasets(data: PrepareSummary, source: str) -> None:
-    """The manifest as one MLflow dataset per split (digest = the data fingerprint), in the active run.
+def log_datasets(data: PrepareSummary, source: str, model_name: str = MODEL_NAME) -> None:
+    """The manifest as one MLflow dataset per split (`<model name>-<split>`, digest = the data fingerprint), in the
+    active run.
 
     The run page's *Datasets* section then names the data it trained and was tested on, and
     the logged model inherits that lineage.
@@ -205,7 +208,7 @@ def log_datasets(data: PrepareSummary, source: str) -> None:
         rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")].reset_index(drop=True)
         with warnings.catch_warnings():  # MLflow registers two equal local-file source types and says so
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = from_pandas(rows, source=uri, name=f"dogs-vs-cats-{split}", digest=data.fingerprint[:16])
+            dataset = from_pandas(rows, source=uri, name=f"{model_name}-{split}", digest=data.fingerprint[:16])
         mlflow.log_input(dataset, context=split)
 
 
@@ -236,10 +239,16 @@ def _log_training_artifacts(run_id: str, client: MlflowClient, trained: TrainRes
 
 def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str, trained: TrainResult,
                        tags: Mapping[str, str]) -> dict[str, str]:
-    """One child run per backbone: its validation metrics and its head (and fine-tune) curves."""
+    """One child run per backbone: its validation metrics and its head (and fine-tune) curves.
+
+    A second try of the logging (the task retries a store that hiccuped) finds the children the
+    first one made instead of adding twins.
+    """
     child_ids: dict[str, str] = {}
+    made = {run.data.tags.get("backbone"): run for run in client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
     for name, backbone in trained.backbones.items():
-        child = client.create_run(experiment_id, run_name=name, tags={
+        child = made.get(name) or client.create_run(experiment_id, run_name=name, tags={
             **tags, "mlflow.parentRunId": parent_id, "backbone": name,
             "chosen": str(name == trained.chosen_backbone).lower()})
         metrics = [Metric(key, value, _now_ms(), 0) for key, value in scalar_metrics(backbone.model_dump()).items()]
@@ -286,13 +295,47 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
     )
 
 
-def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str, Any], *, source: str,
-                experiment: str = DEFAULT_EXPERIMENT, prefect_context: Mapping[str, Any] | None = None) -> MlflowRun:
-    """Record one retrain in MLflow: a parent run, a child run per backbone, and the model.
+@contextlib.contextmanager
+def training_run(fingerprint: str, config_hash: str, *, experiment: str = DEFAULT_EXPERIMENT,
+                 prefect_context: Mapping[str, Any] | None = None) -> Iterator[MlflowRun]:
+    """The retrain's MLflow run, open (and active in this thread) while the block runs.
 
-    Parent run: the config as params (plus the backend and precision it ran at), the dataset
-    (fingerprint, layout, counts as params and metrics, one MLflow dataset per split,
-    `data/prepare_summary.json`), the Great Expectations result and Data Docs
+    Opened when training starts, so the run's duration, and its system metrics where MLflow is
+    told to log them (`MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true`), cover the work, not only the
+    logging after it. It records its owner process at once: killed mid-training, it stays RUNNING
+    and the next retrain proves the owner dead and marks it FAILED (tasks/models/reconcile.py).
+    It ends FINISHED with the block, FAILED when the block raises.
+    """
+    uri, _ = use_tracking()
+    experiment_id = ensure_experiment(experiment)
+    tags = {TAG_KIND: "retrain", TAG_FINGERPRINT: fingerprint, TAG_CONFIG_HASH: config_hash,
+            **prefect_tags(prefect_context), **owner_tags()}
+    run_name = tags.get("prefect.flow_run_name") or f"retrain-{fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        yield MlflowRun(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri,
+                        run_url=run_url(run.info.run_id, experiment_id, uri))
+
+
+@contextlib.contextmanager
+def _active(run: MlflowRun) -> Iterator[None]:
+    """`run` as this thread's active run: it is already when `training_run` opened it here, else it is resumed."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run.run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run.run_id, log_system_metrics=False):
+        yield
+
+
+def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str, Any], *, source: str,
+                experiment: str = DEFAULT_EXPERIMENT, prefect_context: Mapping[str, Any] | None = None,
+                run: MlflowRun | None = None, model_name: str = MODEL_NAME) -> MlflowRun:
+    """Record one retrain in MLflow: in its parent run, a child run per backbone, and the model.
+
+    `run` is the run `training_run` opened when training started (without one, a run is opened
+    now). Parent run: the config as params (plus the backend and precision it ran at), the dataset
+    (fingerprint, layout, counts as params and metrics, one MLflow dataset per split named after
+    `model_name`, `data/prepare_summary.json`), the Great Expectations result and Data Docs
     (`data/validation/`), test metrics (`test_*`, plus the full dict with the confusion matrix
     as `evaluation/test_metrics.json`), the validation metrics of the shipped model (`val_*`),
     plots (`plots/`), the comparison table and test predictions (`evaluation/`), tags
@@ -300,15 +343,16 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
     run, `catsdogs.owner.*` the process) and the pyfunc model (`model`). A failure mid-way
     marks the run FAILED; a killed process leaves it RUNNING for the next retrain to reconcile.
     """
-    uri, client = use_tracking()
-    experiment_id = ensure_experiment(experiment)
+    if run is None:
+        with training_run(data.fingerprint, trained.config_hash, experiment=experiment,
+                          prefect_context=prefect_context) as opened:
+            return log_retrain(data, trained, config, source=source, run=opened, model_name=model_name)
+    _, client = use_tracking()
+    run_id, experiment_id = run.run_id, run.experiment_id
     chosen = trained.chosen_backbone
-    tags = {TAG_KIND: "retrain", TAG_FINGERPRINT: data.fingerprint, TAG_CONFIG_HASH: trained.config_hash,
-            TAG_BACKBONE: chosen, **prefect_tags(prefect_context), **owner_tags()}
-    run_name = tags.get("prefect.flow_run_name") or f"retrain-{data.fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        run_id = run.info.run_id
+    tags = {key: value for key, value in client.get_run(run_id).data.tags.items() if not key.startswith("mlflow.")}
+    with _active(run):
+        client.set_tag(run_id, TAG_BACKBONE, chosen)
         data_params, data_metrics = dataset_logging(data)
         validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
         metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
@@ -320,15 +364,15 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         _log_batch(client, run_id, params=params,
                    metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
         client.set_tag(run_id, "mlflow.note.content", _run_note(data, trained))
-        log_datasets(data, source)
+        log_datasets(data, source, model_name)
         _log_dataset_artifacts(run_id, client, data)
         _log_training_artifacts(run_id, client, trained)
         child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
-                                       {key: value for key, value in tags.items() if key != TAG_KIND})
+                                       {**{key: value for key, value in tags.items() if key != TAG_KIND},
+                                        TAG_BACKBONE: chosen})
         model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder,
                                       classes=ClassMap.from_names(data.classes))
-    return MlflowRun(run_id=run_id, experiment_id=experiment_id, run_url=run_url(run_id, experiment_id, uri),
-                     tracking_uri=uri, model_uri=model_info.model_uri, child_run_ids=child_ids)
+    return run.model_copy(update={"model_uri": model_info.model_uri, "child_run_ids": child_ids})
 
 
 def _run_note(data: PrepareSummary, trained: TrainResult) -> str:

@@ -1,7 +1,8 @@
 """Acquire: downloads against a real loopback HTTP server, local sources, and the Kaggle client's failure paths.
 
 Only the internet is faked: the Kaggle client's network call is replaced by a 403 answer, while
-everything around it (credential lookup, the client's own error handling) is real.
+everything around it (credential lookup, the client's own error handling) is real; offline, the real
+client calls a host that does not resolve, or a closed loopback port.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from tasks.common.errors import AcquireError, DiskFullError, InputError, Unreach
 from tests.httpserver import FileServer
 from tests.smalldisk import small_disk
 from tests.imagegen import write_petimages_tree, zip_tree
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")  # tasks run alone
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +199,41 @@ def test_persistent_server_error_is_transient_so_the_task_retries(server, archiv
     assert len(server.hits) == acq.DOWNLOAD_ATTEMPTS
 
 
-def test_connection_refused_is_transient_and_says_what_to_do(tmp_path):
+def test_connection_refused_is_tried_again_then_one_sentence_with_the_true_count(tmp_path, monkeypatch):
     with FileServer() as stopped:
         url = stopped.url("/pets.zip")
-    with pytest.raises(UnreachableError, match=r"Connection refused.*internet connection.*--source PATH") as info:
-        acq.download_url(url, tmp_path / "downloads", attempts=1)
-    assert isinstance(info.value.__cause__, requests.ConnectionError)
-    assert not isinstance(info.value, InputError)  # the acquire task still retries it
+    fetches = _count_calls(monkeypatch, acq, "_fetch")
+    with pytest.raises(UnreachableError, match=r"after 3 attempt\(s\): Connection refused; check this machine's "
+                                               r"internet connection.*--source PATH") as info:
+        steps.acquire(url, str(tmp_path / "data"))  # the Prefect task, with its retry policy
+    assert isinstance(info.value.__cause__, requests.ConnectionError) and len(fetches) == acq.DOWNLOAD_ATTEMPTS
+    assert len(str(info.value).splitlines()) == 1 and not isinstance(info.value, InputError)
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list[tuple]:
+    """Record the calls of `owner.name` (the real function still runs)."""
+    calls: list[tuple] = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_an_unresolvable_host_is_tried_once_and_said_in_one_sentence(tmp_path, monkeypatch):
+    """A machine without internet resolves no name: nine attempts over a minute would only delay the sentence."""
+    monkeypatch.setenv(acq.PETIMAGES_URL_ENV, "https://download.catsdogs.invalid/kagglecatsanddogs_5340.zip")
+    fetches = _count_calls(monkeypatch, acq, "_fetch")
+    with pytest.raises(UnreachableError) as info:
+        steps.acquire("petimages", str(tmp_path / "data"))
+    assert len(fetches) == 1
+    assert re.fullmatch(r"Could not download https://download\.catsdogs\.invalid/kagglecatsanddogs_5340\.zip after "
+                        r"1 attempt\(s\): download\.catsdogs\.invalid does not resolve \([^)]+\); check this machine's "
+                        r"internet connection and run the command again \(the download resumes\), or pass a local "
+                        r"copy of the archive with --source PATH\.", str(info.value)), str(info.value)
 
 
 def test_a_web_page_instead_of_an_archive_is_refused(server, tmp_path):
@@ -364,6 +397,33 @@ def test_kaggle_403_says_to_accept_the_rules(no_kaggle_credentials, tmp_path, mo
     assert "403" in str(info.value)
     assert calls and "DownloadDataFiles" in calls[0]
     assert not (tmp_path / "downloads" / "dogs-vs-cats.zip").exists()
+
+
+@pytest.mark.parametrize("offline", ["unresolvable", "refused"])
+def test_kaggle_offline_is_the_one_download_sentence_from_the_real_client(offline, no_kaggle_credentials, tmp_path,
+                                                                         monkeypatch):
+    """The real client, its API host an unresolvable name or a closed loopback port: what a machine offline meets."""
+    import kagglesdk.kaggle_env as kaggle_env
+    from kagglesdk.kaggle_http_client import KaggleHttpClient
+
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "0" * 32)
+    with FileServer() as stopped:
+        closed = stopped.url("").rstrip("/")
+    host = "https://api.kaggle.invalid" if offline == "unresolvable" else closed
+    monkeypatch.setitem(kaggle_env._env_to_endpoint, kaggle_env.get_env(), host)
+    calls = _count_calls(monkeypatch, KaggleHttpClient, "call")
+    with pytest.raises(UnreachableError) as info:
+        steps.acquire("kaggle", str(tmp_path / "data"))
+    message = str(info.value)
+    attempts = 1 if offline == "unresolvable" else acq.DOWNLOAD_ATTEMPTS
+    assert len(calls) == attempts  # a name that does not resolve is not tried again, nor by the task
+    assert message.startswith(f"Could not download Kaggle competition 'dogs-vs-cats' after {attempts} attempt(s): ")
+    assert message.endswith("check this machine's internet connection and run the command again, or pass --source "
+                            "petimages or a local copy of the archive with --source PATH.")
+    assert ("api.kaggle.invalid does not resolve" in message) == (offline == "unresolvable")
+    assert len(message.splitlines()) == 1 and isinstance(info.value.__cause__, requests.ConnectionError)
+    assert not (tmp_path / "data" / "downloads" / "dogs-vs-cats.zip").exists()
 
 
 def test_verified_kaggle_zip_is_reused_without_credentials(no_kaggle_credentials, tmp_path, archive_bytes):

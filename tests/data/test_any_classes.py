@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from tasks.common.errors import DatasetValidationError, LayoutError
-from tasks.common.labels import CATS_DOGS, ClassMap, class_map, classes_of_labels, normalise_class_name
+from tasks.common.labels import CATS_DOGS, ClassMap, class_map, classes_of_files, classes_of_labels, \
+    normalise_class_name
 from tasks.data.arrange import arranged_paths, dataset_fingerprint
 from tasks.data.datafolder import DataFolder
 from tasks.data.layout import describe_layout, find_candidates
@@ -26,7 +27,7 @@ def test_class_names_are_normalised_sorted_and_cats_and_dogs_stay_kaggles():
     assert class_map(["Dog", "cat"]) is CATS_DOGS and CATS_DOGS.probability_columns == ("p_dog",)
     assert CATS_DOGS.positive == "dog" and CATS_DOGS.folder_of == {"cat": "cats", "dog": "dogs"}
     assert ClassMap.from_json(THREE.to_json()) == THREE and ClassMap.from_json(CATS_DOGS.to_json()) is CATS_DOGS
-    assert classes_of_labels(["cat", "", "cat"]) is CATS_DOGS  # one of cat/dog: validation says a class is missing
+    assert classes_of_labels(["cat", "", "dog"]) is CATS_DOGS
 
 
 @pytest.mark.parametrize("folders,message", [
@@ -37,6 +38,19 @@ def test_class_names_are_normalised_sorted_and_cats_and_dogs_stay_kaggles():
 def test_unusable_class_folders_are_refused_in_one_sentence_naming_them(folders, message):
     with pytest.raises(LayoutError, match=message):
         class_map(folders)
+
+
+@pytest.mark.parametrize("folders,splits,message", [
+    (["cats"], None, r"No dog images were found in .*, only cat images; add the dog images \(a dogs/ folder beside cats/\)"),
+    (["Dog"], {"train": 1, "validation": 1}, r"No cat images were found in .*, only dog images"),
+    (["Daisy"], None, r"One class \(Daisy/\) was found in .*/wrapper: a classifier needs two or more; add a folder"),
+    (["daisy"], {"train": 1, "validation": 1}, r"Only one class \(daisy\) was found"),
+])
+def test_a_source_of_one_class_says_so_in_one_sentence(tmp_path, folders, splits, message):
+    write_class_folders(tmp_path / "source" / "wrapper", folders, per_class=1, splits=splits)
+    with pytest.raises(LayoutError, match=message) as caught:
+        find_candidates(tmp_path / "source")
+    assert len(str(caught.value).splitlines()) == 1 and "--min" not in str(caught.value)  # no threshold helps
 
 
 def test_any_class_folders_and_their_presplit_form_are_layouts(tmp_path):
@@ -51,6 +65,24 @@ def test_any_class_folders_and_their_presplit_form_are_layouts(tmp_path):
     assert layout == "presplit_classes"
     assert {c.source_split for c in candidates} == {"train", "validation"}
     assert sorted({c.label for c in candidates}) == ["a", "b", "c"]
+
+
+def test_classes_are_arranged_in_their_folders_as_on_disk(tmp_path):
+    from tasks.data.arrange import arrange_folder
+    from tasks.data.manifest import build_inspected
+    from tasks.data.splits import assign_splits_file
+
+    folder = DataFolder.at(tmp_path / "data")
+    build_inspected(write_class_folders(tmp_path / "flowers", ["Daisy", "Red Roses", "tulips"], per_class=3), folder,
+                    workers=1)
+    recorded = json.loads(folder.classes_file.read_text())
+    assert recorded == {"names": ["daisy", "red_roses", "tulips"], "folders": ["Daisy", "Red Roses", "tulips"]}
+    assert folder.classes().folder_of["red_roses"] == "Red Roses"
+    assign_splits_file(folder)
+    arrange_folder(folder)
+    assert sorted(path.name for path in (folder.arranged / "train").iterdir()) == ["Daisy", "Red Roses", "tulips"]
+    assert folder.labelled_rows("train")["label"].tolist().count("red_roses") == 3  # 3 images: 80% rounds to all
+    assert classes_of_files([("cat", "PetImages/Cat/1.jpg"), ("dog", "PetImages/Dog/1.jpg")]) is CATS_DOGS
 
 
 def test_cats_and_dogs_beside_another_folder_say_how_to_mean_either(tmp_path):

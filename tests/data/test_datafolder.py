@@ -8,8 +8,10 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from tasks.common.errors import DatasetValidationError
+from tasks.common.errors import ConfigError, DatasetValidationError
 from tasks.data.datafolder import DataFolder
+from tasks.data.manifest import build_inspected
+from tests.imagegen import write_class_folders
 from tests.prepared import make_prepared_dir
 
 
@@ -79,3 +81,21 @@ def test_paths_all_live_under_the_folder(tmp_path):
              folder.converted_file("0" * 64)]
     assert all(os.path.commonpath([folder.root, path]) == str(folder.root) for path in paths)
     assert len(set(paths)) == len(paths)
+
+
+def test_a_folder_of_other_classes_is_not_rearranged_for_a_source_unless_asked(tmp_path):
+    folder = DataFolder.at(tmp_path / "data")
+    build_inspected(write_class_folders(tmp_path / "pets", ["cats", "dogs"], per_class=1), folder, workers=1)
+    folder.classes_file.unlink()  # prepared before classes.json was written: cats vs. dogs all the same
+    inspected = folder.inspected.read_bytes()
+    flowers = write_class_folders(tmp_path / "flowers", ["daisy", "roses", "tulips"], per_class=1)
+    with pytest.raises(ConfigError) as caught:
+        build_inspected(flowers, folder, workers=1)
+    assert str(caught.value) == (
+        f"The data folder {folder.root} holds the classes cat, dog, but this source has daisy, roses, tulips; give "
+        "them a data folder of their own (--data-dir, or a --model-name of their own, whose default folder is "
+        "data-<model name>), or pass --replace-classes to rearrange this one for them.")
+    assert folder.inspected.read_bytes() == inspected and not folder.classes_file.exists()  # nothing was touched
+    build_inspected(flowers, folder, workers=1, replace_classes=True)
+    assert folder.classes().names == ("daisy", "roses", "tulips")
+    build_inspected(flowers, folder, workers=1)  # the same classes again: nothing to ask

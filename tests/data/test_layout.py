@@ -150,8 +150,9 @@ def test_unknown_layout_says_what_was_found_and_what_is_expected(tmp_path):
 
 def test_unknown_layout_inside_a_wrapper_lists_the_wrapper_contents(tmp_path):
     _write(tmp_path / "bundle" / "photos" / "1.jpg")
+    _write(tmp_path / "bundle" / "labels.csv")  # a lone photos/ alone would be one class (tests/data/test_any_classes.py)
 
-    with pytest.raises(LayoutError, match=r"bundle/.*inside bundle/: photos/"):
+    with pytest.raises(LayoutError, match=r"bundle/.*inside bundle/: labels.csv, photos/"):
         find_candidates(tmp_path)
 
 

@@ -1,59 +1,147 @@
-"""Dedupe and split, on hand-built manifests (no Prefect, no image decoding)."""
+"""Dedupe and split, on hand-built manifests (no Prefect, no image decoding).
+
+The split is stratified by class and stable as data grows; the class sets of 3, 5 and 10 classes
+here are what a person brings (60-200 images a class), checked by the real validation suite.
+"""
 
 from __future__ import annotations
+
+import random
 
 import pandas as pd
 import pytest
 
 from tasks.common.errors import ConfigError
-from tasks.data.splits import assign_splits, hash_unit, presplit_splits, split_for_hash
-from tests.data.rows import by_name, frame, row, sha
+from tasks.common.labels import SPLITS, class_map
+from tasks.data.datafolder import DataFolder
+from tasks.data.manifest import write_manifest
+from tasks.data.splits import (
+    allocate,
+    assign_splits,
+    assign_splits_file,
+    check_fractions,
+    presplit_splits,
+    split_settings,
+)
+from tasks.data.validate import ValidationThresholds, validate_manifest
+from tests.data.rows import by_name, frame, row
+
+SMALL_SET = ValidationThresholds(min_per_class=50, min_per_class_per_split=5)
+"""The counts a set of 60-200 images a class can meet; the balance check keeps its default (1.5)."""
 
 
-# --------------------------------------------------------------------------- split_for_hash
+def class_set(n_classes: int, seed: int, low: int = 60, high: int = 200, ratio: float = 1.2) -> list[dict]:
+    """Rows of `n_classes` classes, each of a size drawn in [size, size * ratio] within [low, high]."""
+    rng = random.Random(seed)
+    smallest = rng.randint(low, int(high / ratio))
+    sizes = [rng.randint(smallest, int(smallest * ratio)) for _ in range(n_classes)]
+    return [row(f"class{c}/{seed}-{i}.jpg", f"class{c}") for c, size in enumerate(sizes) for i in range(size)]
 
 
-def test_split_for_hash_cuts_the_hash_line_at_cumulative_fractions():
-    assert split_for_hash("0" * 64) == "train"
-    assert split_for_hash("c" + "0" * 63) == "train"          # 0.75 < 0.8
-    assert split_for_hash("d" + "0" * 63) == "validation"     # 0.8125
-    assert split_for_hash("e" + "8" * 63) == "test"           # 0.908
-    assert split_for_hash("f" * 64) == "test"
-    assert split_for_hash("f" * 64, (1.0, 0.0, 0.0)) == "train"
-    assert split_for_hash("0" * 64, (0.0, 0.5, 0.5)) == "validation"
+def per_class_split(out: pd.DataFrame) -> pd.DataFrame:
+    kept = out[out["split"].isin(SPLITS)]
+    return kept.groupby(["label", "split"]).size().unstack(fill_value=0)
 
 
-def test_split_fractions_follow_the_requested_proportions():
-    splits = pd.Series([split_for_hash(sha(str(i))) for i in range(4000)]).value_counts(normalize=True)
-    assert splits["train"] == pytest.approx(0.8, abs=0.03)
-    assert splits["validation"] == pytest.approx(0.1, abs=0.02)
-    assert splits["test"] == pytest.approx(0.1, abs=0.02)
+# --------------------------------------------------------------------------- the split rule
+
+
+def test_allocation_fills_the_splits_furthest_below_their_share():
+    shares = dict(zip(SPLITS, (0.8, 0.1, 0.1)))
+    assert allocate({}, 10, shares) == {"train": 8, "validation": 1, "test": 1}
+    assert allocate({}, 72, shares) == {"train": 58, "validation": 7, "test": 7}  # 57.6 / 7.2 / 7.2
+    assert allocate({"train": 10}, 5, shares) == {"train": 2, "validation": 2, "test": 1}  # pulled back, none moved
+    assert allocate({}, 9, {"train": 0.9, "validation": 0.0, "test": 0.1}) == {"train": 8, "validation": 0, "test": 1}
 
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1)])
 def test_bad_fractions_are_refused_with_the_fix(fractions):
     with pytest.raises(ConfigError, match="sum to 1"):
-        split_for_hash(sha("x"), fractions)
+        check_fractions(fractions)
 
 
-def test_hash_unit_is_in_unit_interval():
-    assert hash_unit("0" * 64) == 0.0
-    assert 0.999 < hash_unit("f" * 64) < 1.0
+@pytest.mark.parametrize("n_classes", [3, 5, 10])
+def test_balanced_classes_get_their_fractions_in_every_split_and_pass_the_default_balance_check(n_classes, tmp_path):
+    rows = class_set(n_classes, seed=n_classes)
+    out = assign_splits(frame(rows))
+    counts = per_class_split(out)
+    sizes = counts.sum(axis=1)
+    for split, fraction in zip(SPLITS, (0.8, 0.1, 0.1)):
+        assert ((counts[split] - sizes * fraction).abs() < 1).all(), counts  # each class within one image
+    verdict = validate_manifest(out, tmp_path / "validation", SMALL_SET, classes=class_map(counts.index))
+    assert verdict.success, verdict.brief
+    shuffled = assign_splits(frame(rows).sample(frac=1.0, random_state=3)).set_index("relative_path")["split"]
+    assert (shuffled.loc[out["relative_path"]].to_numpy() == out["split"].to_numpy()).all()  # content decides, not order
 
 
-# --------------------------------------------------------------------------- assign_splits
+def test_a_class_missing_from_a_split_or_3x_short_in_one_still_fails(tmp_path):
+    rows = []
+    for label in ("apple", "banana", "cherry"):  # a pre-split source: its own splits are kept as they are
+        validation = {"apple": 15, "banana": 5, "cherry": 0}[label]  # banana 3x short, cherry missing
+        rows += [row(f"train/{label}/{i}.jpg", label, source_split="train") for i in range(120)]
+        rows += [row(f"validation/{label}/{i}.jpg", label, source_split="validation") for i in range(validation)]
+        rows += [row(f"test/{label}/{i}.jpg", label, source_split="test") for i in range(15)]
+    verdict = validate_manifest(assign_splits(frame(rows)), tmp_path / "validation",
+                                SMALL_SET.model_copy(update={"min_per_class_per_split": 1}),
+                                classes=class_map(["apple", "banana", "cherry"]))
+    assert not verdict.success
+    [balance] = [line for line in verdict.brief if line.startswith("class_balance:")]
+    assert "validation/banana share of largest 0.3333 < 0.6667" in balance and "validation/cherry" in balance
+    [missing] = [line for line in verdict.brief if line.startswith("enough_images_per_class_per_split:")]
+    assert missing == "enough_images_per_class_per_split: validation/cherry 0 < 1"
 
 
 def test_old_images_never_move_when_images_are_added():
     old = frame([row(f"{label}.{i}.jpg", label) for i in range(200) for label in ("cat", "dog")])
-    before = assign_splits(old).set_index("relative_path")["split"]
+    first = assign_splits(old)
+    before = first.set_index("relative_path")["split"]
+    record = dict(zip(first["sha256"], first["split"]))
     grown = frame([row(f"{label}.{i}.jpg", label) for i in range(300) for label in ("cat", "dog")])
-    after = assign_splits(grown).set_index("relative_path")["split"]
+    out = assign_splits(grown, record=record)
+    after = out.set_index("relative_path")["split"]
     assert (after.loc[before.index] == before).all()
-    assert set(after) == {"train", "validation", "test"}
-    # and the result is independent of row order
-    shuffled = assign_splits(grown.sample(frac=1.0, random_state=3)).set_index("relative_path")["split"]
-    assert (shuffled.loc[after.index] == after).all()
+    counts = per_class_split(out)
+    assert (counts["validation"] == 30).all() and (counts["test"] == 30).all()  # the new ones filled towards 10%
+    shuffled = assign_splits(grown.sample(frac=1.0, random_state=3), record=record).set_index("relative_path")["split"]
+    assert (shuffled.loc[after.index] == after).all()  # and the result is independent of row order
+    assert not (assign_splits(grown).set_index("relative_path")["split"].loc[before.index] == before).all()  # the record did it
+
+
+def test_the_data_folder_records_the_splits_and_keeps_them_while_the_settings_hold(tmp_path):
+    folder = DataFolder(tmp_path / "data")
+    folder.root.mkdir()
+    small = [row(f"{label}/{i}.jpg", label) for i in range(40) for label in ("daisy", "roses")]
+    write_manifest(frame(small), folder.inspected)
+    assert assign_splits_file(folder).placed == 80
+    first = pd.read_parquet(folder.splits).set_index("relative_path")["split"]
+    more = small + [row(f"{label}/{i}.jpg", label) for i in range(40, 52) for label in ("daisy", "roses")]
+    write_manifest(frame(more), folder.inspected)
+    grown = assign_splits_file(folder)
+    assert (grown.kept, grown.placed) == (80, 24)
+    assert (pd.read_parquet(folder.splits).set_index("relative_path")["split"].loc[first.index] == first).all()
+    other = assign_splits_file(folder, fractions=(0.6, 0.2, 0.2))  # other fractions: split afresh
+    assert other.placed == 104
+    assert ((per_class_split(pd.read_parquet(folder.splits))["validation"] - 52 * 0.2).abs() < 1).all()
+    assert folder.split_settings.read_text().count("0.6") == 1
+
+
+def test_a_folder_arranged_before_the_record_existed_keeps_its_arranged_splits(tmp_path):
+    folder = DataFolder(tmp_path / "data")
+    folder.root.mkdir()
+    rows = [row(f"{label}/{i}.jpg", label) for i in range(30) for label in ("cat", "dog")]
+    arranged = frame(rows)
+    arranged["split"] = ["test" if i % 3 == 0 else "train" for i in range(len(rows))]  # whatever it had
+    write_manifest(arranged, folder.manifest)
+    write_manifest(frame(rows), folder.inspected)
+    assert assign_splits_file(folder).kept == 60
+    assert (pd.read_parquet(folder.splits)["split"] == arranged["split"]).all()
+    assert folder.split_settings.is_file()
+    write_manifest(frame(rows[:10]), folder.manifest)  # from now on the record is splits.parquet + splits.json
+    assert assign_splits_file(folder).kept == 60
+    assert split_settings((0.8, 0.1, 0.1), True)["rule"] in folder.split_settings.read_text()
+
+
+# --------------------------------------------------------------------------- assign_splits
 
 
 def test_duplicates_are_kept_once_and_quarantined_otherwise():
@@ -90,8 +178,8 @@ def test_unlabelled_pool_gets_its_own_split_and_loses_to_a_labelled_copy():
     assert out["test1/1.jpg"] == ("ok", "", "unlabelled")
     assert out["test1/2.jpg"] == ("quarantined", "duplicate", "")
     assert out["test1/3.jpg"] == ("quarantined", "duplicate", "")
-    # a single labelled train/ folder (Kaggle) is not a pre-split source: hash decides
-    assert out["train/cat.1.jpg"][2] == split_for_hash(sha("a"))
+    # a single labelled train/ folder (Kaggle) is not a pre-split source: each class is split, the first to train
+    assert out["train/cat.1.jpg"][2] == out["train/dog.1.jpg"][2] == "train"
 
 
 def test_rows_quarantined_upstream_keep_their_reason_and_get_no_split():
@@ -129,9 +217,8 @@ def test_presplit_source_keeps_validation_and_carves_test_out_of_train():
     assert (val["split"] == "validation").all()
     train = out[out["source_split"] == "train"]
     assert set(train["split"]) == {"train", "test"}
-    carved = train[train["split"] == "test"]
-    assert 0.05 < len(carved) / len(train) < 0.16          # ~10% of the source's train images
-    assert (carved["sha256"].map(split_for_hash) == "test").all()   # carved by content hash
+    carved = train[train["split"] == "test"].groupby("label").size()
+    assert carved.to_dict() == {"cat": 30, "dog": 30}      # 10% of each class's train images
     assert not (train["split"] == "validation").any()      # validation is the source's own
 
 
@@ -140,9 +227,10 @@ def test_presplit_source_with_a_test_folder_keeps_all_three():
     assert (out["split"] == out["source_split"]).all()
 
 
-def test_presplit_can_be_overridden_by_the_hash():
+def test_presplit_can_be_overridden():
     out = assign_splits(frame(presplit_rows()), respect_source_split=False)
-    assert (out["split"] == out["sha256"].map(split_for_hash)).all()
+    assert (per_class_split(out) == pd.DataFrame({"test": [34, 34], "train": [272, 272], "validation": [34, 34]},
+                                                 index=["cat", "dog"])).all().all()
     assert (out[out["source_split"] == "validation"]["split"] != "validation").any()
 
 

@@ -118,3 +118,18 @@ def test_the_deployment_schema_lists_the_flat_threshold_names_so_prefect_accepts
     assert schema["properties"]["min_per_class"]["type"] == "integer"
     assert "default" not in schema["properties"]["min_per_class"]  # absent: the nested value (or its default) holds
     assert schema["properties"]["min_per_class"]["description"].startswith("Same as thresholds.min_per_class")
+
+
+def test_a_model_name_carries_its_own_data_folder_and_experiment():
+    """One data folder and one experiment per set of classes, cats-vs-dogs keeping `data/` and its experiment."""
+    from flows.config import PredictConfig, RetrainConfig
+    from flows.retrain import build_parser, config_from_args
+
+    assert (RetrainConfig().data_dir, RetrainConfig().experiment) == ("data", "cats-vs-dogs")
+    flowers = config_from_args(build_parser().parse_args(["--model-name", "flowers"]))
+    assert (flowers.data_dir, flowers.experiment, flowers.model_name) == ("data-flowers", "flowers", "flowers")
+    assert RetrainConfig.model_validate(flowers.model_dump(mode="json")) == flowers
+    given = RetrainConfig(model_name="flowers", data_dir="/srv/blooms", experiment="blooms")
+    assert (given.data_dir, given.experiment) == ("/srv/blooms", "blooms")
+    assert PredictConfig(images="new/", model_uri="models:/flowers@champion").data_dir == "data-flowers"
+    assert PredictConfig(images="new/").data_dir == "data"

@@ -61,3 +61,25 @@ def test_epochs_0_names_the_option_as_it_was_typed(tmp_path, capsys):
     assert err.startswith("error: invalid --epochs: ") and "greater than or equal to 1" in err, err
     code = main(["--source", str(tmp_path), "--head-epochs=0"])
     assert capsys.readouterr().err.startswith("error: invalid --head-epochs: ") and code == 2
+
+
+def test_a_missing_source_images_or_store_is_said_before_any_server_or_flow_starts(tmp_path, capsys, monkeypatch):
+    """What needs no work is checked first: as quick as a mistyped option, not after a server, a flow and MLflow."""
+    from flows import cli, prefect_server
+    from flows.predict import main as predict
+
+    monkeypatch.setattr(prefect_server, "temporary_server", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(cli, "check_prefect_api", lambda: pytest.fail("the Prefect API was asked"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}")
+    missing = tmp_path / "flowers.zip"
+    assert main(["--source", str(missing), "--data-dir", str(tmp_path / "data")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: Source '{missing}' does not exist") and "full log" in line
+    images = tmp_path / "photos"
+    assert predict([str(images), "--data-dir", str(tmp_path / "data")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: Images {images} do not exist")
+    images.mkdir()
+    assert predict([str(images), "--data-dir", str(tmp_path / "data"), "--output-csv", str(tmp_path / "out.csv")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: The MLflow store {tmp_path / 'nowhere' / 'mlflow.db'} does "
+                                              "not exist; run a retrain first")
+    assert not (tmp_path / "nowhere").exists()

@@ -234,7 +234,7 @@ def test_flow_parameters_are_json_friendly_for_the_prefect_form():
     assert list(schema["properties"]) == ["config"] and not schema.get("required")
     fields = schema["definitions"]["DataConfig"]["properties"]
     flat = set(ValidationThresholds.model_fields)  # the command line's names, accepted at the top too
-    assert {"source", "data_dir", "expected_sha256", "split_fractions", "respect_source_split",
+    assert {"source", "data_dir", "expected_sha256", "split_fractions", "respect_source_split", "replace_classes",
             "thresholds"} | flat == set(fields)
     thresholds = json.dumps(schema["definitions"]["ValidationThresholds"])
     assert "max_quarantined_share" in thresholds and "min_per_class_per_split" in thresholds

@@ -79,6 +79,12 @@ def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_sa
     assert run.data.tags["prefect.flow_run_id"] == first.flow_run_id
     assert run.data.tags["dataset_fingerprint"] == first.data.fingerprint
     assert "test_roc_auc" in run.data.metrics
+    work = [path.stat().st_mtime * 1000 for path in (data_dir / "features").rglob("shard-*")]
+    work += [Path(first.model_path).stat().st_mtime * 1000]
+    assert run.info.start_time <= min(work) and max(work) <= run.info.end_time  # the run spans the training
+    assert client.get_experiment(run.info.experiment_id).name == "cats-vs-dogs"
+    assert {item.dataset.name for item in run.inputs.dataset_inputs} == {
+        "cats-vs-dogs-train", "cats-vs-dogs-validation", "cats-vs-dogs-test"}
     [artifact] = summary_artifacts(first.flow_run_id)
     assert artifact.key == SUMMARY_ARTIFACT_KEY and artifact.type == "markdown"
     assert "promoted to **champion**" in artifact.data and first.mlflow.run_url in artifact.data

@@ -53,9 +53,10 @@ def both(tmp_path_factory) -> SimpleNamespace:
                            str(weights), str(SIZE), str(root / "here.keras"), str(root / "pixels.npy"), str(root)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    backend, cache_name = done.stdout.strip().splitlines()[-1].split()
+    backend, cache_name, tensorflow_imported = done.stdout.strip().splitlines()[-1].split()
     rows = DataFolder(data_dir).labelled_rows()
-    return SimpleNamespace(backend=backend, cache_name=cache_name, here=here, pixels=pixels, model=model, root=root,
+    return SimpleNamespace(backend=backend, cache_name=cache_name, tensorflow_imported=tensorflow_imported == "True",
+                           here=here, pixels=pixels, model=model, root=root,
                            ours=load_features(here.cache_dir, rows["sha256"].tolist()),
                            theirs=np.load(root / "features.npy"), predicted_there=np.load(root / "predicted.npy"))
 
@@ -65,6 +66,11 @@ def test_features_agree_across_backends_for_the_same_weights_file(both):
     assert f"-{keras.config.backend()}-" in Path(both.here.cache_dir).name  # the backend is part of the cache key
     assert both.ours.shape == both.theirs.shape == (14, 1280)
     np.testing.assert_allclose(both.theirs, both.ours, rtol=1e-3, atol=1e-5 * float(np.abs(both.ours).max()))
+
+
+def test_off_tensorflow_nothing_imports_it_although_it_is_installed(both):
+    """Features, a head fit (seeded) and a saved model on JAX, with TensorFlow importable: it stays unimported."""
+    assert both.tensorflow_imported == (OTHER == "tensorflow")
 
 
 def test_a_model_saved_on_either_backend_predicts_the_same_on_the_other(both):

@@ -55,14 +55,13 @@ def test_auto_measures_bfloat16_against_float32_once_then_reuses_the_cached_verd
     build_backbone(BACKBONE, None, SIZE).save_weights(str(weights))
     with caplog.at_level(logging.INFO, logger=precision.__name__):
         chosen, why = precision.resolve_precision(folder, BACKBONE, str(weights), SIZE, "auto")
+    assert not caplog.records  # the train flow says it, once per backbone (the README walk counts it)
     path = folder.precision_verdict(precision.verdict_key(BACKBONE, SIZE, backend(), precision.host_id()))
     verdict = json.loads(path.read_text())
     assert verdict["float32_s"] > 0 and verdict["bfloat16_s"] > 0
     assert verdict["speedup"] == pytest.approx(verdict["float32_s"] / verdict["bfloat16_s"], rel=1e-3)
     assert chosen == verdict["precision"] == precision.decide(verdict["float32_s"], verdict["bfloat16_s"])[0]
     assert f"{verdict['speedup']:.2f}x float32" in why and "measured now" in why and str(path) in why
-    assert any(chosen in record.getMessage() and f"{verdict['speedup']:.2f}x" in record.getMessage()
-               for record in caplog.records)  # the log says what was chosen and why
 
     monkeypatch.setattr(precision, "time_precisions", lambda *args, **kwargs: pytest.fail("measured twice"))
     again, why_again = precision.resolve_precision(folder, BACKBONE, str(weights), SIZE, "auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks.models import store
 from tasks.models.store import local_store_dir, resolve_tracking_uri, use_tracking
-from tasks.models.tracking import log_retrain, log_skipped_run, prefect_tags
+from tasks.common.processes import ProcessId
+from tasks.models.tracking import log_retrain, log_skipped_run, prefect_tags, training_run
 from tests.fake_training import mlflow_store  # noqa: F401 - fixture
 from tests.fake_training import fake_prepare_summary, fake_train_result
 
@@ -67,12 +69,18 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     monkeypatch.chdir(tmp_path / "elsewhere")
     result = fake_train_result(tmp_path / "train")
     summary = fake_prepare_summary(tmp_path / "data")
-    logged = log_retrain(summary, result, result.config, source="kagglecatsanddogs.zip", prefect_context={
-        "flow_run_id": "abc-123", "flow_run_name": "brave-cat", "flow_run_url": "http://prefect/runs/abc-123"})
+    client = MlflowClient(tracking_uri=mlflow_store)
+    with training_run(summary.fingerprint, result.config_hash, prefect_context={  # opened as training starts
+            "flow_run_id": "abc-123", "flow_run_name": "brave-cat", "flow_run_url": "http://prefect/runs/abc-123"}) \
+            as opened:
+        started = client.get_run(opened.run_id)
+        assert started.info.status == "RUNNING" and ProcessId.from_labels(started.data.tags) == ProcessId.current()
+        time.sleep(0.3)  # the training
+        logged = log_retrain(summary, result, result.config, source="kagglecatsanddogs.zip", run=opened)
 
-    client = MlflowClient()
     run = client.get_run(logged.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "brave-cat"
+    assert run.info.status == "FINISHED" and run.info.run_name == "brave-cat" and logged.run_id == opened.run_id
+    assert run.info.end_time - run.info.start_time >= 300 and run.info.start_time == started.info.start_time
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["backbones"] == '["resnet50", "mobilenet_v2"]' and params["head_epochs"] == "3"
     assert params["data.fingerprint"] == "f" * 64 and params["data.train.cat"] == "10"
@@ -82,7 +90,8 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert params["resolved.backend"] == result.devices.backend and params["resolved.precision"] == "float32"
     assert params["resolved.decoder"] == result.decoder == "opencv"
     inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}  # MLflow's lineage
-    assert set(inputs) == {"train", "validation", "test"}
+    assert {split: dataset.name for split, dataset in inputs.items()} == {
+        split: f"cats-vs-dogs-{split}" for split in ("train", "validation", "test")}  # named after the model
     assert {dataset.digest for dataset in inputs.values()} == {("f" * 64)[:16]}
     assert all(dataset.source_type == "local" or "kagglecatsanddogs" in dataset.source for dataset in inputs.values())
     assert tags["prefect.flow_run_id"] == "abc-123" and tags["prefect.flow_run_url"].endswith("abc-123")
@@ -111,13 +120,16 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert logged.run_url.endswith(f"/#/experiments/{logged.experiment_id}/runs/{logged.run_id}")
 
 
-def test_a_failure_while_logging_marks_the_run_failed(mlflow_store, tmp_path):
+def test_a_failure_while_logging_or_training_marks_the_run_failed(mlflow_store, tmp_path):
     result = fake_train_result(tmp_path / "train", backbones=("resnet50",), fine_tune=False)
     result = result.model_copy(update={"model_path": str(tmp_path / "missing" / "model.keras")})
     with pytest.raises(Exception):
         log_retrain(fake_prepare_summary(tmp_path / "data"), result, result.config, source="tests")
-    runs = mlflow.search_runs(experiment_names=["cats-vs-dogs"], filter_string="tags.`catsdogs.kind` = 'retrain'")
-    assert runs["status"].tolist() == ["FAILED"]
+    with pytest.raises(MemoryError), training_run("f" * 64, "cfg", experiment="flowers"):
+        raise MemoryError("the training ran out of memory")
+    runs = mlflow.search_runs(experiment_names=["cats-vs-dogs", "flowers"],
+                              filter_string="tags.`catsdogs.kind` = 'retrain'")
+    assert runs["status"].tolist() == ["FAILED", "FAILED"]
     assert mlflow.active_run() is None
 
 

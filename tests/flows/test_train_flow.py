@@ -184,3 +184,19 @@ def test_unknown_backbone_fails_before_any_work(tmp_path):
 def test_a_folder_without_manifest_fails_with_the_fix(tmp_path):
     with pytest.raises(InputError, match="prepare_data"):
         train_model(tmp_path, TrainConfig(backbones=["vgg16"], weights=None, input_size=32))
+
+
+def test_the_ensemble_is_served_end_to_end_as_its_head_was_validated(first_run, tmp_path):
+    """Chosen, the ensemble runs each member's backbone with its own preprocessing on the one image, once."""
+    from tasks.learning import steps
+    from tasks.learning.gradcam import GradCam
+
+    data_dir, result = first_run
+    exported = steps.export_ensemble.fn(str(data_dir), str(tmp_path), result.ensemble, result.backbones, 8, result.decoder)
+    assert exported.head_agreement < 1e-4 and not exported.fine_tuned
+    model = keras.saving.load_model(exported.model_path, safe_mode=True)
+    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert len(backbones) == 2 and len([layer for layer in model.layers if layer.name.startswith("preprocess_")]) == 2
+    clear = np.stack([class_pixels("cat", 4242, (32, 32)), class_pixels("dog", 4242, (32, 32))])
+    heat = GradCam(model).heatmaps(clear, np.array([0, 1]))  # one map per member, scaled and averaged
+    assert heat.shape == (2, 32, 32) and np.isfinite(heat).all()

@@ -249,6 +249,10 @@ class RetrainSummary(_Result):
     decision: Promotion | None = None
     model_path: str | None = None
     devices: DeviceSetup | None = None
+    report_path: str | None = None
+    """The version's self-contained HTML report in the run folder (also the run's `report/index.html`)."""
+    report_url: str | None = None
+    """The report in the MLflow UI."""
 
 
 # --------------------------------------------------------------------------- predict

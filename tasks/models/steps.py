@@ -92,6 +92,15 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: dict[str, 
                 floor=floor, margin=margin, metric=metric, model_name=model_name)
 
 
+@task(name="publish-report", **IO_RETRIES)
+def publish_report(prepared: PrepareSummary, trained: TrainResult, candidate_metrics: dict[str, float],
+                   decision: Promotion, logged: MlflowRun, source: str) -> tuple[str, str]:
+    """The version's HTML report: in the run folder, logged to the run, linked from the version; (path, link)."""
+    from tasks.models.model_report import publish_report as publish
+
+    return publish(prepared, trained, candidate_metrics, decision, logged, source)
+
+
 @task(name="publish-summary", **IO_RETRIES)
 def publish_summary(summary: RetrainSummary) -> str:
     """The markdown summary artifact of this flow run (metrics table, decision, MLflow link)."""

@@ -346,5 +346,8 @@ class PredictConfig(_Section):
     model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
     output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
+    explain: int = Field(default=0, ge=0, le=100_000,
+                         description="Grad-CAM overlays of the first N images (where the model looked for the class "
+                                     "it named), as PNGs in <csv name>.explained/ beside the CSV.")
     data_dir: str = Field(default="data", description="Data folder: an archive of images is extracted under its "
                                                       "extracted/, and the command's log goes to its logs/.")

@@ -271,3 +271,6 @@ class PredictSummary(_Result):
     images_dir: str
     sample_submission: str | None = None
     """Kaggle's sampleSubmission.csv the ids were checked against (None when none was found)."""
+    explained_dir: str | None = None
+    """Where the Grad-CAM overlays of `--explain N` went (`<csv name>.explained/`), None without it."""
+    n_explained: int = 0

@@ -242,6 +242,11 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self._forward = compiled_forward(keras_model)
         return self
 
+    @property
+    def keras_model(self) -> Any:
+        """The loaded end-to-end Keras model (Grad-CAM explains it; scoring goes through `predict`)."""
+        return self._model
+
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score every usable row in batches; every other row becomes an error row, in input order.
 

@@ -134,3 +134,11 @@ def score_images(folder: str, model_uri: str, output_csv: str, batch_size: int) 
     from tasks.models.predictions import predict_folder
 
     return predict_folder(Path(folder), model_uri, Path(output_csv), batch_size)
+
+
+@task(name="explain-images", cache_policy=NO_CACHE)
+def explain_images(folder: str, model_uri: str, output_csv: str, count: int) -> tuple[str, int]:
+    """Grad-CAM overlays of the first `count` images, beside the submission; (their folder, how many)."""
+    from tasks.models.explain import explain_images as explain
+
+    return explain(Path(folder), model_uri, Path(output_csv), count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from flows.config import PredictConfig
 from flows.predict import main
@@ -170,14 +171,19 @@ def test_a_file_without_a_kaggle_id_is_left_out_and_named_in_the_errors(store, t
     (folder / "broken.jpg").write_bytes(truncated_jpeg())
     (folder / "my_cat.jpg").write_bytes(image_bytes("cat", 7))
     out = tmp_path / "submission.csv"
-    code = main([str(folder), "--output-csv", str(out)])
+    stale = tmp_path / "submission.explained" / "99.png"  # an earlier run's overlay must not pass for this one's
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    code = main([str(folder), "--output-csv", str(out), "--explain", "3"])
     assert code == 0
     assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 10, 11]  # Kaggle ids only: no `broken,0.500000`
+    overlays = sorted(path.name for path in stale.parent.iterdir())  # Grad-CAM of the first three, beside the CSV
+    assert overlays == ["1.png", "2.png", "3.png"] and Image.open(stale.parent / "1.png").size == (192, 192)
     errors = pd.read_csv(out.with_name("submission.errors.csv")).set_index("file")
     assert errors.loc["broken.jpg", "error"].startswith("not a Kaggle id: its name is not a number")
     assert errors.loc["my_cat.jpg", "id"] == "my_cat"
     captured = capsys.readouterr()
-    assert "2 left out (no Kaggle id)" in captured.out
+    assert "2 left out (no Kaggle id)" in captured.out and "3 Grad-CAM overlay(s) in" in captured.out
     assert "2 image(s) without a Kaggle id (a number) left out of the submission" in captured.err
     own = tmp_path / "own"  # no numbered image at all: your own photos, scored by name
     own.mkdir()

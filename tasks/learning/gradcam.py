@@ -137,7 +137,7 @@ def _resized(heatmap: np.ndarray, side: int) -> np.ndarray:
     """A coarse map scaled to side x side (bilinear), so it lies over the image it explains."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.BILINEAR))
+    return np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((side, side), Image.BILINEAR))  # mode "F"
 
 
 def _normalised(heatmap: np.ndarray) -> np.ndarray:

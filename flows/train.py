@@ -34,6 +34,7 @@ from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning import steps
+from tasks.learning.ensemble import chosen_members as ensemble_chosen_members
 from tasks.learning.ensemble import ensemble_members
 from tasks.learning.runs import rank_backbones, with_tta, write_comparison
 
@@ -122,7 +123,7 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     comparison_path = write_comparison(candidates, ranking, partial / "comparison.csv")
     logger.info("Chosen backbone: %s (ranking %s)", chosen, ranking)
 
-    chosen_members = ensemble.members if ensemble and chosen == ensemble.backbone else [chosen]
+    chosen_members = ensemble_chosen_members(chosen, ensemble)
     best = backbones[chosen_members[0]]
     batch_size = config.batch_size or (GPU_TRAIN_BATCH_SIZE if devices.device == "GPU" else CPU_BATCH_SIZE)
     if len(chosen_members) > 1:

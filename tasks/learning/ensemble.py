@@ -65,6 +65,11 @@ def ensemble_members(backbones: dict[str, BackboneResult]) -> tuple[list[str], s
     return members, why
 
 
+def chosen_members(chosen: str, ensemble: EnsembleResult | None) -> list[str]:
+    """The backbones the chosen candidate runs: the ensemble's members, or the one backbone."""
+    return list(ensemble.members) if ensemble is not None and chosen == ensemble.backbone else [chosen]
+
+
 def train_ensemble_head(folder: DataFolder, backbones: dict[str, BackboneResult], members: list[str],
                         output_dir: Path, params: HeadParams, callbacks: list[Any] | None = None) -> EnsembleResult:
     """Fit the head on the members' concatenated cached features (and their mirrors' for TTA when cached)."""

@@ -36,6 +36,9 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_ARTIFACT = "report/index.html"
 """Where the report lies in the run's artifacts (and under the run folder)."""
 
+COUNTS = ("count", "n_images", "n_errors")
+"""Metrics that are counts of images (shown as whole numbers)."""
+
 AUDIT_ROWS = 20
 """Rows of the data audit shown (its CSV has them all)."""
 
@@ -148,7 +151,8 @@ def render_report(data: PrepareSummary, trained: TrainResult, served_metrics: Ma
         splits=[(split, [*(counts.get(name, 0) for name in classes.names), sum(counts.values())])
                 for split, counts in data.counts.items()],
         decision=_decision(decision, served_metrics, data.classes),
-        metrics=[(name, _cell(float(scalar[name]))) for name in shown], per_class=per_class,
+        metrics=[(name, _cell(int(scalar[name]) if name in COUNTS else float(scalar[name]))) for name in shown],
+        per_class=per_class,
         plots=[("confusion matrix", data_uri(trained.plots.get("confusion_matrix"))),
                ("ROC", data_uri(trained.plots.get("roc_curve")))],
         calibration={"reason": calibration.reason,
@@ -164,8 +168,9 @@ def render_report(data: PrepareSummary, trained: TrainResult, served_metrics: Ma
 
 def _feature_spaces(trained: TrainResult) -> list[str]:
     """The feature-space folder names of the chosen candidate's backbones (where the data audit keeps its findings)."""
-    members = trained.ensemble.members if trained.ensemble and trained.chosen_backbone == trained.ensemble.backbone \
-        else [trained.chosen_backbone]
+    from tasks.learning.ensemble import chosen_members
+
+    members = chosen_members(trained.chosen_backbone, trained.ensemble)
     return [Path(trained.backbones[name].feature_cache_dir).name for name in members if name in trained.backbones]
 
 

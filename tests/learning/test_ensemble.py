@@ -15,7 +15,7 @@ from tests.prepared import make_prepared_dir
 
 
 
-PARAMS = HeadParams(dense_units=16, dropout=0.1, learning_rate=3e-2, epochs=12, batch_size=128, patience=12, seed=3)
+PARAMS = HeadParams(dense_units=16, dropout=0.1, learning_rate=1e-2, epochs=4, batch_size=16, patience=4, seed=3)
 
 
 def _entry(name: str, cache_dir, input_size: int = 32) -> BackboneResult:

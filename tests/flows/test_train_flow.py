@@ -25,9 +25,11 @@ from tasks.common.errors import InputError
 from tasks.data.datafolder import DataFolder
 from tasks.learning.calibration import apply_temperature
 from tasks.learning.evaluate import PREDICTION_COLUMNS
+from tasks.learning.extractor import feature_model
 from tasks.learning.forward import compiled_forward, to_numpy
 from tasks.learning.pixels import read_image
 from tasks.learning.runs import rank_backbones
+from tasks.learning.shards import load_features
 from tasks.learning.shipped import core_of
 from tests.imagegen import class_pixels
 from tests.prepared import make_prepared_dir
@@ -158,6 +160,11 @@ def test_fine_tuning_run_is_recorded_and_its_model_reloads_with_the_evaluated_pr
         assert entry.mirrored_cache_dir == entry.feature_cache_dir + "-flip"
         assert len(list(Path(entry.mirrored_cache_dir).glob("shard-*.npz"))) >= 1
     assert pd.read_csv(result.comparison_path)["val_auc_tta"].notna().all()
+    entry, sha256 = result.backbones[BEST], predictions["sha256"].iloc[0]  # the cached mirror is the mirrored image's
+    features = feature_model(BEST, entry.weights, 32, entry.precision)(images[:1, :, ::-1], training=False)
+    mirrored = load_features(entry.mirrored_cache_dir, [sha256])
+    np.testing.assert_allclose(mirrored, to_numpy(features), rtol=1e-2, atol=1e-3)
+    assert not np.allclose(mirrored, load_features(entry.feature_cache_dir, [sha256]), rtol=1e-2, atol=1e-3)
     core = core_of(model)
     averaged = (to_numpy(core(images, training=False)) + to_numpy(core(images[:, :, ::-1], training=False))) / 2
     np.testing.assert_allclose(apply_temperature(averaged.reshape(-1), result.calibration.temperature),

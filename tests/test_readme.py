@@ -221,21 +221,21 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
 
 
 def _the_versions_report_opens_with_every_section_filled(client, version, summary: str) -> None:
-    """The quick try's report: logged to its run, linked from the version and the summary, no section left empty.
-
-    (That it renders whole in Chromium, images and all, with no request leaving it, is
-    tests/models/test_model_report.py's browser test.)
-    """
-    from tests.models.test_model_report import SECTIONS
+    """The quick try's report: logged to its run, linked from the version and the summary, no section left empty,
+    and whole in Chromium (tests/models/test_model_report.py's browser check): it renders, every image loads,
+    no request leaves it."""
+    from tests.models.test_model_report import SECTIONS, assert_opens_whole
 
     [logged] = client.list_artifacts(version.run_id, "report")
-    html = Path(client.download_artifacts(version.run_id, logged.path)).read_text()
+    page = Path(client.download_artifacts(version.run_id, logged.path))
+    html = page.read_text()
     link = f"/artifactPath/{logged.path}"
     assert logged.path == "report/index.html" and link in version.description and link in summary
     for section in SECTIONS:
         body = re.search(rf'<section id="{section}">(.*?)</section>', html, flags=re.S)
         assert body and len(re.sub(r"<[^>]+>|\s", "", body.group(1))) > 20, section
     assert 'class="missing"' not in html and "promoted to champion" in html
+    assert_opens_whole(page, html.count("<img "))
 
 
 def _mlflow_ui(walk: Walk, steps: dict) -> None:

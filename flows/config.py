@@ -132,7 +132,8 @@ class TrainConfig(_Section):
 
     backbones: list[str] = Field(
         default_factory=lambda: ["resnet50"],
-        description=f"Backbones to compare ({', '.join(BACKBONES)}); the best by validation AUC is kept.")
+        description=f"Backbones to compare ({', '.join(BACKBONES)}); with several, a head on their concatenated "
+                    "features competes too; the best by validation AUC is kept.")
     weights: str | None = Field(
         default="imagenet",
         description='"imagenet", a local Keras weights file (one backbone only), or "none" for random weights (tests).')
@@ -159,6 +160,10 @@ class TrainConfig(_Section):
     fine_tune_epochs: int = Field(default=5, ge=1, le=1000, description="Maximum fine-tuning epochs.")
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0, description="Learning rate of fine-tuning.")
     patience: int = Field(default=3, ge=1, le=100, description="Epochs without validation improvement before stopping.")
+    tta: Literal["none", "flip"] = Field(
+        default="none",
+        description="Test-time augmentation: flip averages each image's probabilities with its mirror's, in "
+                    "evaluation, the served model and batch prediction (the mirrors' features are cached too).")
     class_weight: Literal["none", "balanced"] = Field(
         default="none", description="Weigh classes in the loss: balanced gives each class the same total weight "
                                     "(n_images / (n_classes * class count), from the train split) for imbalanced data.")
@@ -360,6 +365,9 @@ class PredictConfig(_Section):
     output_csv: str = Field(default="submission.csv", description="Where the CSV goes (Kaggle's submission for "
                                                                   "cats vs. dogs).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
+    explain: int = Field(default=0, ge=0, le=100_000,
+                         description="Grad-CAM overlays of the first N images (where the model looked for the class "
+                                     "it named), as PNGs in <csv name>.explained/ beside the CSV.")
     data_dir: str = Field(default=DEFAULT_DATA_DIR,
                           description="Data folder: an archive of images is extracted under its extracted/, and the "
                                       "command's log goes to its logs/; by default the model's (data-<model name> for "

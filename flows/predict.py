@@ -9,6 +9,10 @@ A model of other classes writes `id,label,p_<class>...` (label = the predicted c
 
     python -m flows.predict data/unlabelled --output-csv submission.csv
     python -m flows.predict test1.zip --model-uri models:/cats-vs-dogs/3
+    python -m flows.predict data/unlabelled --explain 8     # and Grad-CAM overlays of the first 8 images
+
+    check the output path and the model URI -> locate the images -> score -> write the submission
+    -> with --explain N: Grad-CAM overlays of the first N images in <csv name>.explained/
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def predict(config: PredictConfig) -> PredictSummary:
     steps.check_model(config.model_uri)
     folder = steps.locate_images(config.images, str(DataFolder.at(config.data_dir).extracted))
     summary = steps.score_images(folder, config.model_uri, target, config.batch_size)
+    if config.explain:
+        where, count = steps.explain_images(folder, config.model_uri, target, config.explain)
+        summary = summary.model_copy(update={"explained_dir": where, "n_explained": count})
+        logger.info("Grad-CAM overlays of %d image(s) -> %s", count, where)
     left_out = f", {summary.n_left_out} left out without a Kaggle id" if summary.n_left_out else ""
     logger.info("Scored %d images with %s (%d errors%s, %d other files skipped) -> %s", summary.n_images,
                 config.model_uri, summary.n_errors, left_out, summary.n_skipped, summary.output_csv)
@@ -63,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = predict(config)
         left_out = f", {summary.n_left_out} left out (no Kaggle id of their own)" if summary.n_left_out else ""
         errors = f"; errors in {summary.errors_csv}" if summary.errors_csv else ""
-        print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{left_out}{errors}.")
+        explained = f"; {summary.n_explained} Grad-CAM overlay(s) in {summary.explained_dir}" \
+            if summary.explained_dir else ""
+        print(f"Wrote {summary.output_csv}: {summary.n_images} images, {summary.n_errors} errors{left_out}{errors}"
+              f"{explained}.")
         return 0
 
     def preflight() -> None:

@@ -6,6 +6,7 @@
        (unless force)
     -> open the MLflow run, train (subflow train_model), log it into the run
     -> score the candidate on the test split, register it, move `champion` only through the gate
+    -> the version's HTML report (in the run folder, logged to the run, linked from the version)
     -> leave a markdown summary artifact in Prefect
 
 It runs the same way from the command line (`python -m flows.retrain`, or the
@@ -93,11 +94,12 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
                                         config.floor, config.margin, config.metric, config.model_name)
     verdict = "promoted to champion" if decision.promoted else f"kept as {decision.alias}"
     logger.info("Version %s %s: %s", decision.version, verdict, "; ".join(decision.reasons))
+    report_path, report_url = models.publish_report(prepared, trained, candidate, decision, logged, config.source)
     summary = RetrainSummary(status=TRAINED, headline=f"version {decision.version} {verdict}",
                              flow_run_id=flow_run_id, config_hash=config_hash, data=prepared,
                              champion_before=champion, mlflow=logged, chosen_backbone=trained.chosen_backbone,
                              test_metrics=candidate, decision=decision, model_path=trained.model_path,
-                             devices=trained.devices)
+                             devices=trained.devices, report_path=report_path, report_url=report_url)
     models.publish_summary(summary)
     return summary
 

@@ -3,9 +3,12 @@
 A recipe of task calls (tasks/learning/steps.py), no ML inside:
 
     check the prepared folder -> configure devices -> the image decoder
-    for each backbone: precision -> plan features -> extract shards (mapped) -> train a head
-    comparison table -> choose the best backbone (validation AUC, then validation loss)
-    -> end-to-end model (optionally fine-tuned) -> evaluate on the test split -> plots
+    for each backbone: precision -> plan features -> extract shards (mapped) [-> the mirrors' too, --tta flip]
+                       -> train a head
+    several backbones: a head on their concatenated features (the ensemble candidate)
+    comparison table -> choose the best candidate (validation AUC, then validation loss)
+    -> end-to-end model (optionally fine-tuned) -> TTA and a temperature fitted on validation, inside it
+    -> evaluate on the test split -> calibration before/after, plots, Grad-CAM of the worst mistakes
     -> the run folder gets its name
 
 Feature shards are mapped over the flow's task runner: in-process, one shard after another,
@@ -31,7 +34,9 @@ from tasks.common.processes import label_flow_run_owner
 from tasks.common.results import BackboneResult, HeadScores, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning import steps
-from tasks.learning.runs import rank_backbones, write_comparison
+from tasks.learning.ensemble import chosen_members as ensemble_chosen_members
+from tasks.learning.ensemble import ensemble_members
+from tasks.learning.runs import rank_backbones, with_tta, write_comparison
 
 GPU_TRAIN_BATCH_SIZE = 128
 """Fine-tuning and evaluation batch on a GPU when the config leaves batch_size to the hardware."""
@@ -89,30 +94,60 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
         plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size)
         shards = steps.extract_all_shards(plan, config.batch_size, name, decode_workers(compute))
         features = steps.feature_summary(plan, shards)
-        head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config))
+        mirrored = None
+        if config.tta == "flip":  # the mirrors are a feature space of their own
+            plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size,
+                                       "flip")
+            mirrored = steps.feature_summary(
+                plan, steps.extract_all_shards(plan, config.batch_size, f"mirrored {name}", decode_workers(compute)))
+        head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config),
+                                mirrored.cache_dir if mirrored else None)
         backbones[name] = BackboneResult(
             **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
             input_size=input_size, precision=precision, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
-            features_computed=features.computed, features_reused=features.reused)
-        logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %s", name,
+            features_computed=features.computed, features_reused=features.reused,
+            mirrored_cache_dir=mirrored.cache_dir if mirrored else None)
+        logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %s%s", name,
                     features.computed, features.reused, features.failed, decimals4(head.val_auc),
-                    decimals4(head.val_loss))
+                    decimals4(head.val_loss), with_tta(head.val_tta))
 
-    ranking = rank_backbones(backbones)
+    members, why = ensemble_members(backbones)
+    ensemble = None
+    if members:
+        ensemble = steps.train_ensemble_head(data_dir, backbones, members, work_dir, steps.head_params(config))
+        logger.info("Ensemble %s (%s): head val AUC %s, val loss %s%s", ensemble.backbone, why,
+                    decimals4(ensemble.val_auc), decimals4(ensemble.val_loss), with_tta(ensemble.val_tta))
+    candidates = {**backbones, **({ensemble.backbone: ensemble} if ensemble else {})}
+    ranking = rank_backbones(candidates)
     chosen = ranking[0]
-    comparison_path = write_comparison(backbones, ranking, partial / "comparison.csv")
+    comparison_path = write_comparison(candidates, ranking, partial / "comparison.csv")
     logger.info("Chosen backbone: %s (ranking %s)", chosen, ranking)
 
-    best = backbones[chosen]
+    chosen_members = ensemble_chosen_members(chosen, ensemble)
+    best = backbones[chosen_members[0]]
     batch_size = config.batch_size or (GPU_TRAIN_BATCH_SIZE if devices.device == "GPU" else CPU_BATCH_SIZE)
-    exported = steps.export_model(data_dir, work_dir, chosen, best.weights, best.input_size, best.head_path,
-                                  best.feature_cache_dir, config.fine_tune, steps.fine_tune_params(config, batch_size),
-                                  best.precision, decoder)
-    evaluation = steps.evaluate(exported.model_path, data_dir, work_dir, best.input_size, batch_size, decoder)
-    history_paths = {f"head:{name}": entry.history_path for name, entry in backbones.items()}
+    if len(chosen_members) > 1:
+        if config.fine_tune:
+            logger.info("An ensemble is not fine-tuned: %s ships on its frozen backbones.", chosen)
+        exported = steps.export_ensemble(data_dir, work_dir, ensemble, backbones, batch_size, decoder)
+    else:
+        exported = steps.export_model(data_dir, work_dir, chosen, best.weights, best.input_size, best.head_path,
+                                      best.feature_cache_dir, config.fine_tune,
+                                      steps.fine_tune_params(config, batch_size), best.precision, decoder)
+    mirrored_dirs = [backbones[name].mirrored_cache_dir for name in chosen_members]
+    shipped = steps.ship_model(data_dir, exported.model_path, config.tta, exported.fine_tuned,
+                               candidates[chosen].head_path,
+                               [backbones[name].feature_cache_dir for name in chosen_members],
+                               mirrored_dirs if all(mirrored_dirs) else None, batch_size, decoder)
+    logger.info("Calibration: %s", shipped.calibration.reason)
+    evaluation = steps.evaluate(shipped.model_path, data_dir, work_dir, best.input_size, batch_size, decoder)
+    calibration = steps.calibration_on_test(work_dir, data_dir, shipped.calibration, evaluation.predictions_path)
+    history_paths = {f"head:{name}": entry.history_path for name, entry in candidates.items()}
     if exported.history_path:
         history_paths["fine_tune"] = exported.history_path
     plots = steps.plots(work_dir, data_dir, evaluation.predictions_path, evaluation.metrics, history_paths)
+    plots["reliability"] = calibration.reliability_plot
+    explanations = steps.explain_mistakes(shipped.model_path, data_dir, work_dir, evaluation.predictions_path, decoder)
     logger.info("Test accuracy %s, ROC AUC %s on %d images", decimals4(evaluation.metrics["accuracy"]),
                 decimals4(evaluation.metrics["roc_auc"]), evaluation.count)
     if exported.head_agreement > HEAD_AGREEMENT_TOLERANCE:
@@ -122,10 +157,11 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     fingerprint = folder.summary_fingerprint()
     result = TrainResult(
         chosen_backbone=chosen, backbones=backbones, test_metrics=evaluation.metrics,
-        val_metrics=exported.val_metrics, model_path=exported.model_path, input_size=best.input_size,
+        val_metrics=shipped.val_metrics, model_path=shipped.model_path, input_size=best.input_size,
         output_dir=work_dir, plots=plots, comparison_path=str(comparison_path), history_paths=history_paths,
         predictions_path=evaluation.predictions_path, metrics_path=str(partial / "metrics.json"),
         fine_tuned=exported.fine_tuned, fine_tune=exported.fine_tune, head_agreement=exported.head_agreement,
-        devices=setups[chosen], decoder=decoder, counts=counts, config=config.model_dump(mode="json"), config_hash=config.config_hash(),
-        data_dir=data_dir, data_fingerprint=fingerprint)
+        devices=setups[chosen_members[0]], decoder=decoder, counts=counts, config=config.model_dump(mode="json"),
+        config_hash=config.config_hash(), data_dir=data_dir, data_fingerprint=fingerprint, ensemble=ensemble,
+        tta=config.tta, calibration=calibration, explanations=explanations)
     return steps.finish_run(result, work_dir, str(final))

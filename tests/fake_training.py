@@ -39,27 +39,84 @@ UNCALIBRATED = (-0.001, 0.0, 0.001, -0.01)
 called a cat (accuracy at chance), though the scores rank the images perfectly (ROC AUC 1.0)."""
 
 
-def tiny_model(path: Path, *, rgb: tuple[float, float, float, float] = GOOD, size: int = TINY_SIZE) -> Path:
-    """Save Input(size,size,3) -> Preprocess("tf") -> GlobalAveragePooling -> Dense(1, sigmoid) as .keras.
+CHAMPION_TEMPERATURE = 1.5
+"""The temperature inside every fake model: the served layers are in what every model test loads."""
 
-    p(dog) = sigmoid(rgb[:3] . (mean colour / 127.5 - 1) + rgb[3]); see GOOD, MEDIOCRE, INVERTED, UNCALIBRATED.
-    `Preprocess` is tasks/learning/preprocess.py's registered layer, as in train_model's real models,
-    so every load of this model proves the serving code registers custom layers first.
+
+def tiny_model(path: Path, *, rgb: tuple[float, float, float, float] = GOOD, size: int = TINY_SIZE,
+               tta: bool = True, temperature: float | None = CHAMPION_TEMPERATURE) -> Path:
+    """Save a served model of train_model's shape as .keras: Preprocess("tf") -> backbone -> head_output,
+    wrapped like tasks/learning/shipped.py does (test-time augmentation and a temperature by default).
+
+    The "backbone" is a nested model (an identity 1x1 convolution, then global average
+    pooling, as every real backbone ends), so Grad-CAM finds maps in it; the head is
+    p(dog) = sigmoid(rgb[:3] . (mean colour / 127.5 - 1) + rgb[3]), at the temperature; see GOOD,
+    MEDIOCRE, INVERTED, UNCALIBRATED (a mean colour is the same mirrored, and a temperature moves
+    no score across 0.5, so each keeps what it is named for). `Preprocess`, `MirrorImages` and
+    `Temperature` are the project's registered layers, so every load of this model proves the
+    serving code registers them first.
     """
     import keras
 
     from tasks.learning.preprocess import Preprocess
+    from tasks.learning.shipped import wrap
 
+    conv = keras.layers.Conv2D(3, 1, name="conv")
+    backbone_input = keras.Input(shape=(size, size, 3), name="image")
+    backbone = keras.Model(backbone_input, keras.layers.GlobalAveragePooling2D(name="avg_pool")(conv(backbone_input)),
+                           name="tiny_backbone")
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.zeros(3, dtype=np.float32)])
     inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name="pixels")
     x = Preprocess("tf", name="preprocess")(inputs)  # the project's custom layer: loading must find it
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(1, activation="sigmoid", name="p_dog")
-    outputs = dense(x)
-    model = keras.Model(inputs, outputs)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="head_output")
+    outputs = dense(backbone(x))
+    model = keras.Model(inputs, outputs, name="catsdogs_tiny")
     dense.set_weights([np.array(rgb[:3], dtype=np.float32).reshape(3, 1), np.array(rgb[3:], dtype=np.float32)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    wrap(model, tta, temperature).save(path)
     return path
+
+
+REGION = (slice(0, 16), slice(16, 32))
+"""Where region_model looks in a 32-pixel image: the top right quadrant (a transposed map would land bottom left)."""
+
+
+def region_model(size: int = TINY_SIZE) -> Any:
+    """A served-shape model whose class is decided by one region: a blue patch is a dog, a red one a cat.
+
+    Its backbone's only convolution (3x3, stride 2) sees blue minus red and red minus blue above a
+    threshold, which grey noise never reaches; its head weighs the two maps' means against each
+    other. Made by hand, so Grad-CAM is checked against a model whose reasons are known exactly.
+    """
+    import keras
+
+    from tasks.learning.head import HEAD_LAYER_NAMES
+    from tasks.learning.preprocess import Preprocess
+
+    kernel = np.zeros((3, 3, 3, 2), dtype=np.float32)
+    kernel[1, 1, 2, 0], kernel[1, 1, 0, 0] = 1.0, -1.0  # blue - red
+    kernel[1, 1, 0, 1], kernel[1, 1, 2, 1] = 1.0, -1.0  # red - blue
+    conv = keras.layers.Conv2D(2, 3, strides=2, padding="same", activation="relu", name="conv")
+    image = keras.Input(shape=(size, size, 3), name="image")
+    backbone = keras.Model(image, keras.layers.GlobalAveragePooling2D(name="avg_pool")(conv(image)),
+                           name="region_backbone")
+    conv.set_weights([kernel, np.full(2, -0.5, dtype=np.float32)])
+    pixels = keras.Input(shape=(size, size, 3), dtype="uint8", name="pixels")
+    head = keras.layers.Dense(1, activation="sigmoid", name=HEAD_LAYER_NAMES[-1])
+    model = keras.Model(pixels, head(backbone(Preprocess("tf", name="preprocess")(pixels))), name="catsdogs_region")
+    head.set_weights([np.array([[12.0], [-12.0]], dtype=np.float32), np.zeros(1, dtype=np.float32)])
+    return model
+
+
+def region_pixels(label: str, seed: int, size: int = TINY_SIZE) -> np.ndarray:
+    """Grey noise everywhere, and in REGION a blue (dog) or red (cat) patch: the picture's one deciding region."""
+    rng = np.random.default_rng(seed)
+    grey = rng.integers(60, 200, (size, size, 1))
+    pixels = np.clip(grey + rng.normal(0, 6, (size, size, 3)), 0, 255)
+    colour = (30, 60, 230) if label == "dog" else (230, 60, 30)
+    pixels[REGION] = np.asarray(colour) + rng.normal(0, 8, (REGION[0].stop - REGION[0].start,
+                                                           REGION[1].stop - REGION[1].start, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def _png(path: Path, colour: tuple[int, int, int]) -> Path:

@@ -234,6 +234,7 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     champion = client.get_model_version_by_alias("cats-vs-dogs", "champion")
     scored = client.get_run(champion.run_id).data.metrics  # the gate's own measurement of the held-out images
     assert scored["served_test_accuracy"] > scored["served_test_chance_accuracy"], scored  # the quick try learns
+    _the_versions_report_opens_with_every_section_filled(client, champion, first.stdout)
     again = walk.run(steps["small"][0])  # the same images from a local copy, the same config
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stderr
 
@@ -310,6 +311,24 @@ def _own_classes(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
         assert row["label"] == CLASSES[int(np.argmax(probabilities))] == CLASSES[row["label_index"]]
     assert sum(row["label"] == name for row, name in zip(rows, CLASSES)) >= 2
     assert rows[3]["label"] == "" and rows[3]["p_daisy"] is None and "base64" in rows[3]["error"]
+
+
+def _the_versions_report_opens_with_every_section_filled(client, version, summary: str) -> None:
+    """The quick try's report: logged to its run, linked from the version and the summary, no section left empty,
+    and whole in Chromium (tests/models/test_model_report.py's browser check): it renders, every image loads,
+    no request leaves it."""
+    from tests.models.test_model_report import SECTIONS, assert_opens_whole
+
+    [logged] = client.list_artifacts(version.run_id, "report")
+    page = Path(client.download_artifacts(version.run_id, logged.path))
+    html = page.read_text()
+    link = f"/artifactPath/{logged.path}"
+    assert logged.path == "report/index.html" and link in version.description and link in summary
+    for section in SECTIONS:
+        body = re.search(rf'<section id="{section}">(.*?)</section>', html, flags=re.S)
+        assert body and len(re.sub(r"<[^>]+>|\s", "", body.group(1))) > 20, section
+    assert 'class="missing"' not in html and "promoted to champion" in html
+    assert_opens_whole(page, html.count("<img "))
 
 
 def _mlflow_ui(walk: Walk, steps: dict) -> None:

@@ -79,6 +79,8 @@ class HeadScores(_Result):
     val_auc: float | None
     epochs_run: int
     best_epoch: int
+    val_tta: dict[str, float | None] | None = None
+    """accuracy, log_loss and roc_auc on validation with test-time augmentation (None without `--tta flip`)."""
 
 
 class BackboneResult(HeadScores):
@@ -94,6 +96,8 @@ class BackboneResult(HeadScores):
     feature_cache_dir: str
     features_computed: int
     features_reused: int
+    mirrored_cache_dir: str | None = None
+    """The feature space of the mirrored images (`--tta flip`), else None."""
 
 
 class FineTuneReport(_Result):
@@ -106,6 +110,43 @@ class FineTuneReport(_Result):
     improved: bool
     epochs_run: int
     params: dict[str, Any]
+
+
+class CalibrationSummary(_Result):
+    """Temperature scaling of the shipped model: fitted on validation, judged on test (tasks/learning/calibration.py)."""
+
+    temperature: float
+    """The temperature inside the shipped model (1.0 when none was applied)."""
+    fitted_temperature: float
+    """The best temperature on validation, applied or not."""
+    applied: bool
+    reason: str
+    validation: dict[str, dict[str, float]]
+    """{"before": {"ece", "log_loss", "brier"}, "after": {...}} on the validation split."""
+    test: dict[str, dict[str, float]]
+    """The same on the test split ({} until the shipped model is evaluated)."""
+    reliability_plot: str | None
+
+
+class EnsembleResult(HeadScores):
+    """The head on the concatenated cached features of several backbones: one more candidate."""
+
+    backbone: str
+    """The candidate's name: its members joined by "+" (e.g. "vgg16+mobilenet_v2")."""
+    members: list[str]
+    input_size: int
+    feature_dim: int
+
+
+class Explanation(_Result):
+    """One image explained by Grad-CAM: which, what the model said, and the overlay PNG."""
+
+    path: str
+    label: str
+    predicted: str
+    probability: float
+    """The model's probability of the predicted class."""
+    overlay: str
 
 
 class TrainResult(_Result):
@@ -138,6 +179,13 @@ class TrainResult(_Result):
     config_hash: str
     data_dir: str
     data_fingerprint: str | None
+    ensemble: EnsembleResult | None = None
+    """The ensemble candidate, when several backbones were given (chosen when `chosen_backbone` is its name)."""
+    tta: Literal["none", "flip"] = "none"
+    """Test-time augmentation inside the shipped model."""
+    calibration: CalibrationSummary | None = None
+    explanations: list[Explanation] = []
+    """Grad-CAM overlays of the worst test mistakes of each class."""
 
 
 # --------------------------------------------------------------------------- retrain
@@ -201,6 +249,10 @@ class RetrainSummary(_Result):
     decision: Promotion | None = None
     model_path: str | None = None
     devices: DeviceSetup | None = None
+    report_path: str | None = None
+    """The version's self-contained HTML report in the run folder (also the run's `report/index.html`)."""
+    report_url: str | None = None
+    """The report in the MLflow UI."""
 
 
 # --------------------------------------------------------------------------- predict
@@ -219,3 +271,6 @@ class PredictSummary(_Result):
     images_dir: str
     sample_submission: str | None = None
     """Kaggle's sampleSubmission.csv the ids were checked against (None when none was found)."""
+    explained_dir: str | None = None
+    """Where the Grad-CAM overlays of `--explain N` went (`<csv name>.explained/`), None without it."""
+    n_explained: int = 0

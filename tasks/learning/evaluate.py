@@ -212,6 +212,7 @@ def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input
     """
     import keras
 
+    import tasks.learning.layers  # noqa: F401  (registers the TTA mirror and the temperature it may hold)
     import tasks.learning.preprocess  # noqa: F401  (registers the Preprocess layer the saved model uses)
 
     rows = folder.split_rows(split)

@@ -24,32 +24,38 @@ from tasks.learning.pixels import Decoder, resolve_decoder
 
 
 def feature_model(backbone: str, weights: str | os.PathLike[str] | None, input_size: int | None,
-                  precision: str = "float32") -> Any:
+                  precision: str = "float32", view: str = "plain") -> Any:
     """uint8 RGB pixels (input_size x input_size x 3) -> pooled backbone features.
 
     Layers: Input (uint8) -> `Preprocess` (the backbone's own preprocess_input, float32) ->
     backbone (at `precision`), so the backbone is `model.layers[-1]`. The same graph starts the
-    end-to-end model, which therefore needs no preprocessing outside the model either.
+    end-to-end model, which therefore needs no preprocessing outside the model either. View
+    "flip" mirrors the pixels first (`MirrorImages`): the features test-time augmentation averages in.
     """
     import keras
 
+    from tasks.learning.layers import MirrorImages
     from tasks.learning.preprocess import Preprocess
+    from tasks.learning.shards import view_suffix
 
     spec = get_backbone(backbone)
     size = resolve_input_size(backbone, input_size)
+    view_suffix(view)  # an unknown view fails before a backbone is built
     base = build_backbone(backbone, weights, size, precision)
     inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name="pixels")
-    x = Preprocess(spec.preprocess_mode, name="preprocess")(inputs)
+    x = MirrorImages(name="mirror")(inputs) if view == "flip" else inputs
+    x = Preprocess(spec.preprocess_mode, name="preprocess")(x)
     outputs = base(x, training=False)
     return keras.Model(inputs, outputs, name=f"{backbone}_features")
 
 
 @functools.lru_cache(maxsize=1)
-def cached_extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str) -> tuple[Any, Any]:
+def cached_extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str,
+                     view: str = "plain") -> tuple[Any, Any]:
     """(model, compiled forward), built once per process and feature space (Dask workers reuse it)."""
     from tasks.learning.forward import compiled_forward
 
-    model = feature_model(backbone, weights, size, precision)
+    model = feature_model(backbone, weights, size, precision, view)
     return model, compiled_forward(model)
 
 

@@ -89,6 +89,8 @@ class ExtractionPlan(BaseModel):
     images: int
     reused: int
     shards: list[list[tuple[str, str]]]
+    view: str = "plain"
+    """"plain", or "flip" for the mirrored images' features (`--tta flip`), part of the cache key."""
     """Per shard: (sha256, absolute path) of its images, in sha256 order."""
     plan_path: str = ""
 
@@ -119,7 +121,7 @@ class PlanRef(BaseModel):
 
 def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLike[str] | None,
                     input_size: int | None, precision: str = "float32", shard_size: int = 512,
-                    decoder: str = "auto") -> ExtractionPlan:
+                    decoder: str = "auto", view: str = "plain") -> ExtractionPlan:
     """Which images of the labelled splits still need features, cut into shards of `shard_size`.
 
     Images that failed to decode before are planned again (their file may have been repaired).
@@ -133,21 +135,21 @@ def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLik
     rows = folder.labelled_rows()  # first: a folder without a manifest gets nothing written
     weights = resolve_weights(folder, backbone, weights)
     decoder = resolve_decoder(decoder)
-    cache_dir = feature_cache_dir(folder, backbone, weights, size, precision, decoder)
+    cache_dir = feature_cache_dir(folder, backbone, weights, size, precision, decoder, view)
     index = shard_index(cache_dir)
     todo = rows[~rows["sha256"].isin(list(index.rows))]
     pairs = list(zip(todo["sha256"], todo["path"]))
     shards = [pairs[start:start + shard_size] for start in range(0, len(pairs), shard_size)]
     plan = ExtractionPlan(cache_dir=str(cache_dir), backbone=spec.name, weights=weights, input_size=size,
                           precision=precision, decoder=decoder, feature_dim=spec.feature_dim, images=len(rows),
-                          reused=len(rows) - len(todo), shards=shards)
+                          reused=len(rows) - len(todo), shards=shards, view=view)
     if shards:
         missing = [path for _, path in pairs if not os.path.isfile(path)]
         if missing:
             raise InputError(f"{len(missing)} arranged image(s) are missing, e.g. {missing[0]!r}; "
                              "run prepare_data (python -m flows.prepare) again to restore the arranged folders.")
-        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights))  # a bad weights file fails here
-        ready_cache_dir(cache_dir, backbone, weights, size, precision, decoder)
+        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights), view)  # a bad weights file fails here
+        ready_cache_dir(cache_dir, backbone, weights, size, precision, decoder, view)
         payload = plan.model_dump_json()
         plan_path = cache_dir / PLANS_DIR / f"plan-{sha256_bytes(payload.encode())[:16]}.json"
         atomic_write_json(plan_path, json.loads(payload))
@@ -201,7 +203,7 @@ def _compute_shard(plan: ExtractionPlan, pairs: list[tuple[str, str]], target: P
 
     cache_dir, name = target.parent, target.name
     _, forward = cached_extractor(plan.backbone, plan.weights, plan.input_size, plan.precision,
-                                  weights_fingerprint(plan.weights))
+                                  weights_fingerprint(plan.weights), plan.view)
     if batch_size is None:
         batch_size = pick_batch_size(forward, plan.input_size)
     decoder = shared_decoder(plan.input_size, batch_size, decode_workers, plan.decoder)

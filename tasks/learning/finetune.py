@@ -104,21 +104,23 @@ def build_end_to_end(backbone_name: str, weights: str | None, input_size: int, h
     return keras.Model(inputs, x, name=f"catsdogs_{backbone_name}")
 
 
-def head_agreement(p_end_to_end: np.ndarray, head_path: Path, cache_dir: Path, sha256s: list[str]) -> float:
+def head_agreement(p_end_to_end: np.ndarray, head_path: Path, cache_dir: Path | list[Path],
+                   sha256s: list[str]) -> float:
     """Largest |p(dog) difference| (any class's probability for N classes) between the end-to-end model
-    and the head on cached features.
+    and the head on cached features (an ensemble's: the list of its backbones' feature spaces).
 
     Near zero when preprocessing, resizing and backbone weights match the feature step; a
     large value means the shipped model is not the one that was validated.
     """
     import keras
 
-    from tasks.learning.shards import load_features
+    from tasks.learning.feature_spaces import joint_features
 
     if not sha256s:
         return 0.0
     head = keras.saving.load_model(head_path, safe_mode=True)
-    p_head = np.asarray(head.predict(load_features(cache_dir, sha256s), verbose=0)).reshape(-1)  # (n,) or (n * N,)
+    features = joint_features(cache_dir if isinstance(cache_dir, list) else [cache_dir], sha256s)
+    p_head = np.asarray(head.predict(features, verbose=0)).reshape(-1)  # (n,) or (n * N,)
     return float(np.max(np.abs(p_head - np.asarray(p_end_to_end).reshape(-1))))
 
 

@@ -220,29 +220,47 @@ class HeadResult(HeadScores):
 
 
 def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: str, params: HeadParams,
-               callbacks: list[Any] | None = None) -> HeadResult:
+               callbacks: list[Any] | None = None, *, mirrored_dir: Path | None = None) -> HeadResult:
     """Fit the head for one backbone, save it and its history; return paths and validation metrics.
 
     Writes output_dir/heads/<backbone>.keras and output_dir/heads/<backbone>.history.json.
     Validation metrics are recomputed from the restored weights (not read off the last
-    epoch), so they describe the head that is saved.
+    epoch), so they describe the head that is saved. With `mirrored_dir` (the feature space of
+    the mirrored images, `--tta flip`) the validation metrics with test-time augmentation
+    come too (`val_tta`).
     """
-    from tasks.learning.shards import load_split_features
+    return train_head_on(folder, [cache_dir], output_dir, backbone, params, callbacks,
+                         mirrored_dirs=[mirrored_dir] if mirrored_dir else None)
 
-    train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
-    val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
+
+def train_head_on(folder: DataFolder, cache_dirs: list[Path], output_dir: Path, name: str, params: HeadParams,
+                  callbacks: list[Any] | None = None, *, mirrored_dirs: list[Path] | None = None) -> HeadResult:
+    """`train_head` on the concatenated features of one or more feature spaces (an ensemble's backbones)."""
     from tasks.learning.callbacks import training_progress
+    from tasks.learning.feature_spaces import joint_features, joint_split_features
 
+    train_x, train_y, _ = joint_split_features(folder, cache_dirs, "train")
+    val_x, val_y, val_sha256s = joint_split_features(folder, cache_dirs, "validation")
     classes = folder.classes()
     n_classes = len(classes.names)
-    progress = training_progress(f"Training the {backbone} head", params.epochs)
+    progress = training_progress(f"Training the {name} head", params.epochs)
     model, history = fit_head(train_x, train_y, val_x, val_y, params, [progress, *(callbacks or [])], n_classes)
-    scores = np.asarray(model.predict(val_x, batch_size=params.batch_size, verbose=0))
-    metrics = class_metrics(val_y, scores.reshape(-1) if n_classes == 2 else scores, classes)
+
+    def scores_of(features: np.ndarray) -> np.ndarray:
+        scores = np.asarray(model.predict(features, batch_size=params.batch_size, verbose=0))
+        return scores.reshape(-1) if n_classes == 2 else scores
+
+    scores = scores_of(val_x)
+    metrics = class_metrics(val_y, scores, classes)
+    val_tta = None
+    if mirrored_dirs:
+        averaged = (scores + scores_of(joint_features(mirrored_dirs, val_sha256s))) / 2
+        val_tta = {key: class_metrics(val_y, averaged, classes)[key] for key in ("accuracy", "log_loss", "roc_auc")}
     heads_dir = Path(output_dir) / "heads"
-    head_path = save_model(inference_copy(model), heads_dir / f"{backbone}.keras")
-    history_path = atomic_write_json(heads_dir / f"{backbone}.history.json", history)
-    return HeadResult(backbone=backbone, head_path=str(head_path), history_path=str(history_path),
+    head_path = save_model(inference_copy(model), heads_dir / f"{name}.keras")
+    history_path = atomic_write_json(heads_dir / f"{name}.history.json", history)
+    return HeadResult(backbone=name, head_path=str(head_path), history_path=str(history_path),
                       val_accuracy=metrics["accuracy"], val_loss=metrics["log_loss"], val_auc=metrics["roc_auc"],
                       epochs_run=len(history["loss"]), best_epoch=best_epoch(history), train_count=int(len(train_y)),
-                      val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params))
+                      val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params),
+                      val_tta=val_tta)

@@ -44,13 +44,28 @@ CACHE_FORMAT = 2
 SHARD_GLOB = "shard-*.npz"
 
 
-def cache_key(backbone: str, weights_id: str, input_size: int, precision: str, backend: str, decoder: str) -> str:
-    """The folder name of one feature space: `<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`."""
-    return f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}-{decoder}"
+VIEWS: tuple[str, ...] = ("plain", "flip")
+"""What the backbone sees of each image: the image, or its mirror (test-time augmentation's second view)."""
+
+
+def cache_key(backbone: str, weights_id: str, input_size: int, precision: str, backend: str, decoder: str,
+              view: str = "plain") -> str:
+    """The folder name of one feature space: `<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`,
+    and `-flip` after it for the mirrored images (plain images keep the name they always had)."""
+    return f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}-{decoder}" + \
+        view_suffix(view)
+
+
+def view_suffix(view: str) -> str:
+    """"" for the plain images, "-flip" for their mirrors; an unknown view is a ConfigError."""
+    if view not in VIEWS:
+        raise ConfigError(f"Feature view {view!r} is unknown; use one of {', '.join(VIEWS)}.")
+    return "" if view == "plain" else f"-{view}"
 
 
 def feature_cache_dir(folder: DataFolder, backbone: str, weights: str | os.PathLike[str] | None,
-                      input_size: int | None, precision: str = "float32", decoder: str = "auto") -> Path:
+                      input_size: int | None, precision: str = "float32", decoder: str = "auto",
+                      view: str = "plain") -> Path:
     """data_dir/features/<cache key>: one cache per feature space.
 
     weights=None means the data folder's kept random draw (`random_weights_file`), so the
@@ -61,20 +76,25 @@ def feature_cache_dir(folder: DataFolder, backbone: str, weights: str | os.PathL
 
     size = resolve_input_size(backbone, input_size)
     fingerprint = weights_fingerprint(resolve_weights(folder, backbone, weights))
-    return folder.feature_cache(cache_key(backbone, fingerprint, size, precision, backend(), resolve_decoder(decoder)))
+    return folder.feature_cache(cache_key(backbone, fingerprint, size, precision, backend(), resolve_decoder(decoder),
+                                          view))
 
 
-def _cache_meta(backbone: str, weights: str, input_size: int, precision: str, decoder: str) -> dict:
+def _cache_meta(backbone: str, weights: str, input_size: int, precision: str, decoder: str,
+                view: str = "plain") -> dict:
     from tasks.common.devices import backend
 
     spec = get_backbone(backbone)
-    return {"format": CACHE_FORMAT, "backbone": spec.name, "weights": weights_fingerprint(weights),
+    meta = {"format": CACHE_FORMAT, "backbone": spec.name, "weights": weights_fingerprint(weights),
             "input_size": input_size, "feature_dim": spec.feature_dim, "preprocess": spec.preprocess_mode,
             "precision": precision, "backend": backend(), "decoder": decoder}
+    if view != "plain":  # the plain caches' meta.json stays as it was
+        meta["view"] = view
+    return meta
 
 
 def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: int, precision: str,
-                    decoder: str) -> None:
+                    decoder: str, view: str = "plain") -> None:
     """Make `cache_dir` ready for shards: the folder, minus what killed runs left, and its meta.json.
 
     meta.json is written only when it changed: a run that adds images leaves the folder's old files as they were.
@@ -82,7 +102,8 @@ def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: in
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)
     write_if_changed(cache_dir / "meta.json",
-                     (json.dumps(_cache_meta(backbone, weights, input_size, precision, decoder), indent=2, sort_keys=True)
+                     (json.dumps(_cache_meta(backbone, weights, input_size, precision, decoder, view), indent=2,
+                                 sort_keys=True)
                       + "\n").encode())
 
 

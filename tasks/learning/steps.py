@@ -15,12 +15,20 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.results import DeviceSetup, TrainResult
+from tasks.common.results import (
+    BackboneResult,
+    CalibrationSummary,
+    DeviceSetup,
+    EnsembleResult,
+    Explanation,
+    TrainResult,
+)
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import Evaluation
 from tasks.learning.features import FeatureSummary, PlanRef, ShardResult, summarise
 from tasks.learning.finetune import ExportedModel, FineTuneParams
 from tasks.learning.head import HeadParams, HeadResult
+from tasks.learning.shipped import ShippedModel
 
 
 @task(name="check-prepared-data", cache_policy=NO_CACHE)
@@ -73,12 +81,12 @@ def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int
 
 @task(name="plan-features", cache_policy=NO_CACHE)
 def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, decoder: str,
-                  shard_size: int = 512) -> PlanRef:
-    """Which images still need features, cut into shards (a warm cache plans nothing)."""
+                  shard_size: int = 512, view: str = "plain") -> PlanRef:
+    """Which images still need features, cut into shards (a warm cache plans nothing); view "flip": their mirrors'."""
     from tasks.learning.features import plan_extraction
 
     return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size,
-                           decoder).ref()
+                           decoder, view).ref()
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
@@ -124,11 +132,66 @@ def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
 
 
 @task(name="train-head", cache_policy=NO_CACHE)
-def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any]) -> HeadResult:
-    """Head on cached features for one backbone (seconds on a CPU)."""
+def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any],
+               mirrored_dir: str | None = None) -> HeadResult:
+    """Head on cached features for one backbone (seconds on a CPU), scored with TTA too when mirrors are cached."""
     from tasks.learning.head import train_head as train
 
-    return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params))
+    return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params),
+                 mirrored_dir=Path(mirrored_dir) if mirrored_dir else None)
+
+
+@task(name="train-ensemble-head", cache_policy=NO_CACHE)
+def train_ensemble_head(data_dir: str, backbones: dict[str, BackboneResult], members: list[str], output_dir: str,
+                        params: dict[str, Any]) -> EnsembleResult:
+    """Head on the members' concatenated cached features: the ensemble candidate."""
+    from tasks.learning.ensemble import train_ensemble_head as train
+
+    return train(DataFolder.at(data_dir), backbones, members, Path(output_dir), HeadParams(**params))
+
+
+@task(name="build-ensemble", cache_policy=NO_CACHE)
+def export_ensemble(data_dir: str, output_dir: str, ensemble: EnsembleResult, backbones: dict[str, BackboneResult],
+                    batch_size: int, decoder: str) -> ExportedModel:
+    """The chosen ensemble end to end (each member's backbone once per image), saved as .keras (never fine-tuned)."""
+    from tasks.learning.ensemble import Member
+    from tasks.learning.ensemble import export_ensemble as export
+
+    members = [Member(name, backbones[name].weights, backbones[name].precision) for name in ensemble.members]
+    return export(DataFolder.at(data_dir), Path(output_dir), members, ensemble.input_size, Path(ensemble.head_path),
+                  [Path(backbones[name].feature_cache_dir) for name in ensemble.members], batch_size, decoder=decoder)
+
+
+@task(name="calibrate-and-wrap", cache_policy=NO_CACHE)
+def ship_model(data_dir: str, model_path: str, tta: str, fine_tuned: bool, head_path: str, cache_dirs: list[str],
+               mirrored_dirs: list[str] | None, batch_size: int, decoder: str) -> ShippedModel:
+    """Test-time augmentation and a temperature fitted on validation, inside the saved model."""
+    from tasks.learning.shipped import ship_model as ship
+
+    return ship(DataFolder.at(data_dir), Path(model_path), tta=tta, fine_tuned=fine_tuned, head_path=Path(head_path),
+                cache_dirs=[Path(path) for path in cache_dirs],
+                mirrored_dirs=[Path(path) for path in mirrored_dirs] if mirrored_dirs else None,
+                batch_size=batch_size, decoder=decoder)
+
+
+@task(name="calibration-on-test", cache_policy=NO_CACHE)
+def calibration_on_test(output_dir: str, data_dir: str, calibration: CalibrationSummary,
+                        predictions_path: str) -> CalibrationSummary:
+    """ECE, log loss and Brier before and after the temperature on the test split, and the reliability diagram."""
+    from tasks.learning.calibration import on_test_split
+
+    return on_test_split(calibration, Path(predictions_path), Path(output_dir) / "plots" / "reliability.png",
+                         DataFolder.at(data_dir).classes())
+
+
+@task(name="explain-mistakes", cache_policy=NO_CACHE)
+def explain_mistakes(model_path: str, data_dir: str, output_dir: str, predictions_path: str,
+                     decoder: str) -> list[Explanation]:
+    """Grad-CAM overlays of the worst test mistakes of each class."""
+    from tasks.learning.gradcam import explain_mistakes as explain
+
+    return explain(Path(model_path), DataFolder.at(data_dir), Path(output_dir), Path(predictions_path),
+                   decoder=decoder)
 
 
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)

@@ -36,8 +36,9 @@ saying what to install, rather than serving pixels a level or two from training'
 scores that the gate never saw; the server may choose otherwise explicitly
 (`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"decoder": "pillow"}'`).
 
-What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward and
-.preprocess, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
+What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward,
+.preprocess and .layers (test-time augmentation and the temperature live inside the Keras model),
+tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
 OpenCV-trained model, OpenCV, all in the model's requirements. Nothing here imports Prefect.
 """
 
@@ -134,12 +135,10 @@ def predictions_frame(scores: Sequence[Any], errors: Sequence[str], classes: Cla
 
 
 def load_keras_model(path: str | Path) -> Any:
-    """Load an end-to-end `.keras` model in safe mode, after registering the custom layer."""
-    import keras
+    """Load an end-to-end `.keras` model in safe mode, after registering the project's layers."""
+    from tasks.learning.layers import load_saved_model
 
-    import tasks.learning.preprocess  # noqa: F401  (registers Preprocess)
-
-    return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    return load_saved_model(path)
 
 
 def model_input_size(model: Any, configured: int | None = None) -> int:
@@ -242,6 +241,11 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self._input_size = model_input_size(keras_model, input_size)
         self._forward = compiled_forward(keras_model)
         return self
+
+    @property
+    def keras_model(self) -> Any:
+        """The loaded end-to-end Keras model (Grad-CAM explains it; scoring goes through `predict`)."""
+        return self._model
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score every usable row in batches; every other row becomes an error row, in input order.

@@ -45,7 +45,7 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
             "decoder that auto picks on this host, is not a change: --force trains anyway)")
 
 
-def _number(value: Any) -> str:
+def metric_cell(value: Any) -> str:
     """A metric for a table cell: 4 decimals, or a dash when missing."""
     if isinstance(value, bool) or value is None:
         return "–"
@@ -78,13 +78,13 @@ def summary_markdown(summary: RetrainSummary) -> str:
                   "| metric | this run | champion, on this run's test split |", "|---|---:|---:|"]
         for name in reported_metrics(data.classes):
             if name in summary.test_metrics:
-                lines.append(f"| {name} | {_number(summary.test_metrics.get(name))} | {_number(champion.get(name))} |")
+                lines.append(f"| {name} | {metric_cell(summary.test_metrics.get(name))} | {metric_cell(champion.get(name))} |")
     if decision:
         verdict = "promoted to **champion**" if decision.promoted else f"kept as **{decision.alias}**"
         lines += ["", "## Promotion decision", "",
                   f"Version {decision.version} of `{decision.model_name}`: {verdict} "
-                  f"({decision.metric}: this run {_number(decision.candidate_value)}, "
-                  f"champion {_number(decision.champion_value)})."]
+                  f"({decision.metric}: this run {metric_cell(decision.candidate_value)}, "
+                  f"champion {metric_cell(decision.champion_value)})."]
         lines += [f"- {reason}" for reason in decision.reasons]
     elif summary.reason:
         lines += ["", "## Decision", "", f"Training skipped: {summary.reason}.",
@@ -94,4 +94,6 @@ def summary_markdown(summary: RetrainSummary) -> str:
               f"- Tracking URI: `{summary.mlflow.tracking_uri}`"]
     if decision:
         lines.append(f"- Model: `{decision.model_uri}`")
+    if summary.report_url:
+        lines.append(f"- Report: [report/index.html]({summary.report_url}) (also `{summary.report_path}`)")
     return "\n".join(lines) + "\n"

@@ -113,6 +113,15 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: dict[str, 
                 floor=floor, margin=margin, metric=metric, model_name=model_name)
 
 
+@task(name="publish-report", **IO_RETRIES)
+def publish_report(prepared: PrepareSummary, trained: TrainResult, candidate_metrics: dict[str, float],
+                   decision: Promotion, logged: MlflowRun, source: str) -> tuple[str, str]:
+    """The version's HTML report: in the run folder, logged to the run, linked from the version; (path, link)."""
+    from tasks.models.model_report import publish_report as publish
+
+    return publish(prepared, trained, candidate_metrics, decision, logged, source)
+
+
 @task(name="publish-summary", **IO_RETRIES)
 def publish_summary(summary: RetrainSummary) -> str:
     """The markdown summary artifact of this flow run (metrics table, decision, MLflow link)."""
@@ -146,3 +155,11 @@ def score_images(folder: str, model_uri: str, output_csv: str, batch_size: int) 
     from tasks.models.predictions import predict_folder
 
     return predict_folder(Path(folder), model_uri, Path(output_csv), batch_size)
+
+
+@task(name="explain-images", cache_policy=NO_CACHE)
+def explain_images(folder: str, model_uri: str, output_csv: str, count: int) -> tuple[str, int]:
+    """Grad-CAM overlays of the first `count` images, beside the submission; (their folder, how many)."""
+    from tasks.models.explain import explain_images as explain
+
+    return explain(Path(folder), model_uri, Path(output_csv), count)

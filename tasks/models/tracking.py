@@ -356,7 +356,10 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         data_params, data_metrics = dataset_logging(data)
         validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
         metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
-                   **scalar_metrics(validation, "val_")}
+                   **scalar_metrics(validation, "val_"),
+                   **(scalar_metrics({key: getattr(trained.calibration, key) for key in ("temperature", "validation",
+                                                                                        "test")}, "calibration.")
+                      if trained.calibration else {})}
         params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
                   "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from flows.config import PredictConfig
 from flows.predict import main
@@ -187,16 +188,21 @@ def test_a_file_without_a_kaggle_id_is_left_out_and_named_in_the_errors(store, t
     (folder / "1.png").write_bytes(image_bytes("dog", 8, fmt="PNG"))  # a second file of Kaggle id 1
     (folder / "5.png").write_bytes(tall_png())  # 2 KB, 1 x 1,000,000: its row's error, at once
     out = tmp_path / "submission.csv"
-    code = main([str(folder), "--output-csv", str(out)])
+    stale = tmp_path / "submission.explained" / "99.png"  # an earlier run's overlay must not pass for this one's
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    code = main([str(folder), "--output-csv", str(out), "--explain", "3"])
     assert code == 0
     assert pd.read_csv(out)["id"].tolist() == [1, 2, 3, 4, 5, 10, 11]  # Kaggle ids only, each once
+    overlays = sorted(path.name for path in stale.parent.iterdir())  # Grad-CAM of the first three, beside the CSV
+    assert overlays == ["1.png", "2.png", "3.png"] and Image.open(stale.parent / "1.png").size == (192, 192)
     errors = pd.read_csv(out.with_name("submission.errors.csv")).set_index("file")
     assert errors.loc["broken.jpg", "error"].startswith("not a Kaggle id: its name is not a number")
     assert errors.loc["my_cat.jpg", "id"] == "my_cat"
     assert errors.loc["1.png", "error"].startswith("its Kaggle id 1 is 1.jpg's, so it is left out of the submission")
     assert "a side longer than the limit of 20,000" in errors.loc["5.png", "error"]
     captured = capsys.readouterr()
-    assert "3 left out (no Kaggle id of their own)" in captured.out
+    assert "3 left out (no Kaggle id of their own)" in captured.out and "3 Grad-CAM overlay(s) in" in captured.out
     assert "3 image(s) without a Kaggle id of their own (a number no other file has) left out" in captured.err
     own = tmp_path / "own"  # no numbered image at all: your own photos, scored by name
     own.mkdir()

@@ -17,15 +17,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import tasks.learning.layers  # noqa: F401  (registers the served model's mirror and temperature for loading)
 import tasks.learning.preprocess  # noqa: F401  (registers the Preprocess layer for loading)
 from flows.config import TrainConfig
 from flows.train import train_model
 from tasks.common.errors import InputError
 from tasks.data.datafolder import DataFolder
+from tasks.learning.calibration import apply_temperature
 from tasks.learning.evaluate import PREDICTION_COLUMNS
+from tasks.learning.extractor import feature_model
 from tasks.learning.forward import compiled_forward, to_numpy
 from tasks.learning.pixels import read_image
 from tasks.learning.runs import rank_backbones
+from tasks.learning.shards import load_features
+from tasks.learning.shipped import core_of
 from tests.imagegen import class_pixels
 from tests.prepared import make_prepared_dir
 
@@ -46,9 +51,9 @@ def first_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def second_run(first_run, tmp_path_factory):
-    """The same data again, now with fine-tuning."""
+    """The same data again, now with fine-tuning and test-time augmentation."""
     data_dir, _ = first_run
-    result = train_model(data_dir, CONFIG.model_copy(update={"fine_tune": True}))
+    result = train_model(data_dir, CONFIG.model_copy(update={"fine_tune": True, "tta": "flip"}))
     return Path(result.output_dir), result
 
 
@@ -60,8 +65,12 @@ def test_the_flow_learns_from_the_labels_and_picks_the_better_backbone(first_run
     assert result.chosen_backbone == BEST and result.backbones[BEST].val_auc >= 0.8
     assert result.head_agreement < 1e-4  # the saved model is the head that was validated
     comparison = pd.read_csv(result.comparison_path)
-    assert comparison["backbone"].tolist() == rank_backbones(result.backbones)
-    assert comparison["backbone"].iloc[0] == BEST and comparison["chosen"].tolist() == [True, False]
+    ensemble = result.ensemble  # two backbones: a head on their concatenated features competes with them
+    assert ensemble.backbone == "vgg16+mobilenet_v2" and ensemble.members == CONFIG.backbones
+    assert ensemble.feature_dim == sum(entry.feature_dim for entry in result.backbones.values())
+    assert comparison["backbone"].tolist() == rank_backbones({**result.backbones, ensemble.backbone: ensemble})
+    assert comparison["backbone"].iloc[0] == BEST and comparison["chosen"].tolist() == [True, False, False]
+    assert comparison["backbone"].tolist().index(BEST) < comparison["backbone"].tolist().index("mobilenet_v2")
 
 
 def test_result_follows_the_contract_and_every_path_exists(first_run):
@@ -74,9 +83,14 @@ def test_result_follows_the_contract_and_every_path_exists(first_run):
     assert Path(result.model_path) == output_dir / "model.keras"
     for key in ("model_path", "comparison_path", "predictions_path", "metrics_path"):
         assert Path(getattr(result, key)).is_file(), key
-    assert set(result.plots) == {"head_curves", "roc_curve", "confusion_matrix", "top_losses"}
+    assert set(result.plots) == {"head_curves", "roc_curve", "confusion_matrix", "top_losses", "reliability"}
     assert all(Path(p).is_file() and Path(p).read_bytes()[:4] == b"\x89PNG" for p in result.plots.values())
-    assert set(result.history_paths) == {f"head:{name}" for name in CONFIG.backbones}
+    assert set(result.history_paths) == {f"head:{name}" for name in [*CONFIG.backbones, result.ensemble.backbone]}
+    calibration = result.calibration  # fitted on validation, judged on test, in the metrics file too
+    assert calibration.applied == (calibration.temperature != 1.0) and calibration.reliability_plot
+    assert set(calibration.test["before"]) == set(calibration.test["after"]) == {"ece", "log_loss", "brier"}
+    assert calibration.validation["after"]["log_loss"] <= calibration.validation["before"]["log_loss"]
+    assert json.loads(Path(result.metrics_path).read_text())["calibration"]["temperature"] == calibration.temperature
     assert set(result.test_metrics) >= {"accuracy", "roc_auc", "log_loss", "precision_cat", "recall_dog",
                                             "f1_cat", "f1_dog", "confusion_matrix"}
     assert Path(result.backbones[BEST].head_path).is_file()
@@ -129,13 +143,32 @@ def test_fine_tuning_run_is_recorded_and_its_model_reloads_with_the_evaluated_pr
     # MobileNetV2 checks that rule)
     assert result.fine_tune.trainable_layers == 3 and result.fine_tune.frozen_batchnorm == 0
     assert result.fine_tuned == result.fine_tune.improved
-    assert set(result.history_paths) == {f"head:{name}" for name in CONFIG.backbones} | {"fine_tune"}
+    assert set(result.history_paths) == {f"head:{name}" for name in [*CONFIG.backbones, result.ensemble.backbone]} \
+        | {"fine_tune"}
     assert "fine_tune_curves" in result.plots and result.test_metrics["accuracy"] >= 0.8
     model = keras.saving.load_model(result.model_path, safe_mode=True)
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
     predictions = pd.read_csv(result.predictions_path)
     images = np.stack([read_image(data_dir / p, 32, decoder=result.decoder) for p in predictions["path"]])
     np.testing.assert_allclose(to_numpy(compiled_forward(model)(images)).reshape(-1), predictions["p_dog"], atol=1e-5)
+    # --tta flip: the mirrors' features are a feature space of their own, every candidate is scored with them
+    # on validation, and the served model averages each image with its mirror, then applies its temperature
+    assert result.tta == "flip"
+    for entry in [*result.backbones.values(), result.ensemble]:
+        assert set(entry.val_tta) == {"accuracy", "log_loss", "roc_auc"}
+    for entry in result.backbones.values():
+        assert entry.mirrored_cache_dir == entry.feature_cache_dir + "-flip"
+        assert len(list(Path(entry.mirrored_cache_dir).glob("shard-*.npz"))) >= 1
+    assert pd.read_csv(result.comparison_path)["val_auc_tta"].notna().all()
+    entry, sha256 = result.backbones[BEST], predictions["sha256"].iloc[0]  # the cached mirror is the mirrored image's
+    features = feature_model(BEST, entry.weights, 32, entry.precision)(images[:1, :, ::-1], training=False)
+    mirrored = load_features(entry.mirrored_cache_dir, [sha256])
+    np.testing.assert_allclose(mirrored, to_numpy(features), rtol=1e-2, atol=1e-3)
+    assert not np.allclose(mirrored, load_features(entry.feature_cache_dir, [sha256]), rtol=1e-2, atol=1e-3)
+    core = core_of(model)
+    averaged = (to_numpy(core(images, training=False)) + to_numpy(core(images[:, :, ::-1], training=False))) / 2
+    np.testing.assert_allclose(apply_temperature(averaged.reshape(-1), result.calibration.temperature),
+                               predictions["p_dog"], atol=1e-5)
 
 
 def test_rank_backbones_prefers_auc_then_loss_then_config_order():
@@ -158,3 +191,19 @@ def test_unknown_backbone_fails_before_any_work(tmp_path):
 def test_a_folder_without_manifest_fails_with_the_fix(tmp_path):
     with pytest.raises(InputError, match="prepare_data"):
         train_model(tmp_path, TrainConfig(backbones=["vgg16"], weights=None, input_size=32))
+
+
+def test_the_ensemble_is_served_end_to_end_as_its_head_was_validated(first_run, tmp_path):
+    """Chosen, the ensemble runs each member's backbone with its own preprocessing on the one image, once."""
+    from tasks.learning import steps
+    from tasks.learning.gradcam import GradCam
+
+    data_dir, result = first_run
+    exported = steps.export_ensemble.fn(str(data_dir), str(tmp_path), result.ensemble, result.backbones, 8, result.decoder)
+    assert exported.head_agreement < 1e-4 and not exported.fine_tuned
+    model = keras.saving.load_model(exported.model_path, safe_mode=True)
+    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert len(backbones) == 2 and len([layer for layer in model.layers if layer.name.startswith("preprocess_")]) == 2
+    clear = np.stack([class_pixels("cat", 4242, (32, 32)), class_pixels("dog", 4242, (32, 32))])
+    heat = GradCam(model).heatmaps(clear, np.array([0, 1]))  # one map per member, scaled and averaged
+    assert heat.shape == (2, 32, 32) and np.isfinite(heat).all()

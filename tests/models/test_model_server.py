@@ -96,6 +96,22 @@ def test_the_server_answers_jpegs_and_pixels_with_a_row_each(server):
     assert response.json()["predictions"][0]["label"] == "dog"
 
 
+def test_the_server_answers_the_probabilities_batch_prediction_writes(server, champion_store, tmp_path, monkeypatch):
+    """Test-time augmentation and the temperature are inside the model: served and batch p(dog) agree to 1e-6."""
+    from tasks.models.predictions import predict_folder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, label in enumerate(["cat", "dog", "dog", "cat"], start=1):
+        (images / f"{index}.jpg").write_bytes(image_bytes(label, 300 + index, size=(57, 43)))
+    written = predict_folder(images, "models:/cats-vs-dogs@champion", tmp_path / "submission.csv", 4)
+    batch = pd.read_csv(written.output_csv)["label"].to_numpy()
+    response = _invoke(server, _payload([_b64((images / f"{i}.jpg").read_bytes()) for i in range(1, 5)]))
+    served = [row["p_dog"] for row in response.json()["predictions"]]
+    assert abs(batch - served).max() <= 1e-6, (batch, served)  # the CSV's six decimals are the only difference
+
+
 def test_a_bad_base64_row_is_that_rows_error_and_the_others_are_scored(server):
     response = _invoke(server, _payload([_b64(image_bytes("cat", 1)), "%%% not base64 %%%",
                                          _b64(image_bytes("dog", 2))]))

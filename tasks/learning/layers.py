@@ -1,0 +1,70 @@
+"""The served model's own layers besides `Preprocess`: the mirror of test-time augmentation and the temperature.
+
+Both are registered Keras layers (no Lambda), so a saved model that holds them reloads with
+`safe_mode=True` on any backend once this module is imported, and every scoring path (the
+served model, batch prediction, the gate's test scoring, evaluation) computes the same
+probabilities by construction: they are inside the model, not beside it. Like preprocess.py,
+this module imports Keras and nothing heavier, because the served model imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+PROBABILITY_FLOOR = 1e-7
+"""Probabilities are clipped to [floor, 1 - floor] before they are turned back into logits (float32 keeps 1 - 1e-7)."""
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class MirrorImages(keras.layers.Layer):
+    """A batch of (height, width, channels) images, each mirrored left to right (test-time augmentation's second view).
+
+    It keeps the input's dtype (uint8 pixels stay uint8), so the mirrored batch goes through
+    the same `Preprocess` as the plain one.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        return keras.ops.flip(inputs, axis=-2)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class Temperature(keras.layers.Layer):
+    """Probabilities in, the same probabilities at temperature T out: sigmoid(logit(p) / T), or softmax(log(p) / T).
+
+    The head ends in a sigmoid (one unit, two classes) or a softmax (N units); this layer turns
+    its output back into logits, divides them by T and applies the same function again. T > 1
+    makes an over-confident model less sure; the order of the scores, and for N classes the
+    predicted class, never change. Computed in float32 whatever the model's precision.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def call(self, inputs: Any) -> Any:
+        ops = keras.ops
+        p = ops.clip(ops.cast(inputs, "float32"), PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
+        if inputs.shape[-1] == 1:
+            return ops.sigmoid((ops.log(p) - ops.log1p(-p)) / self.temperature)
+        return ops.softmax(ops.log(p) / self.temperature, axis=-1)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+def load_saved_model(path: Any) -> Any:
+    """A saved end-to-end or served `.keras` model in safe mode, every project layer registered first."""
+    import tasks.learning.preprocess  # noqa: F401  (registers Preprocess)
+
+    return keras.saving.load_model(str(path), compile=False, safe_mode=True)

@@ -131,10 +131,17 @@ class TrainConfig(_Section):
         description='"imagenet", a local Keras weights file (one backbone only), or "none" for random weights (tests).')
     input_size: int | None = Field(
         default=None, ge=16, le=1024, description="Square input side in pixels; none uses each backbone's native size.")
-    precision: Literal["auto", "bfloat16", "float32"] = Field(
+    precision: Literal["auto", "bfloat16", "float32", "int8"] = Field(
         default="auto",
         description="Backbone compute dtype: auto picks bfloat16 on Ampere+ GPUs, and on a CPU where it measured "
-                    "at least 1.1x float32 for the backbone (timed once per host, cached in the data folder).")
+                    "at least 1.1x float32 for the backbone on its engine (timed once per host, cached in the data "
+                    "folder); int8 (OpenVINO only, opt-in) quantizes the backbone with NNCF, calibrated on at most "
+                    "300 train images, and reports the head's validation metrics on int8 vs float32 features.")
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        default="auto",
+        description="What computes features, evaluation and the served model: keras, or OpenVINO's CPU plugin "
+                    "(the same Keras graph converted to OpenVINO IR); auto is Keras on GPUs, and on a CPU OpenVINO "
+                    "where it measured at least 1.1x Keras for the backbone (timed once per host, cached).")
     decoder: Literal["auto", "opencv", "pillow"] = Field(
         default="auto",
         description="Image decoder of features, fine-tuning, evaluation and the served model: auto is OpenCV "
@@ -191,7 +198,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum."""
+        """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum; int8 on OpenVINO."""
+        if self.precision == "int8" and self.engine == "keras":
+            raise ValueError("precision int8 runs only on OpenVINO; use --engine openvino (or auto) with it")
         if self.weights not in (None, "imagenet") and len(self.backbones) > 1:
             raise ValueError(
                 f"weights file {self.weights!r} fits one architecture but backbones lists "
@@ -341,5 +350,8 @@ class PredictConfig(_Section):
     model_uri: str = Field(default=DEFAULT_MODEL_URI, description="Any MLflow model URI.")
     output_csv: str = Field(default="submission.csv", description="Where the Kaggle submission CSV goes.")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        default="auto", description="What scores the images: auto is the engine the model was logged with; keras or "
+                                    "openvino override it (an int8 model runs at float32 on keras).")
     data_dir: str = Field(default="data", description="Data folder: an archive of images is extracted under its "
                                                       "extracted/, and the command's log goes to its logs/.")

@@ -86,7 +86,9 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         path.write_text(json.dumps(history))
         history_paths[f"head:{name}"] = str(path)
         summaries[name] = BackboneResult(
-            backbone=name, weights="imagenet", input_size=size, precision="float32", feature_dim=3, feature_cache_dir=str(out / "cache"),
+            backbone=name, weights="imagenet", input_size=size, precision="float32", engine="keras", int8_check=None,
+            feature_dim=3,
+            feature_cache_dir=str(out / "cache"),
             features_computed=24, features_reused=0, head_path=str(out / "heads" / f"{name}.keras"),
             history_path=str(path), val_accuracy=0.88 - index / 10, val_loss=0.42 + index / 10,
             val_auc=0.95 - index / 10, epochs_run=3, best_epoch=3)
@@ -111,11 +113,11 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         test_metrics={"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
                       "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
         val_metrics={"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
-        model_path=str(model_path), input_size=size, output_dir=str(out), plots=plots,
+        model_path=str(model_path), engine_model_path=None, input_size=size, output_dir=str(out), plots=plots,
         comparison_path=str(comparison), history_paths=history_paths, predictions_path=str(predictions),
         metrics_path=str(out / "metrics.json"), fine_tuned=fine_tune, fine_tune=None, head_agreement=0.0,
         devices=DeviceSetup(backend=keras.config.backend(), device="CPU", gpus=0, device_name="test CPU",
-                            precision="float32", reason="tests"),
+                            precision="float32", reason="tests", engine="keras", engine_reason="tests"),
         decoder=resolve_decoder("auto"),
         counts={"train": {"cat": 10, "dog": 10}}, config=config, config_hash="c" * 64, data_dir=str(out),
         data_fingerprint="f" * 64)

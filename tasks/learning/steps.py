@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.results import DeviceSetup, TrainResult
+from tasks.common.results import DeviceSetup, Int8Check, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import Evaluation
 from tasks.learning.features import FeatureSummary, PlanRef, ShardResult, summarise
@@ -37,14 +37,37 @@ def configure_devices(precision: str) -> DeviceSetup:
     return configure(precision)
 
 
-@task(name="choose-precision", cache_policy=NO_CACHE)
-def choose_precision(data_dir: str, backbone: str, weights: str, input_size: int, requested: str,
-                     devices: DeviceSetup) -> DeviceSetup:
-    """`devices` at this backbone's precision: as configured, a GPU's rule, or measured once on this CPU and cached."""
-    from tasks.learning.precision import resolve_precision
+@task(name="choose-engine-and-precision", cache_policy=NO_CACHE)
+def choose_compute(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, engine: str,
+                   decoder: str, devices: DeviceSetup) -> DeviceSetup:
+    """`devices` with this backbone's engine and precision: as configured, by a GPU's rule, or measured once on this CPU.
 
-    precision, why = resolve_precision(DataFolder.at(data_dir), backbone, weights, input_size, requested)
-    return devices.model_copy(update={"precision": precision, "reason": why})
+    The engine first (int8 means OpenVINO), then the precision on that engine; each `auto` is
+    timed once per host and cached in the data folder.
+    """
+    from tasks.learning.engines import resolve_engine
+    from tasks.learning.precision import resolve_precision
+    from tasks.learning.quantize import float32_ir_dir
+
+    folder = DataFolder.at(data_dir)
+    ir_dir = str(float32_ir_dir(folder, backbone, weights, input_size, decoder))
+    if precision == "int8" and engine == "auto":
+        chosen_engine, engine_why = resolve_engine(folder, backbone, weights, input_size, "openvino", ir_dir)[0], \
+            "int8 runs only on OpenVINO"
+    else:
+        chosen_engine, engine_why = resolve_engine(folder, backbone, weights, input_size, engine, ir_dir)
+    chosen, why = resolve_precision(folder, backbone, weights, input_size, precision, chosen_engine, ir_dir)
+    return devices.model_copy(update={"precision": chosen, "reason": why, "engine": chosen_engine,
+                                      "engine_reason": engine_why})
+
+
+@task(name="check-int8", cache_policy=NO_CACHE)
+def check_int8(data_dir: str, backbone: str, weights: str, input_size: int, decoder: str, cache_dir: str,
+               head_path: str) -> Int8Check:
+    """The head's validation metrics on int8 vs float32 features of a validation sample (int8 runs only)."""
+    from tasks.learning.quantize import int8_check
+
+    return int8_check(DataFolder.at(data_dir), backbone, weights, input_size, decoder, cache_dir, head_path)
 
 
 @task(name="check-decoder", cache_policy=NO_CACHE)
@@ -73,12 +96,12 @@ def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int
 
 @task(name="plan-features", cache_policy=NO_CACHE)
 def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, decoder: str,
-                  shard_size: int = 512) -> PlanRef:
-    """Which images still need features, cut into shards (a warm cache plans nothing)."""
+                  shard_size: int = 512, engine: str = "keras") -> PlanRef:
+    """Which images still need features, cut into shards (a warm cache plans nothing; OpenVINO's IR is made here)."""
     from tasks.learning.features import plan_extraction
 
     return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size,
-                           decoder).ref()
+                           decoder, engine).ref()
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
@@ -134,22 +157,23 @@ def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, pa
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)
 def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
                  cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str,
-                 decoder: str) -> ExportedModel:
-    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras."""
+                 decoder: str, engine: str = "keras") -> ExportedModel:
+    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras (and as
+    OpenVINO IR on that engine)."""
     from tasks.learning.finetune import export_model as export
 
     return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
-                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder)
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder, engine=engine)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int,
-             decoder: str) -> Evaluation:
-    """Test-split evaluation of the saved end-to-end model, as it ships."""
+             decoder: str, engine_model: str | None = None, precision: str = "float32") -> Evaluation:
+    """Test-split evaluation of the saved end-to-end model, as it ships (on its OpenVINO IR when it has one)."""
     from tasks.learning.evaluate import evaluate_model
 
     return evaluate_model(Path(model_path), DataFolder.at(data_dir), Path(output_dir), input_size, batch_size,
-                          decoder=decoder)
+                          decoder=decoder, engine_model=engine_model, precision=precision)
 
 
 @task(name="plots", cache_policy=NO_CACHE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common.numbers import decimals4
-from tasks.common.results import ChampionInfo, RetrainSummary
+from tasks.common.results import ChampionInfo, Int8Check, RetrainSummary
 from tasks.models.store import experiment_url
 
 REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
@@ -53,6 +53,16 @@ def _number(value: Any) -> str:
     return str(value) if shown == "n/a" else shown
 
 
+def int8_sentence(check: Int8Check) -> str:
+    """What int8 cost the head, in one line (the run page's note and the retrain summary)."""
+    def pair(key: str) -> str:
+        return f"{key} {decimals4(check.int8[key])} (float32 {decimals4(check.float32[key])})"
+
+    return (f"int8: the head on int8 features of {check.images} validation images scored {pair('accuracy')}, "
+            f"{pair('roc_auc')}; features relative L2 {check.feature_relative_l2:.3f}, largest probability gap "
+            f"{check.max_probability_gap:.3f}; calibrated on {check.calibration_images} train images.")
+
+
 def summary_markdown(summary: RetrainSummary) -> str:
     """The run summary people read in the Prefect UI (and on the console): data, metrics, decision, links."""
     data = summary.data
@@ -64,7 +74,10 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines.append(f"- Chosen backbone: **{summary.chosen_backbone}**")
     if summary.devices:
         lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
-                     f"{summary.devices.precision} ({summary.devices.reason})")
+                     f"{summary.devices.precision} ({summary.devices.reason}), engine {summary.devices.engine} "
+                     f"({summary.devices.engine_reason})")
+    if summary.int8_check:
+        lines.append(f"- {int8_sentence(summary.int8_check)}")
     if data.counts:
         lines += ["", "## Data", "", "| split | " + " | ".join(data.classes) + " |",
                   "|---|" + "---:|" * len(data.classes)]

@@ -12,6 +12,7 @@ instead of a feature-extraction pass.
     ComputeConfig  where feature shards are computed (never changes the model)
     RetrainConfig  all four, plus run options                                   (retrain)
     PredictConfig  what to score with which model                               (predict)
+    ExportConfig   which model to write in which format, where                  (export)
 """
 
 from __future__ import annotations
@@ -355,3 +356,14 @@ class PredictConfig(_Section):
                                     "openvino override it (an int8 model runs at float32 on keras).")
     data_dir: str = Field(default="data", description="Data folder: an archive of images is extracted under its "
                                                       "extracted/, and the command's log goes to its logs/.")
+
+
+class ExportConfig(_Section):
+    """A logged model as a standalone artifact: which model, which format, where."""
+
+    model_uri: str = Field(description="Any MLflow model URI of this project (e.g. models:/cats-vs-dogs@champion).")
+    format: Literal["openvino", "onnx", "savedmodel"] = Field(
+        default="openvino", description="openvino (IR: model.xml + model.bin), onnx (model.onnx; needs the export "
+                                        "extra) or savedmodel (a TensorFlow SavedModel folder).")
+    output: str = Field(default="exported", description="Folder to write (replaced whole, only once parity holds).")
+    data_dir: str = Field(default="data", description="Data folder: the command's log goes to its logs/.")

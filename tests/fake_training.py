@@ -72,10 +72,19 @@ def _png(path: Path, colour: tuple[int, int, int]) -> Path:
 
 def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOOD, test_auc: float = 0.97,
                       backbones: tuple[str, ...] = ("resnet50", "mobilenet_v2"),
-                      fine_tune: bool = True, size: int = TINY_SIZE) -> TrainResult:
-    """A TrainResult (what train_model returns) pointing at real files under `out`."""
+                      fine_tune: bool = True, size: int = TINY_SIZE, engine: str = "keras") -> TrainResult:
+    """A TrainResult (what train_model returns) pointing at real files under `out`.
+
+    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does.
+    """
     out.mkdir(parents=True, exist_ok=True)
     model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
+    engine_model = None
+    if engine == "openvino":
+        from tasks.learning.openvino_engine import export_ir
+        from tasks.models.pyfunc import load_keras_model
+
+        engine_model = str(export_ir(load_keras_model(model_path), out / "model.openvino"))
     history_paths: dict[str, str] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(backbones):
@@ -113,11 +122,11 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         test_metrics={"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
                       "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
         val_metrics={"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
-        model_path=str(model_path), engine_model_path=None, input_size=size, output_dir=str(out), plots=plots,
+        model_path=str(model_path), engine_model_path=engine_model, input_size=size, output_dir=str(out), plots=plots,
         comparison_path=str(comparison), history_paths=history_paths, predictions_path=str(predictions),
         metrics_path=str(out / "metrics.json"), fine_tuned=fine_tune, fine_tune=None, head_agreement=0.0,
         devices=DeviceSetup(backend=keras.config.backend(), device="CPU", gpus=0, device_name="test CPU",
-                            precision="float32", reason="tests", engine="keras", engine_reason="tests"),
+                            precision="float32", reason="tests", engine=engine, engine_reason="tests"),
         decoder=resolve_decoder("auto"),
         counts={"train": {"cat": 10, "dog": 10}}, config=config, config_hash="c" * 64, data_dir=str(out),
         data_fingerprint="f" * 64)

@@ -28,7 +28,9 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -251,12 +253,13 @@ def quantize_ir(source_xml: str | os.PathLike[str], folder: str | os.PathLike[st
 
     import nncf
 
-    logging.getLogger("nncf").setLevel(logging.ERROR)  # per-step progress bars and notes: the run says what matters
+    nncf.set_log_level(logging.ERROR)  # its notes per step: the run says what matters
     items = [np.ascontiguousarray(image[None]) for image in calibration]
     if not items:
         raise ConfigError("int8 needs calibration images from the train split, and it has none that decode.")
     model = openvino.Core().read_model(str(source_xml))
-    quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))  # its progress bars: not ours
     with atomic_directory(folder) as building:
         openvino.save_model(quantized, str(building / IR_FILE), compress_to_fp16=False)
         (building / "calibration.json").write_text(json.dumps({"images": len(items), "sha256": calibration_ids},

@@ -42,9 +42,10 @@ CHECK_IMAGES = 300
 
 
 def calibration_images(folder: DataFolder, size: int, decoder: str,
-                       limit: int = CALIBRATION_IMAGES) -> tuple[list[np.ndarray], list[str]]:
-    """(uint8 images, their sha256) of the first `limit` train images that decode, in sha256 order."""
-    rows = folder.split_rows("train").sort_values("sha256").head(limit)
+                       limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """(uint8 images, their sha256) of the first `limit` (CALIBRATION_IMAGES) train images that decode, in sha256
+    order."""
+    rows = folder.split_rows("train").sort_values("sha256").head(limit or CALIBRATION_IMAGES)
     images, ids = [], []
     for batch in shared_decoder(size, 32, decoder=decoder).batches(rows["path"].tolist()):
         for row, error in enumerate(batch.errors):
@@ -89,7 +90,7 @@ def shipped_ir(model: Any, target: str | os.PathLike[str], precision: str, folde
 
 def int8_check(folder: DataFolder, backbone: str, weights: str, size: int, decoder: str,
                int8_cache_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
-               limit: int = CHECK_IMAGES) -> Int8Check:
+               limit: int | None = None) -> Int8Check:
     """The head's validation metrics on int8 features (the run's cache) vs float32 OpenVINO features of the same images."""
     import keras
 
@@ -100,7 +101,7 @@ def int8_check(folder: DataFolder, backbone: str, weights: str, size: int, decod
 
     index = shard_index(int8_cache_dir)
     rows = folder.split_rows("validation")
-    rows = rows[rows["sha256"].isin(list(index.rows))].head(limit)
+    rows = rows[rows["sha256"].isin(list(index.rows))].head(limit or CHECK_IMAGES)
     int8 = load_features(int8_cache_dir, rows["sha256"].tolist(), index)
     _, forward = cached_extractor(backbone, weights, size, "float32", weights_fingerprint(weights), "openvino",
                                   str(float32_ir_dir(folder, backbone, weights, size, decoder)))

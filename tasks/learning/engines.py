@@ -21,17 +21,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from tasks.common.devices import backend, cpu_name, gpus
+from tasks.common.devices import CPU_BATCH_SIZE, backend, cpu_name, gpus
 from tasks.common.errors import ConfigError
 from tasks.common.files import atomic_write_json
 from tasks.common.logs import run_logger
 from tasks.data.datafolder import DataFolder
 from tasks.learning import openvino_engine
 from tasks.learning.backbones import get_backbone, resolve_input_size, weights_fingerprint
-from tasks.learning.precision import MEASURE_BATCH, MEASURE_ROUNDS, host_id, time_forwards, verdict_key
+from tasks.learning.precision import MEASURE_ROUNDS, host_id, time_forwards, verdict_key
 
 OPENVINO_MIN_SPEEDUP = 1.1
 """OpenVINO is chosen only when Keras' median batch time is at least this multiple of OpenVINO's."""
+
+MEASURE_BATCH = CPU_BATCH_SIZE
+"""Images per timed batch: extraction's own CPU batch. At 8 images OpenVINO's two infer requests get 4 each and
+the ratio swung from 0.8x to 1.4x between runs on a loaded 2-core host (MobileNetV2, 224 px); at 32 it held at
+2.3-2.7x."""
 
 
 class EngineVerdict(BaseModel):
@@ -66,7 +71,7 @@ def time_engines(backbone: str, weights: str, input_size: int, ir_dir: str) -> d
     name, fingerprint = get_backbone(backbone).name, weights_fingerprint(weights)
     forwards = {engine: cached_extractor(name, weights, input_size, "float32", fingerprint, engine, ir_dir)[1]
                 for engine in ("keras", "openvino")}
-    return time_forwards(forwards, input_size)
+    return time_forwards(forwards, input_size, batch=MEASURE_BATCH)
 
 
 def _cached(path: os.PathLike[str]) -> EngineVerdict | None:

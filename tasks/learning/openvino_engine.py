@@ -149,15 +149,15 @@ def _export_here(model: Any, xml: Path) -> None:
 
 def _export_in_tensorflow(keras_file: Path, xml: Path) -> None:
     """Run this module as a child on Keras' TensorFlow backend to export `keras_file` to `xml`."""
-    if importlib.util.find_spec("tensorflow") is None:
-        raise ConfigError(f"Converting a Keras/{_backend_name()} model to OpenVINO needs TensorFlow (Keras' OpenVINO "
-                          "export of other backends' models fails with these versions), which is not installed "
-                          "here; pip install tensorflow, or use --engine keras.")
     code_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "tasks.learning.openvino_engine", str(keras_file), str(xml)],
                           env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 and "No module named 'tensorflow'" in done.stderr:
+        raise ConfigError(f"Converting a Keras/{_backend_name()} model to OpenVINO needs TensorFlow (Keras' OpenVINO "
+                          "export of other backends' models fails with these versions), which is not installed "
+                          "here; pip install tensorflow, or use --engine keras.")
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"exporting {keras_file} to OpenVINO in a TensorFlow process failed: {last}")

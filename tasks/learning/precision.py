@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from tasks.common.devices import backend, choose_precision, cpu_flags, cpu_name
+from tasks.common.devices import CPU_BATCH_SIZE, backend, choose_precision, cpu_flags, cpu_name
 from tasks.common.files import atomic_write_json
 from tasks.common.logs import run_logger
 from tasks.data.datafolder import DataFolder
@@ -140,12 +140,13 @@ def measured_precision(folder: DataFolder, backbone: str, weights: str, input_si
     path = folder.precision_verdict(verdict_key(backbone, size, backend(), host, engine))
     verdict = _cached(path)
     when = "measured earlier on this host"
+    batch = MEASURE_BATCH if engine == "keras" else CPU_BATCH_SIZE  # OpenVINO splits a batch over its requests
     if verdict is None:
-        seconds = time_precisions(backbone, weights, size, engine=engine, ir_dir=ir_dir)
+        seconds = time_precisions(backbone, weights, size, batch=batch, engine=engine, ir_dir=ir_dir)
         precision, speedup = decide(seconds["float32"], seconds["bfloat16"])
         verdict = PrecisionVerdict(
             precision=precision, speedup=round(speedup, 4), float32_s=seconds["float32"],
-            bfloat16_s=seconds["bfloat16"], batch=MEASURE_BATCH, rounds=MEASURE_ROUNDS, min_speedup=BF16_MIN_SPEEDUP,
+            bfloat16_s=seconds["bfloat16"], batch=batch, rounds=MEASURE_ROUNDS, min_speedup=BF16_MIN_SPEEDUP,
             backbone=get_backbone(backbone).name, input_size=size, backend=backend(), host=host, cpu=cpu_name(),
             measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_json(path, verdict.model_dump())

@@ -37,7 +37,7 @@ def predict(config: PredictConfig) -> PredictSummary:
     target = str(check_output_path(config.output_csv))
     steps.check_model(config.model_uri)
     folder = steps.locate_images(config.images, str(DataFolder.at(config.data_dir).extracted))
-    summary = steps.score_images(folder, config.model_uri, target, config.batch_size)
+    summary = steps.score_images(folder, config.model_uri, target, config.batch_size, config.engine)
     logger.info("Scored %d images with %s (%d errors, %d left out without a Kaggle id, %d other files skipped) -> %s",
                 summary.n_images, config.model_uri, summary.n_errors, summary.n_left_out, summary.n_skipped,
                 summary.output_csv)

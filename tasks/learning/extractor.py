@@ -10,6 +10,8 @@ Why it is built this way:
   are expensive to start, are shared by every shard and by evaluation (`shared_decoder`).
 - Nothing here knows about shards or plans: evaluation uses the same decoder, and the
   benchmarks time the same cached model and forward that extraction runs.
+- On the OpenVINO engine the forward runs the feature model's IR, kept in the feature cache's
+  folder (tasks/learning/openvino_engine.py); the Keras model is built only to convert it.
 """
 
 from __future__ import annotations

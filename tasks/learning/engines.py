@@ -15,11 +15,8 @@ is not installed, `auto` is Keras and says so; `--engine openvino` then stops in
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from typing import Literal
-
-from pydantic import BaseModel, ValidationError
 
 from tasks.common.devices import CPU_BATCH_SIZE, backend, cpu_name, gpus
 from tasks.common.errors import ConfigError
@@ -28,7 +25,14 @@ from tasks.common.logs import run_logger
 from tasks.data.datafolder import DataFolder
 from tasks.learning import openvino_engine
 from tasks.learning.backbones import get_backbone, resolve_input_size, weights_fingerprint
-from tasks.learning.precision import MEASURE_ROUNDS, host_id, time_forwards, verdict_key
+from tasks.learning.precision import (
+    MEASURE_ROUNDS,
+    Measurement,
+    cached_verdict,
+    host_id,
+    time_forwards,
+    verdict_key,
+)
 
 OPENVINO_MIN_SPEEDUP = 1.1
 """OpenVINO is chosen only when Keras' median batch time is at least this multiple of OpenVINO's."""
@@ -39,23 +43,15 @@ the ratio swung from 0.8x to 1.4x between runs on a loaded 2-core host (MobileNe
 2.3-2.7x."""
 
 
-class EngineVerdict(BaseModel):
-    """What `auto` measured on one host for one backbone, input size and backend (the cached JSON)."""
+class EngineVerdict(Measurement):
+    """What `auto` measured on one host for one backbone, input size and backend (the cached JSON).
+
+    `speedup` is Keras seconds / OpenVINO seconds per batch (medians, both float32): above 1, OpenVINO is faster.
+    """
 
     engine: Literal["keras", "openvino"]
-    speedup: float
-    """Keras seconds / OpenVINO seconds per batch (medians, both float32): above 1, OpenVINO is faster."""
     keras_s: float
     openvino_s: float
-    batch: int
-    rounds: int
-    min_speedup: float
-    backbone: str
-    input_size: int
-    backend: str
-    host: str
-    cpu: str
-    measured_at: str
 
 
 def decide(keras_s: float, openvino_s: float, min_speedup: float = OPENVINO_MIN_SPEEDUP) -> tuple[str, float]:
@@ -74,21 +70,13 @@ def time_engines(backbone: str, weights: str, input_size: int, ir_dir: str) -> d
     return time_forwards(forwards, input_size, batch=MEASURE_BATCH)
 
 
-def _cached(path: os.PathLike[str]) -> EngineVerdict | None:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return EngineVerdict.model_validate_json(file.read())
-    except (OSError, ValueError, ValidationError):
-        return None
-
-
 def measured_engine(folder: DataFolder, backbone: str, weights: str, input_size: int | None,
                     ir_dir: str) -> tuple[str, str]:
     """(engine, why) for `auto` on this CPU: the cached verdict, or a measurement now (then cached)."""
     size = resolve_input_size(backbone, input_size)
     host = host_id()
     path = folder.engine_verdict(verdict_key(backbone, size, backend(), host))
-    verdict = _cached(path)
+    verdict = cached_verdict(path, EngineVerdict)
     when = "measured earlier on this host"
     if verdict is None:
         seconds = time_engines(backbone, weights, size, ir_dir)

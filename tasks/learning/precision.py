@@ -27,7 +27,7 @@ import re
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -48,14 +48,10 @@ MEASURE_ROUNDS = 3
 """Timed batches per precision (after one untimed batch that compiles); the median is compared."""
 
 
-class PrecisionVerdict(BaseModel):
-    """What `auto` measured on one host for one backbone, input size and backend (the cached JSON)."""
+class Measurement(BaseModel):
+    """What every cached `auto` verdict records of its measurement: how, of what, where and when."""
 
-    precision: Literal["bfloat16", "float32"]
     speedup: float
-    """float32 seconds / bfloat16 seconds per batch (medians): above 1, bfloat16 is faster."""
-    float32_s: float
-    bfloat16_s: float
     batch: int
     rounds: int
     min_speedup: float
@@ -65,6 +61,20 @@ class PrecisionVerdict(BaseModel):
     host: str
     cpu: str
     measured_at: str
+
+
+class PrecisionVerdict(Measurement):
+    """What `auto` measured on one host for one backbone, input size and backend (the cached JSON).
+
+    `speedup` is float32 seconds / bfloat16 seconds per batch (medians): above 1, bfloat16 is faster.
+    """
+
+    precision: Literal["bfloat16", "float32"]
+    float32_s: float
+    bfloat16_s: float
+
+
+V = TypeVar("V", bound=Measurement)
 
 
 def host_id() -> str:
@@ -123,11 +133,11 @@ def time_precisions(backbone: str, weights: str, input_size: int, *, batch: int 
     return time_forwards(forwards, input_size, batch=batch, rounds=rounds)
 
 
-def _cached(path: os.PathLike[str]) -> PrecisionVerdict | None:
+def cached_verdict(path: os.PathLike[str], kind: type[V]) -> V | None:
     """The verdict in `path`, or None when there is none or it cannot be read (then it is measured again)."""
     try:
         with open(path, encoding="utf-8") as file:
-            return PrecisionVerdict.model_validate_json(file.read())
+            return kind.model_validate_json(file.read())
     except (OSError, ValueError, ValidationError):
         return None
 
@@ -138,7 +148,7 @@ def measured_precision(folder: DataFolder, backbone: str, weights: str, input_si
     size = resolve_input_size(backbone, input_size)
     host = host_id()
     path = folder.precision_verdict(verdict_key(backbone, size, backend(), host, engine))
-    verdict = _cached(path)
+    verdict = cached_verdict(path, PrecisionVerdict)
     when = "measured earlier on this host"
     batch = MEASURE_BATCH if engine == "keras" else CPU_BATCH_SIZE  # OpenVINO splits a batch over its requests
     if verdict is None:

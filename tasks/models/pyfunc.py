@@ -183,14 +183,15 @@ def check_engine(engine: str) -> None:
 
 def _openvino_forward(keras_model: Any, engine_model: str | None, precision: str) -> Any:
     """The OpenVINO forward of a logged IR, or of the Keras model converted now (into a folder that lives as long as
-    the process: the IR's weights are read from it)."""
+    the process: the IR's weights are read from it). No compiled blobs are cached: MLflow hands a server a fresh
+    copy of the artifacts each start, so they would only fill its temporary folder."""
     import tempfile
 
     from tasks.learning.openvino_engine import export_ir, ir_forward
 
     if engine_model is None:
         engine_model = str(export_ir(keras_model, Path(tempfile.mkdtemp(prefix="catsdogs-openvino-")) / "ir"))
-    return ir_forward(engine_model, precision)
+    return ir_forward(engine_model, precision, cache=False)
 
 
 def server_request_timeout() -> float | None:

@@ -95,7 +95,7 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         path.write_text(json.dumps(history))
         history_paths[f"head:{name}"] = str(path)
         summaries[name] = BackboneResult(
-            backbone=name, weights="imagenet", input_size=size, precision="float32", engine="keras", int8_check=None,
+            backbone=name, weights="imagenet", input_size=size, precision="float32", engine=engine, int8_check=None,
             feature_dim=3,
             feature_cache_dir=str(out / "cache"),
             features_computed=24, features_reused=0, head_path=str(out / "heads" / f"{name}.keras"),

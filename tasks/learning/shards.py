@@ -7,7 +7,8 @@ Why it is built this way:
   precision, backend, decoder (OpenCV's pixels are a level or two from Pillow's) or engine
   never mix. Keras' features keep the name they always had (no engine part), so caches made
   before engines existed stay valid; OpenVINO's end in `-openvino`, and their folder keeps the
-  IR that computed them (`openvino/`, see `engine_dir`), so a second run does not convert again. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
+  IR that computed them (`openvino/`, see `engine_dir`), so a second run does not convert
+  again. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
 - A shard is written atomically under a name made of the hashes it is planned to hold.
   Shards computed anywhere (another process, another Dask worker) merge by construction, a
   killed run keeps every finished shard, and no reader ever sees half of one.

@@ -147,8 +147,7 @@ def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLik
     shards = [pairs[start:start + shard_size] for start in range(0, len(pairs), shard_size)]
     plan = ExtractionPlan(cache_dir=str(cache_dir), backbone=spec.name, weights=weights, input_size=size,
                           precision=precision, decoder=decoder, engine=engine, feature_dim=spec.feature_dim,
-                          images=len(rows),
-                          reused=len(rows) - len(todo), shards=shards)
+                          images=len(rows), reused=len(rows) - len(todo), shards=shards)
     if shards:
         missing = [path for _, path in pairs if not os.path.isfile(path)]
         if missing:
@@ -158,8 +157,9 @@ def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLik
             from tasks.learning.quantize import quantized_feature_ir
 
             quantized_feature_ir(folder, spec.name, weights, size, decoder, cache_dir)
-        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights), engine,  # a bad weights
-                         str(engine_dir(cache_dir)))                                               # file fails here
+        # a bad weights file fails here; on OpenVINO the IR is converted here, once, for every worker
+        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights), engine,
+                         str(engine_dir(cache_dir)))
         ready_cache_dir(cache_dir, backbone, weights, size, precision, decoder, engine)
         payload = plan.model_dump_json()
         plan_path = cache_dir / PLANS_DIR / f"plan-{sha256_bytes(payload.encode())[:16]}.json"

@@ -29,11 +29,12 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
     """Why training can be skipped, or None: a registered version was built from this very data and config.
 
     Any version counts, champion or not: retraining would only register its identical twin.
-    The Keras backend, and the precision and image decoder that "auto" picks on this host, are
-    deliberately not part of the check: they decide how the same model is computed, not which
-    model it is (a model saved on one backend predicts the same on another; float32 and bfloat16
-    features, and OpenCV's and Pillow's pixels, train heads that agree: tests/learning/
-    test_backends.py, test_precision.py and test_pixels.py). The configured values ("auto",
+    The Keras backend, and the precision, engine and image decoder that "auto" picks on this
+    host, are deliberately not part of the check: they decide how the same model is computed, not
+    which model it is (a model saved on one backend predicts the same on another; float32 and
+    bfloat16 features, OpenVINO's and Keras' features, and OpenCV's and Pillow's pixels, train
+    heads that agree: tests/learning/test_backends.py, test_precision.py, test_engines.py and
+    test_pixels.py). The configured values ("auto",
     "opencv", ...) are in the config hash like every training field. Moving the schedule to a GPU
     host, or installing OpenCV, must not retrain everything; `--force` does when someone wants it.
     """
@@ -41,8 +42,8 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
         return None
     versions = ", ".join(version.version for version in built)
     return (f"nothing changed: dataset fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} "
-            f"equal those of registered version(s) {versions} (another Keras backend, or the precision or image "
-            "decoder that auto picks on this host, is not a change: --force trains anyway)")
+            f"equal those of registered version(s) {versions} (another Keras backend, or the precision, engine or "
+            "image decoder that auto picks on this host, is not a change: --force trains anyway)")
 
 
 def _number(value: Any) -> str:

@@ -167,7 +167,8 @@ def test_unchanged_names_every_version_built_from_this_data_and_config():
                           config_hash="c" * 64, metrics={}) for v in ("4", "3")]
     reason = unchanged_reason("f" * 64, "c" * 64, built)
     assert "registered version(s) 4, 3" in reason
-    assert "another Keras backend, or the precision or image decoder that auto picks on this host, is not a change: --force" \
+    assert "another Keras backend, or the precision, engine or image decoder that auto picks on this host, is not a " \
+           "change: --force" \
         in reason
     assert unchanged_reason("f" * 64, "c" * 64, []) is None
     assert unchanged_reason("", "", built) is None

@@ -1,7 +1,8 @@
 """The OpenVINO engine: the same features as Keras, its IR kept and reused, `--engine auto` measured once, int8.
 
 OpenVINO runs the Keras feature model converted to IR (on TensorFlow here; on JAX through a
-TensorFlow child process, which the JAX job of the test command exercises), so its features
+TensorFlow child process, which the JAX job of the test command exercises in
+tests/models/test_served_model_env.py and the champion's serving tests), so its features
 must equal Keras' to float32 rounding. `auto` times both once per host and caches the verdict
 like `--precision auto`; int8 is NNCF's quantization calibrated on train images only, and a
 run reports what it costs the head.
@@ -41,7 +42,6 @@ def prepared(tmp_path_factory):
     return data_dir, str(weights)
 
 
-@pytest.mark.backends
 def test_openvino_features_equal_keras_features_and_its_ir_is_converted_once(prepared, monkeypatch):
     data_dir, weights = prepared
     folder = DataFolder(data_dir)

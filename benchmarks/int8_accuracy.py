@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,10 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bn-from-data", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="int8-accuracy-"))
+    try:
+        _compare(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
+
+def _compare(args: argparse.Namespace, root: Path) -> None:
     import keras
 
-    root = Path(tempfile.mkdtemp(prefix="int8-accuracy-"))
     print(f"{args.backbone} at {args.size} px, random weights, BatchNorm statistics "
           f"{'from the calibration images' if args.bn_from_data else 'as initialised'}, {os.cpu_count()} cpus, "
           f"load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")

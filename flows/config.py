@@ -12,6 +12,7 @@ instead of a feature-extraction pass.
     ComputeConfig  where feature shards are computed (never changes the model)
     RetrainConfig  all four, plus run options                                   (retrain)
     PredictConfig  what to score with which model                               (predict)
+    ExportConfig   which model to write in which format, where                  (export)
 """
 
 from __future__ import annotations
@@ -139,10 +140,17 @@ class TrainConfig(_Section):
         description='"imagenet", a local Keras weights file (one backbone only), or "none" for random weights (tests).')
     input_size: int | None = Field(
         default=None, ge=16, le=1024, description="Square input side in pixels; none uses each backbone's native size.")
-    precision: Literal["auto", "bfloat16", "float32"] = Field(
+    precision: Literal["auto", "bfloat16", "float32", "int8"] = Field(
         default="auto",
         description="Backbone compute dtype: auto picks bfloat16 on Ampere+ GPUs, and on a CPU where it measured "
-                    "at least 1.1x float32 for the backbone (timed once per host, cached in the data folder).")
+                    "at least 1.1x float32 for the backbone on its engine (timed once per host, cached in the data "
+                    "folder); int8 (OpenVINO only, opt-in) quantizes the backbone with NNCF, calibrated on at most "
+                    "300 train images, and reports the head's validation metrics on int8 vs float32 features.")
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        default="auto",
+        description="What computes features, evaluation and the served model: keras, or OpenVINO's CPU plugin "
+                    "(the same Keras graph converted to OpenVINO IR); auto is Keras on GPUs, and on a CPU OpenVINO "
+                    "where it measured at least 1.1x Keras for the backbone (timed once per host, cached).")
     decoder: Literal["auto", "opencv", "pillow"] = Field(
         default="auto",
         description="Image decoder of features, fine-tuning, evaluation and the served model: auto is OpenCV "
@@ -203,7 +211,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum."""
+        """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum; int8 on OpenVINO."""
+        if self.precision == "int8" and self.engine == "keras":
+            raise ValueError("precision int8 runs only on OpenVINO; use --engine openvino (or auto) with it")
         if self.weights not in (None, "imagenet") and len(self.backbones) > 1:
             raise ValueError(
                 f"weights file {self.weights!r} fits one architecture but backbones lists "
@@ -357,6 +367,14 @@ class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
         return {**defaults, **{key: value for key, value in values.items() if value is not None or key not in defaults}}
 
 
+def _data_dir_of_the_model(values: Any) -> Any:
+    """A registered model's own data folder, as its retrain chose it, unless one is given (predict, export)."""
+    if not isinstance(values, dict) or values.get("data_dir") is not None:
+        return values
+    parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
+    return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
+
+
 class PredictConfig(_Section):
     """Batch prediction: which images, which model, where the CSV goes."""
 
@@ -365,6 +383,9 @@ class PredictConfig(_Section):
     output_csv: str = Field(default="submission.csv", description="Where the CSV goes (Kaggle's submission for "
                                                                   "cats vs. dogs).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Images per scoring batch.")
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        default="auto", description="What scores the images: auto is the engine the model was logged with; keras or "
+                                    "openvino override it (an int8 model runs at float32 on keras).")
     explain: int = Field(default=0, ge=0, le=100_000,
                          description="Grad-CAM overlays of the first N images (where the model looked for the class "
                                      "it named), as PNGs in <csv name>.explained/ beside the CSV.")
@@ -376,9 +397,22 @@ class PredictConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _data_dir_of_the_model(cls, values: Any) -> Any:
-        """A registered model's own data folder, as its retrain chose it, unless one is given."""
-        if not isinstance(values, dict) or values.get("data_dir") is not None:
-            return values
-        parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
-        return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
+        return _data_dir_of_the_model(values)
 
+
+class ExportConfig(_Section):
+    """A logged model as a standalone artifact: which model, which format, where."""
+
+    model_uri: str = Field(description="Any MLflow model URI of this project (e.g. models:/cats-vs-dogs@champion).")
+    format: Literal["openvino", "onnx", "savedmodel"] = Field(
+        default="openvino", description="openvino (IR: model.xml + model.bin), onnx (model.onnx; needs the export "
+                                        "extra) or savedmodel (a TensorFlow SavedModel folder).")
+    output: str = Field(default="exported", description="Folder to write (replaced whole, only once parity holds).")
+    data_dir: str = Field(default=DEFAULT_DATA_DIR, description="Data folder: the command's log goes to its logs/; by "
+                                                                "default the model's (data-<model name> for any model "
+                                                                "but cats-vs-dogs).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_dir_of_the_model(cls, values: Any) -> Any:
+        return _data_dir_of_the_model(values)

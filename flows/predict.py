@@ -42,7 +42,7 @@ def predict(config: PredictConfig) -> PredictSummary:
     target = str(check_output_path(config.output_csv))
     steps.check_model(config.model_uri)
     folder = steps.locate_images(config.images, str(DataFolder.at(config.data_dir).extracted))
-    summary = steps.score_images(folder, config.model_uri, target, config.batch_size)
+    summary = steps.score_images(folder, config.model_uri, target, config.batch_size, config.engine)
     if config.explain:
         where, count = steps.explain_images(folder, config.model_uri, target, config.explain)
         summary = summary.model_copy(update={"explained_dir": where, "n_explained": count})

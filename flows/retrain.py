@@ -99,7 +99,8 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
                              flow_run_id=flow_run_id, config_hash=config_hash, data=prepared,
                              champion_before=champion, mlflow=logged, chosen_backbone=trained.chosen_backbone,
                              test_metrics=candidate, decision=decision, model_path=trained.model_path,
-                             devices=trained.devices, report_path=report_path, report_url=report_url)
+                             devices=trained.devices, int8_check=trained.backbones[trained.chosen_backbone].int8_check,
+                             report_path=report_path, report_url=report_url)
     models.publish_summary(summary)
     return summary
 

@@ -3,11 +3,12 @@
 A recipe of task calls (tasks/learning/steps.py), no ML inside:
 
     check the prepared folder -> configure devices -> the image decoder
-    for each backbone: precision -> plan features -> extract shards (mapped) [-> the mirrors' too, --tta flip]
-                       -> train a head
+    for each backbone: engine and precision -> plan features -> extract shards (mapped)
+                       [-> the mirrors' too, --tta flip] -> train a head (-> int8 vs float32 check, at int8)
     several backbones: a head on their concatenated features (the ensemble candidate)
     comparison table -> choose the best candidate (validation AUC, then validation loss)
     -> end-to-end model (optionally fine-tuned) -> TTA and a temperature fitted on validation, inside it
+    -> the served model as OpenVINO IR (on that engine)
     -> evaluate on the test split -> calibration before/after, plots, Grad-CAM of the worst mistakes
     -> the run folder gets its name
 
@@ -88,25 +89,35 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     for name in config.backbones:
         input_size = config.input_size_for(name)
         weights = steps.resolve_weights(data_dir, name, config.weights, config.seed)
-        setups[name] = steps.choose_precision(data_dir, name, weights, input_size, config.precision, devices)
-        precision = setups[name].precision
-        logger.info("%s at %d px computes in %s: %s", name, input_size, precision, setups[name].reason)
-        plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size)
+        setups[name] = steps.choose_compute(data_dir, name, weights, input_size, config.precision, config.engine,
+                                            decoder, devices)
+        precision, engine = setups[name].precision, setups[name].engine
+        logger.info("%s at %d px computes on %s (%s) in %s (%s)", name, input_size, engine,
+                    setups[name].engine_reason, precision, setups[name].reason)
+        plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size,
+                                   engine)
         shards = steps.extract_all_shards(plan, config.batch_size, name, decode_workers(compute))
         features = steps.feature_summary(plan, shards)
         mirrored = None
         if config.tta == "flip":  # the mirrors are a feature space of their own
             plan = steps.plan_features(data_dir, name, weights, input_size, precision, decoder, compute.shard_size,
-                                       "flip")
+                                       engine, "flip")
             mirrored = steps.feature_summary(
                 plan, steps.extract_all_shards(plan, config.batch_size, f"mirrored {name}", decode_workers(compute)))
         head = steps.train_head(data_dir, features.cache_dir, work_dir, name, steps.head_params(config),
                                 mirrored.cache_dir if mirrored else None)
+        int8 = steps.check_int8(data_dir, name, weights, input_size, decoder, features.cache_dir, head.head_path) \
+            if precision == "int8" else None
+        if int8 is not None:
+            logger.info("%s int8 vs float32 features of %d validation images: head accuracy %s vs %s, ROC AUC %s vs "
+                        "%s (calibrated on %d train images)", name, int8.images, decimals4(int8.int8["accuracy"]),
+                        decimals4(int8.float32["accuracy"]), decimals4(int8.int8["roc_auc"]),
+                        decimals4(int8.float32["roc_auc"]), int8.calibration_images)
         backbones[name] = BackboneResult(
             **head.model_dump(include=set(HeadScores.model_fields)), backbone=name, weights=weights,
-            input_size=input_size, precision=precision, feature_dim=head.feature_dim, feature_cache_dir=features.cache_dir,
-            features_computed=features.computed, features_reused=features.reused,
-            mirrored_cache_dir=mirrored.cache_dir if mirrored else None)
+            input_size=input_size, precision=precision, engine=engine, int8_check=int8, feature_dim=head.feature_dim,
+            feature_cache_dir=features.cache_dir, features_computed=features.computed,
+            features_reused=features.reused, mirrored_cache_dir=mirrored.cache_dir if mirrored else None)
         logger.info("%s: %d features computed, %d reused, %d failed; head val AUC %s, val loss %s%s", name,
                     features.computed, features.reused, features.failed, decimals4(head.val_auc),
                     decimals4(head.val_loss), with_tta(head.val_tta))
@@ -133,14 +144,18 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     else:
         exported = steps.export_model(data_dir, work_dir, chosen, best.weights, best.input_size, best.head_path,
                                       best.feature_cache_dir, config.fine_tune,
-                                      steps.fine_tune_params(config, batch_size), best.precision, decoder)
+                                      steps.fine_tune_params(config, batch_size), best.precision, decoder, best.engine)
     mirrored_dirs = [backbones[name].mirrored_cache_dir for name in chosen_members]
     shipped = steps.ship_model(data_dir, exported.model_path, config.tta, exported.fine_tuned,
                                candidates[chosen].head_path,
                                [backbones[name].feature_cache_dir for name in chosen_members],
                                mirrored_dirs if all(mirrored_dirs) else None, batch_size, decoder)
     logger.info("Calibration: %s", shipped.calibration.reason)
-    evaluation = steps.evaluate(shipped.model_path, data_dir, work_dir, best.input_size, batch_size, decoder)
+    engine_model_path = exported.engine_model_path
+    if best.engine != "keras" and (engine_model_path is None or shipped.wrapped):  # the IR of what ships
+        engine_model_path = steps.engine_model(data_dir, shipped.model_path, best.precision, best.input_size, decoder)
+    evaluation = steps.evaluate(shipped.model_path, data_dir, work_dir, best.input_size, batch_size, decoder,
+                                engine_model_path, best.precision)
     calibration = steps.calibration_on_test(work_dir, data_dir, shipped.calibration, evaluation.predictions_path)
     history_paths = {f"head:{name}": entry.history_path for name, entry in candidates.items()}
     if exported.history_path:
@@ -157,7 +172,8 @@ def _train(folder: DataFolder, config: TrainConfig, compute: ComputeConfig) -> T
     fingerprint = folder.summary_fingerprint()
     result = TrainResult(
         chosen_backbone=chosen, backbones=backbones, test_metrics=evaluation.metrics,
-        val_metrics=shipped.val_metrics, model_path=shipped.model_path, input_size=best.input_size,
+        val_metrics=shipped.val_metrics, model_path=shipped.model_path, engine_model_path=engine_model_path,
+        input_size=best.input_size,
         output_dir=work_dir, plots=plots, comparison_path=str(comparison_path), history_paths=history_paths,
         predictions_path=evaluation.predictions_path, metrics_path=str(partial / "metrics.json"),
         fine_tuned=exported.fine_tuned, fine_tune=exported.fine_tune, head_agreement=exported.head_agreement,

@@ -130,6 +130,10 @@ def pytest_collection_modifyitems(config, items):
 def champion_store(tmp_path_factory, worker_id):
     """One store whose `cats-vs-dogs@champion` is tests/fake_training's blue-minus-red model, for the whole run.
 
+    It is logged with the OpenVINO engine (its IR beside its Keras model), the engine `auto` picks
+    on these CPUs, so every served-model test (in process, behind `mlflow models serve`, batch
+    predict) runs the model as a CPU run ships it.
+
     Built once, by the first worker that asks (the others wait on the lock and reuse it), because
     every test that only reads a champion (serving, batch prediction, the model server) can share
     one. Tests that register or promote make stores of their own.
@@ -143,7 +147,7 @@ def champion_store(tmp_path_factory, worker_id):
     with exclusive_flock(root.with_suffix(".lock"), timeout_s=600):
         summary = root / "train_result.json"
         if not summary.is_file():
-            uri, result = promoted_champion(root)
+            uri, result = promoted_champion(root, engine="openvino")  # served as a CPU run ships it: on OpenVINO
             (root / "uri").write_text(uri)
             summary.write_text(result.model_dump_json())
     return SimpleNamespace(uri=(root / "uri").read_text(), root=root,

@@ -129,10 +129,19 @@ def _png(path: Path, colour: tuple[int, int, int]) -> Path:
 
 def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOOD, test_auc: float = 0.97,
                       backbones: tuple[str, ...] = ("resnet50", "mobilenet_v2"),
-                      fine_tune: bool = True, size: int = TINY_SIZE) -> TrainResult:
-    """A TrainResult (what train_model returns) pointing at real files under `out`."""
+                      fine_tune: bool = True, size: int = TINY_SIZE, engine: str = "keras") -> TrainResult:
+    """A TrainResult (what train_model returns) pointing at real files under `out`.
+
+    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does.
+    """
     out.mkdir(parents=True, exist_ok=True)
     model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
+    engine_model = None
+    if engine == "openvino":
+        from tasks.learning.openvino_engine import export_ir
+        from tasks.models.pyfunc import load_keras_model
+
+        engine_model = str(export_ir(load_keras_model(model_path), out / "model.openvino"))
     history_paths: dict[str, str] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(backbones):
@@ -143,7 +152,9 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         path.write_text(json.dumps(history))
         history_paths[f"head:{name}"] = str(path)
         summaries[name] = BackboneResult(
-            backbone=name, weights="imagenet", input_size=size, precision="float32", feature_dim=3, feature_cache_dir=str(out / "cache"),
+            backbone=name, weights="imagenet", input_size=size, precision="float32", engine=engine, int8_check=None,
+            feature_dim=3,
+            feature_cache_dir=str(out / "cache"),
             features_computed=24, features_reused=0, head_path=str(out / "heads" / f"{name}.keras"),
             history_path=str(path), val_accuracy=0.88 - index / 10, val_loss=0.42 + index / 10,
             val_auc=0.95 - index / 10, epochs_run=3, best_epoch=3)
@@ -168,11 +179,11 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
         test_metrics={"accuracy": 0.9, "roc_auc": test_auc, "log_loss": 0.3, "count": 8,
                       "precision_cat": 0.9, "recall_cat": 0.9, "confusion_matrix": [[4, 0], [1, 3]]},
         val_metrics={"accuracy": 0.88, "roc_auc": 0.95, "log_loss": 0.35, "threshold": 0.5},
-        model_path=str(model_path), input_size=size, output_dir=str(out), plots=plots,
+        model_path=str(model_path), engine_model_path=engine_model, input_size=size, output_dir=str(out), plots=plots,
         comparison_path=str(comparison), history_paths=history_paths, predictions_path=str(predictions),
         metrics_path=str(out / "metrics.json"), fine_tuned=fine_tune, fine_tune=None, head_agreement=0.0,
         devices=DeviceSetup(backend=keras.config.backend(), device="CPU", gpus=0, device_name="test CPU",
-                            precision="float32", reason="tests"),
+                            precision="float32", reason="tests", engine=engine, engine_reason="tests"),
         decoder=resolve_decoder("auto"),
         counts={"train": {"cat": 10, "dog": 10}}, config=config, config_hash="c" * 64, data_dir=str(out),
         data_fingerprint="f" * 64)

@@ -138,12 +138,12 @@ def choose_precision(requested: str = "auto", *, gpu_list: tuple | None = None,
     A forced precision and a GPU's rule need no measurement; a CPU's "auto" is `measure()`
     (float32 when there is nothing to measure with).
     """
-    if requested in ("bfloat16", "float32"):
+    if requested in ("bfloat16", "float32", "int8"):
         return requested, f"{requested} as configured"
     if requested != "auto":
         from tasks.common.errors import ConfigError
 
-        raise ConfigError(f"precision {requested!r} is unknown; use auto, bfloat16 or float32 (--precision).")
+        raise ConfigError(f"precision {requested!r} is unknown; use auto, bfloat16, float32 or int8 (--precision).")
     found = gpus() if gpu_list is None else gpu_list
     if found:
         capabilities = [capability for _, capability in found]
@@ -165,7 +165,8 @@ def configure_devices(precision: str = "auto", *,
     found = gpus()
     chosen, why = choose_precision(precision, gpu_list=found, measure=measure)
     return DeviceSetup(backend=backend(), device="GPU" if found else "CPU", gpus=len(found),
-                       device_name=found[0][0] if found else cpu_name(), precision=chosen, reason=why)
+                       device_name=found[0][0] if found else cpu_name(), precision=chosen, reason=why,
+                       engine="keras", engine_reason="Keras until the train flow chooses each backbone's engine")
 
 
 def cpu_name() -> str:

@@ -63,10 +63,14 @@ class DeviceSetup(_Result):
     device: Literal["GPU", "CPU"]
     gpus: int
     device_name: str
-    precision: Literal["bfloat16", "float32"]
-    """Compute dtype of the backbone; features and outputs are stored as float32 either way."""
+    precision: Literal["bfloat16", "float32", "int8"]
+    """Compute dtype of the backbone (int8: OpenVINO only); features and outputs are stored as float32 either way."""
     reason: str
     """Why this precision (the config's choice, a GPU's rule, or what was measured on this CPU)."""
+    engine: Literal["keras", "openvino"]
+    """What computes the backbone and the shipped model: Keras on its backend, or OpenVINO's CPU plugin."""
+    engine_reason: str
+    """Why this engine (the config's choice, Keras on a GPU, or what was measured on this CPU)."""
 
 
 class HeadScores(_Result):
@@ -83,6 +87,22 @@ class HeadScores(_Result):
     """accuracy, log_loss and roc_auc on validation with test-time augmentation (None without `--tta flip`)."""
 
 
+class Int8Check(_Result):
+    """What int8 costs the head: a validation sample extracted both ways, the same head scoring each."""
+
+    images: int
+    calibration_images: int
+    """Train images NNCF calibrated on (never validation or test)."""
+    float32: dict[str, float | None]
+    """The head's validation metrics (accuracy, roc_auc, log_loss) on float32 OpenVINO features."""
+    int8: dict[str, float | None]
+    """The same on the run's int8 features."""
+    feature_relative_l2: float
+    """||int8 - float32|| / ||float32|| over the sample's features."""
+    max_probability_gap: float
+    """Largest difference of the head's probability between the two."""
+
+
 class BackboneResult(HeadScores):
     """One backbone of a training run: its cached features and the head trained on them."""
 
@@ -90,8 +110,12 @@ class BackboneResult(HeadScores):
     weights: str
     """"imagenet" or the weights file the features were computed with (the kept random draw for None)."""
     input_size: int
-    precision: Literal["bfloat16", "float32"]
+    precision: Literal["bfloat16", "float32", "int8"]
     """The backbone's compute dtype (under "auto" measured per backbone on a CPU)."""
+    engine: Literal["keras", "openvino"]
+    """What computed its features (under "auto" measured per backbone on a CPU)."""
+    int8_check: Int8Check | None
+    """int8 only: the head's validation metrics on int8 vs float32 features of the same images."""
     feature_dim: int
     feature_cache_dir: str
     features_computed: int
@@ -157,6 +181,8 @@ class TrainResult(_Result):
     test_metrics: Metrics
     val_metrics: Metrics
     model_path: str
+    engine_model_path: str | None
+    """The shipped model as OpenVINO IR (model.xml, beside model.keras) when the run's engine is OpenVINO."""
     input_size: int
     output_dir: str
     plots: dict[str, str]
@@ -253,6 +279,8 @@ class RetrainSummary(_Result):
     """The version's self-contained HTML report in the run folder (also the run's `report/index.html`)."""
     report_url: str | None = None
     """The report in the MLflow UI."""
+    int8_check: Int8Check | None = None
+    """At int8: the chosen backbone's head on int8 vs float32 features of a validation sample."""
 
 
 # --------------------------------------------------------------------------- predict

@@ -17,7 +17,8 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     prepare_summary.json       what prepare_data returned
     features/<cache key>/      bottleneck feature shards, one folder per feature space
     features/random_init/      the kept random draw of each backbone (weights=None)
-    precision/<host>-<backbone>-<size>-<backend>.json   what `--precision auto` measured on a host
+    precision/<host>-<backbone>-<size>-<backend>[-openvino].json   what `--precision auto` measured on a host
+    engine/<host>-<backbone>-<size>-<backend>.json      what `--engine auto` measured on a host
     training/<time>-<hash>/    one folder per training run: models, plots, metrics
     logs/<command>-<time>.log  the full log of each command-line run
     .lock                      held by the run that works in the folder (tasks/data/folderlock.py)
@@ -83,7 +84,8 @@ class DataFolder:
         (an archive may well contain a file called `.x.tmp`), and arrange removes its own strays.
         """
         return [(self.root, False), (self.training, False), (self.extracted, False), (self.converted, False),
-                (self.features, True), (self.validation, False), (self.precision_verdicts, False)]
+                (self.features, True), (self.validation, False), (self.precision_verdicts, False),
+                (self.engine_verdicts, False)]
 
     def remove_leftovers(self) -> list[str]:
         """Remove what killed runs left half-written (only while holding the lock); their relative paths.
@@ -239,6 +241,14 @@ class DataFolder:
     def precision_verdict(self, key: str) -> Path:
         """What `--precision auto` measured for one host, backbone, input size and backend (tasks/learning/precision.py)."""
         return self.precision_verdicts / f"{key}.json"
+
+    @property
+    def engine_verdicts(self) -> Path:
+        return self.root / "engine"
+
+    def engine_verdict(self, key: str) -> Path:
+        """What `--engine auto` measured for one host, backbone, input size and backend (tasks/learning/engines.py)."""
+        return self.engine_verdicts / f"{key}.json"
 
     @property
     def training(self) -> Path:

@@ -205,10 +205,12 @@ class Evaluation(BaseModel):
 
 
 def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input_size: int,
-                   batch_size: int = 32, split: str = "test", *, decoder: str = "auto") -> Evaluation:
+                   batch_size: int = 32, split: str = "test", *, decoder: str = "auto",
+                   engine_model: str | None = None, precision: str = "float32") -> Evaluation:
     """Reload the saved model in safe mode, predict the split, write predictions.csv and <split>_metrics.json.
 
-    Images that cannot be decoded are counted in `failed` and left out of the metrics.
+    Images that cannot be decoded are counted in `failed` and left out of the metrics. With
+    `engine_model` (the shipped OpenVINO IR) the scores are that IR's at `precision`: what is served.
     """
     import keras
 
@@ -218,7 +220,12 @@ def evaluate_model(model_path: Path, folder: DataFolder, output_dir: Path, input
     rows = folder.split_rows(split)
     classes = folder.classes()
     model = keras.saving.load_model(model_path, safe_mode=True)
-    scores, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size, decoder=decoder)
+    forward = None
+    if engine_model:
+        from tasks.learning.openvino_engine import ir_forward
+
+        forward = ir_forward(engine_model, precision)
+    scores, errors = predict_paths(model, rows["path"].tolist(), input_size, batch_size, forward, decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
     rows, scores = rows[ok], scores[ok]
     metrics = class_metrics(rows["y"].to_numpy(), scores, classes)

@@ -10,6 +10,8 @@ Why it is built this way:
   are expensive to start, are shared by every shard and by evaluation (`shared_decoder`).
 - Nothing here knows about shards or plans: evaluation uses the same decoder, and the
   benchmarks time the same cached model and forward that extraction runs.
+- On the OpenVINO engine the forward runs the feature model's IR, kept in the feature cache's
+  folder (tasks/learning/openvino_engine.py); the Keras model is built only to convert it.
 """
 
 from __future__ import annotations
@@ -51,12 +53,31 @@ def feature_model(backbone: str, weights: str | os.PathLike[str] | None, input_s
 
 @functools.lru_cache(maxsize=1)
 def cached_extractor(backbone: str, weights: str, size: int, precision: str, fingerprint: str,
-                     view: str = "plain") -> tuple[Any, Any]:
-    """(model, compiled forward), built once per process and feature space (Dask workers reuse it)."""
+                     engine: str = "keras", ir_dir: str | None = None, view: str = "plain") -> tuple[Any, Any]:
+    """(model, compiled forward), built once per process and feature space (Dask workers reuse it).
+
+    Engine "openvino" runs the IR in `ir_dir` (the feature cache's own), converting the float32
+    Keras model into it first when it is not there; the model is then None when the IR was
+    there already (nothing was built). An int8 IR is made with its calibration images by
+    `tasks.learning.quantize` before any shard runs, so here it is only read. `view` "flip"
+    mirrors each image inside the model (test-time augmentation's second view).
+    """
     from tasks.learning.forward import compiled_forward
 
-    model = feature_model(backbone, weights, size, precision, view)
-    return model, compiled_forward(model)
+    if engine == "keras":
+        model = feature_model(backbone, weights, size, precision, view)
+        return model, compiled_forward(model)
+    from tasks.learning import openvino_engine
+
+    if ir_dir is None:
+        raise ValueError("the OpenVINO engine needs the folder of its IR (ir_dir)")
+    model = None
+    if not openvino_engine.has_ir(ir_dir):
+        if precision == "int8":
+            raise RuntimeError(f"no int8 IR in {ir_dir}; plan_extraction quantizes it before any shard runs")
+        model = feature_model(backbone, weights, size, "float32", view)
+        openvino_engine.export_ir(model, ir_dir)
+    return model, openvino_engine.ir_forward(openvino_engine.ir_path(ir_dir), precision)
 
 
 _DECODER: dict[tuple, Decoder] = {}

@@ -39,6 +39,7 @@ from tasks.learning.extractor import cached_extractor, shared_decoder
 from tasks.learning.leases import LEASE_STALE_S, lease_shard
 from tasks.learning.pixels import resolve_decoder
 from tasks.learning.shards import (
+    engine_dir,
     feature_cache_dir,
     ready_cache_dir,
     shard_index,
@@ -73,6 +74,7 @@ class FeatureSummary(BaseModel):
     precision: str
     backend: str
     decoder: str
+    engine: str
 
 
 class ExtractionPlan(BaseModel):
@@ -85,6 +87,8 @@ class ExtractionPlan(BaseModel):
     precision: str
     decoder: str
     """The image decoder that runs ("opencv" or "pillow"), part of the cache key."""
+    engine: str
+    """What computes the features ("keras" or "openvino"), part of the cache key."""
     feature_dim: int
     images: int
     reused: int
@@ -102,7 +106,7 @@ class ExtractionPlan(BaseModel):
         """The plan without its image list: what travels between Prefect tasks."""
         return PlanRef(plan_path=self.plan_path, shards=len(self.shards), cache_dir=self.cache_dir,
                        images=self.images, reused=self.reused, feature_dim=self.feature_dim,
-                       precision=self.precision, decoder=self.decoder, todo=self.todo)
+                       precision=self.precision, decoder=self.decoder, engine=self.engine, todo=self.todo)
 
 
 class PlanRef(BaseModel):
@@ -116,17 +120,20 @@ class PlanRef(BaseModel):
     feature_dim: int
     precision: str
     decoder: str
+    engine: str
     todo: int
 
 
 def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLike[str] | None,
                     input_size: int | None, precision: str = "float32", shard_size: int = 512,
-                    decoder: str = "auto", view: str = "plain") -> ExtractionPlan:
+                    decoder: str = "auto", engine: str = "keras", view: str = "plain") -> ExtractionPlan:
     """Which images of the labelled splits still need features, cut into shards of `shard_size`.
 
     Images that failed to decode before are planned again (their file may have been repaired).
     Nothing is written until there is work: a warm cache costs one index read. `decoder` is
-    resolved here, so every worker decodes the plan's images the same way.
+    resolved here, so every worker decodes the plan's images the same way. On OpenVINO the
+    IR is made here too (converted, or for int8 quantized on train images), before any shard
+    runs, so every worker reads the same one.
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size {shard_size} must be at least 1.")
@@ -135,21 +142,27 @@ def plan_extraction(folder: DataFolder, backbone: str, weights: str | os.PathLik
     rows = folder.labelled_rows()  # first: a folder without a manifest gets nothing written
     weights = resolve_weights(folder, backbone, weights)
     decoder = resolve_decoder(decoder)
-    cache_dir = feature_cache_dir(folder, backbone, weights, size, precision, decoder, view)
+    cache_dir = feature_cache_dir(folder, backbone, weights, size, precision, decoder, engine, view)
     index = shard_index(cache_dir)
     todo = rows[~rows["sha256"].isin(list(index.rows))]
     pairs = list(zip(todo["sha256"], todo["path"]))
     shards = [pairs[start:start + shard_size] for start in range(0, len(pairs), shard_size)]
     plan = ExtractionPlan(cache_dir=str(cache_dir), backbone=spec.name, weights=weights, input_size=size,
-                          precision=precision, decoder=decoder, feature_dim=spec.feature_dim, images=len(rows),
-                          reused=len(rows) - len(todo), shards=shards, view=view)
+                          precision=precision, decoder=decoder, engine=engine, feature_dim=spec.feature_dim,
+                          images=len(rows), reused=len(rows) - len(todo), shards=shards, view=view)
     if shards:
         missing = [path for _, path in pairs if not os.path.isfile(path)]
         if missing:
             raise InputError(f"{len(missing)} arranged image(s) are missing, e.g. {missing[0]!r}; "
                              "run prepare_data (python -m flows.prepare) again to restore the arranged folders.")
-        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights), view)  # a bad weights file fails here
-        ready_cache_dir(cache_dir, backbone, weights, size, precision, decoder, view)
+        if engine == "openvino" and precision == "int8":
+            from tasks.learning.quantize import quantized_feature_ir
+
+            quantized_feature_ir(folder, spec.name, weights, size, decoder, cache_dir, view)
+        # a bad weights file fails here; on OpenVINO the IR is converted here, once, for every worker
+        cached_extractor(spec.name, weights, size, precision, weights_fingerprint(weights), engine,
+                         str(engine_dir(cache_dir)), view)
+        ready_cache_dir(cache_dir, backbone, weights, size, precision, decoder, engine, view)
         payload = plan.model_dump_json()
         plan_path = cache_dir / PLANS_DIR / f"plan-{sha256_bytes(payload.encode())[:16]}.json"
         atomic_write_json(plan_path, json.loads(payload))
@@ -203,7 +216,7 @@ def _compute_shard(plan: ExtractionPlan, pairs: list[tuple[str, str]], target: P
 
     cache_dir, name = target.parent, target.name
     _, forward = cached_extractor(plan.backbone, plan.weights, plan.input_size, plan.precision,
-                                  weights_fingerprint(plan.weights), plan.view)
+                                  weights_fingerprint(plan.weights), plan.engine, str(engine_dir(cache_dir)), plan.view)
     if batch_size is None:
         batch_size = pick_batch_size(forward, plan.input_size)
     decoder = shared_decoder(plan.input_size, batch_size, decode_workers, plan.decoder)
@@ -238,13 +251,13 @@ def summarise(plan: PlanRef, results: Sequence[ShardResult]) -> FeatureSummary:
     return FeatureSummary(cache_dir=plan.cache_dir, computed=sum(result.computed for result in results),
                           reused=reused, failed=sum(result.failed for result in results),
                           feature_dim=plan.feature_dim, images=plan.images, precision=plan.precision,
-                          backend=backend(), decoder=plan.decoder)
+                          backend=backend(), decoder=plan.decoder, engine=plan.engine)
 
 
 def extract_features(folder: DataFolder | str | os.PathLike[str], backbone: str,
                      weights: str | os.PathLike[str] | None, input_size: int | None, batch_size: int | None = 32,
                      shard_size: int = 512, *, precision: str = "float32", decoder: str = "auto",
-                     decode_workers: int | None = None,
+                     engine: str = "keras", decode_workers: int | None = None,
                      on_shard: ShardHook | None = None, on_progress: ProgressHook | None = None) -> FeatureSummary:
     """Compute and cache features for every labelled image not cached yet, shard after shard, in this process.
 
@@ -255,7 +268,7 @@ def extract_features(folder: DataFolder | str | os.PathLike[str], backbone: str,
     can run on a Dask cluster; both count with `summarise`.)
     """
     folder = folder if isinstance(folder, DataFolder) else DataFolder.at(folder)
-    plan = plan_extraction(folder, backbone, weights, input_size, precision, shard_size, decoder)
+    plan = plan_extraction(folder, backbone, weights, input_size, precision, shard_size, decoder, engine)
     results: list[ShardResult] = []
     done = 0
     for index in range(len(plan.shards)):

@@ -42,6 +42,9 @@ from tasks.learning.head import (
     save_model,
 )
 
+ENGINE_MODEL_DIR = "model.openvino"
+"""Where a run on the OpenVINO engine keeps its shipped model's IR, beside model.keras."""
+
 AUGMENTATION = {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1}
 """Augmentation strengths: a mirrored pet is still the same pet; rotations beyond ~18 degrees are not typical photos."""
 
@@ -280,39 +283,57 @@ class ExportedModel(BaseModel):
     val_metrics: dict[str, Any]
     head_agreement: float
     fine_tune: FineTuneReport | None
+    engine_model_path: str | None = None
+    """The shipped model as OpenVINO IR (model.xml) when the run's engine is OpenVINO, else None."""
 
 
 def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weights: str | None, input_size: int,
                  head_path: Path, cache_dir: Path, fine_tune: bool, params: FineTuneParams,
                  precision: str = "float32", callbacks: list[Any] | None = None, *,
-                 decoder: str = "auto") -> ExportedModel:
+                 decoder: str = "auto", engine: str = "keras") -> ExportedModel:
     """Build the end-to-end model, fine-tune it if asked, save output_dir/model.keras.
 
     `fine_tuned` says whether the saved weights come from fine-tuning; `val_metrics` are of
     the saved model; `head_agreement` (see `head_agreement`) compares it with the head, so
-    `decoder` must be the one the head's features were computed with.
+    `decoder` must be the one the head's features were computed with. On the OpenVINO engine
+    the Keras model is float32 (OpenVINO applies the precision), and its IR, output_dir/
+    model.openvino/ (int8: calibrated like the features), is what these numbers are of.
     """
     from tasks.learning.forward import compiled_forward
 
-    model = build_end_to_end(backbone_name, weights, input_size, head_path, seed=params.seed, precision=precision)
+    keras_precision = precision if engine == "keras" else "float32"
+    model = build_end_to_end(backbone_name, weights, input_size, head_path, seed=params.seed, precision=keras_precision)
+    output_dir = Path(output_dir)
+    engine_dir = output_dir / ENGINE_MODEL_DIR
+
+    def shipped_forward() -> Any:
+        if engine == "keras":
+            return compiled_forward(model)
+        from tasks.learning.openvino_engine import ir_forward
+        from tasks.learning.quantize import shipped_ir
+
+        return ir_forward(shipped_ir(inference_copy(model), engine_dir, precision, folder, input_size, decoder),
+                          precision)
+
     rows = folder.split_rows("validation")
     classes = folder.classes()
-    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size, decoder=decoder)
+    p_dog, errors = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size, shipped_forward(),
+                                  decoder=decoder)
     ok = np.array([not error for error in errors], dtype=bool)
     agreement = head_agreement(p_dog[ok], head_path, cache_dir, rows["sha256"][ok].tolist())
     val_metrics = class_metrics(rows["y"].to_numpy()[ok], p_dog[ok], classes)
     report: FineTuneReport | None = None
     history_path: str | None = None
-    output_dir = Path(output_dir)
     if fine_tune:
         history, report = fine_tune_model(model, folder, backbone_name, input_size, params,
                                           val_metrics["log_loss"], callbacks, decoder=decoder)
         history_path = str(atomic_write_json(output_dir / "fine_tune.history.json", history))
         if report.improved:
             p_dog, _ = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size,
-                                     compiled_forward(model), decoder=decoder)
+                                     shipped_forward(), decoder=decoder)
             val_metrics = class_metrics(rows["y"].to_numpy()[ok], p_dog[ok], classes)
     model_path = save_model(inference_copy(model), output_dir / "model.keras")
     return ExportedModel(model_path=str(model_path), fine_tuned=bool(report and report.improved),
                          history_path=history_path, val_metrics=val_metrics, head_agreement=agreement,
-                         fine_tune=report)
+                         fine_tune=report,
+                         engine_model_path=None if engine == "keras" else str(engine_dir / "model.xml"))

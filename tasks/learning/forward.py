@@ -9,6 +9,8 @@ the device as it is and one compiled function runs the whole model:
 - TensorFlow: one `tf.function` traced for any batch size (no retrace for the last batch);
 - PyTorch: the model under `torch.no_grad()`.
 
+(The OpenVINO engine's forward, tasks/learning/openvino_engine.py, keeps the same contract.)
+
 `run_ahead` keeps two batches in flight: batch k+1 is dispatched before batch k's features
 are copied back (JAX, TensorFlow-GPU and CUDA all dispatch asynchronously), so the device
 never waits for the host's copy, and each batch crosses back once.
@@ -74,8 +76,13 @@ def compiled_forward(model: Any) -> Forward:
 
 
 def to_numpy(outputs: Any) -> np.ndarray:
-    """Backend array -> float32 numpy (blocks until the device has computed it)."""
+    """Backend array (or the OpenVINO engine's `Pending` batch) -> float32 numpy (blocks until it is computed)."""
     import keras
+
+    from tasks.learning.openvino_engine import Pending
+
+    if isinstance(outputs, Pending):
+        return outputs.wait()
 
     return np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float32)
 

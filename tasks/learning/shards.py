@@ -2,9 +2,13 @@
 
 Why it is built this way:
 - The cache key is the feature space, (backbone, weights fingerprint, input size, precision,
-  Keras backend, image decoder), for the folder, and the image sha256 inside it: a second run
-  computes nothing, 10% new images cost about 10%, and features of different precision,
-  backend or decoder (OpenCV's pixels are a level or two from Pillow's) never mix. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
+  Keras backend, image decoder, engine), for the folder, and the image sha256 inside it: a
+  second run computes nothing, 10% new images cost about 10%, and features of different
+  precision, backend, decoder (OpenCV's pixels are a level or two from Pillow's) or engine
+  never mix. Keras' features keep the name they always had (no engine part), so caches made
+  before engines existed stay valid; OpenVINO's end in `-openvino`, and their folder keeps the
+  IR that computed them (`openvino/`, see `engine_dir`), so a second run does not convert
+  again. meta.json in the folder says the same for people (and `CACHE_FORMAT` for code).
 - A shard is written atomically under a name made of the hashes it is planned to hold.
   Shards computed anywhere (another process, another Dask worker) merge by construction, a
   killed run keeps every finished shard, and no reader ever sees half of one.
@@ -47,13 +51,17 @@ SHARD_GLOB = "shard-*.npz"
 VIEWS: tuple[str, ...] = ("plain", "flip")
 """What the backbone sees of each image: the image, or its mirror (test-time augmentation's second view)."""
 
+ENGINE_DIR = "openvino"
+"""Subfolder of an OpenVINO feature cache holding the IR (and compiled blobs) that computed its features."""
+
 
 def cache_key(backbone: str, weights_id: str, input_size: int, precision: str, backend: str, decoder: str,
-              view: str = "plain") -> str:
+              engine: str = "keras", view: str = "plain") -> str:
     """The folder name of one feature space: `<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`,
-    and `-flip` after it for the mirrored images (plain images keep the name they always had)."""
-    return f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}-{decoder}" + \
-        view_suffix(view)
+    then `-openvino` for features computed by OpenVINO and `-flip` for the mirrored images (Keras' plain
+    images keep the name they always had)."""
+    key = f"{get_backbone(backbone).name}-{weights_id}-{input_size}-{precision}-{backend}-{decoder}"
+    return (key if engine == "keras" else f"{key}-{engine}") + view_suffix(view)
 
 
 def view_suffix(view: str) -> str:
@@ -63,9 +71,14 @@ def view_suffix(view: str) -> str:
     return "" if view == "plain" else f"-{view}"
 
 
+def engine_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """Where an OpenVINO feature cache keeps its IR (float32, or int8 with its calibration.json)."""
+    return Path(cache_dir) / ENGINE_DIR
+
+
 def feature_cache_dir(folder: DataFolder, backbone: str, weights: str | os.PathLike[str] | None,
                       input_size: int | None, precision: str = "float32", decoder: str = "auto",
-                      view: str = "plain") -> Path:
+                      engine: str = "keras", view: str = "plain") -> Path:
     """data_dir/features/<cache key>: one cache per feature space.
 
     weights=None means the data folder's kept random draw (`random_weights_file`), so the
@@ -77,24 +90,24 @@ def feature_cache_dir(folder: DataFolder, backbone: str, weights: str | os.PathL
     size = resolve_input_size(backbone, input_size)
     fingerprint = weights_fingerprint(resolve_weights(folder, backbone, weights))
     return folder.feature_cache(cache_key(backbone, fingerprint, size, precision, backend(), resolve_decoder(decoder),
-                                          view))
+                                          engine, view))
 
 
-def _cache_meta(backbone: str, weights: str, input_size: int, precision: str, decoder: str,
+def _cache_meta(backbone: str, weights: str, input_size: int, precision: str, decoder: str, engine: str,
                 view: str = "plain") -> dict:
     from tasks.common.devices import backend
 
     spec = get_backbone(backbone)
     meta = {"format": CACHE_FORMAT, "backbone": spec.name, "weights": weights_fingerprint(weights),
             "input_size": input_size, "feature_dim": spec.feature_dim, "preprocess": spec.preprocess_mode,
-            "precision": precision, "backend": backend(), "decoder": decoder}
+            "precision": precision, "backend": backend(), "decoder": decoder, "engine": engine}
     if view != "plain":  # the plain caches' meta.json stays as it was
         meta["view"] = view
     return meta
 
 
 def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: int, precision: str,
-                    decoder: str, view: str = "plain") -> None:
+                    decoder: str, engine: str = "keras", view: str = "plain") -> None:
     """Make `cache_dir` ready for shards: the folder, minus what killed runs left, and its meta.json.
 
     meta.json is written only when it changed: a run that adds images leaves the folder's old files as they were.
@@ -102,7 +115,7 @@ def ready_cache_dir(cache_dir: Path, backbone: str, weights: str, input_size: in
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)
     write_if_changed(cache_dir / "meta.json",
-                     (json.dumps(_cache_meta(backbone, weights, input_size, precision, decoder, view), indent=2,
+                     (json.dumps(_cache_meta(backbone, weights, input_size, precision, decoder, engine, view), indent=2,
                                  sort_keys=True)
                       + "\n").encode())
 

@@ -88,6 +88,8 @@ class ShippedModel(BaseModel):
     calibration: CalibrationSummary
     val_metrics: dict[str, Any]
     """Validation metrics of the served model (with TTA and temperature)."""
+    wrapped: bool = False
+    """Whether TTA or a temperature now wraps the saved model (so it is no longer the model that was exported)."""
 
 
 def ship_model(folder: DataFolder, core_path: Path, *, tta: str, fine_tuned: bool, head_path: Path,
@@ -119,4 +121,5 @@ def ship_model(folder: DataFolder, core_path: Path, *, tta: str, fine_tuned: boo
     if served is not core:
         save_model(served, model_path)
     val_metrics = class_metrics(labels, apply_temperature(scores, calibration.temperature), folder.classes())
-    return ShippedModel(model_path=str(model_path), tta=tta, calibration=calibration, val_metrics=val_metrics)
+    return ShippedModel(model_path=str(model_path), tta=tta, calibration=calibration, val_metrics=val_metrics,
+                        wrapped=served is not core)

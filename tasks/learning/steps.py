@@ -21,6 +21,7 @@ from tasks.common.results import (
     DeviceSetup,
     EnsembleResult,
     Explanation,
+    Int8Check,
     TrainResult,
 )
 from tasks.data.datafolder import DataFolder
@@ -45,14 +46,37 @@ def configure_devices(precision: str) -> DeviceSetup:
     return configure(precision)
 
 
-@task(name="choose-precision", cache_policy=NO_CACHE)
-def choose_precision(data_dir: str, backbone: str, weights: str, input_size: int, requested: str,
-                     devices: DeviceSetup) -> DeviceSetup:
-    """`devices` at this backbone's precision: as configured, a GPU's rule, or measured once on this CPU and cached."""
-    from tasks.learning.precision import resolve_precision
+@task(name="choose-engine-and-precision", cache_policy=NO_CACHE)
+def choose_compute(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, engine: str,
+                   decoder: str, devices: DeviceSetup) -> DeviceSetup:
+    """`devices` with this backbone's engine and precision: as configured, by a GPU's rule, or measured once on this CPU.
 
-    precision, why = resolve_precision(DataFolder.at(data_dir), backbone, weights, input_size, requested)
-    return devices.model_copy(update={"precision": precision, "reason": why})
+    The engine first (int8 means OpenVINO), then the precision on that engine; each `auto` is
+    timed once per host and cached in the data folder.
+    """
+    from tasks.learning.engines import resolve_engine
+    from tasks.learning.precision import resolve_precision
+    from tasks.learning.quantize import float32_ir_dir
+
+    folder = DataFolder.at(data_dir)
+    ir_dir = str(float32_ir_dir(folder, backbone, weights, input_size, decoder))
+    if precision == "int8" and engine == "auto":
+        chosen_engine, engine_why = resolve_engine(folder, backbone, weights, input_size, "openvino", ir_dir)[0], \
+            "int8 runs only on OpenVINO"
+    else:
+        chosen_engine, engine_why = resolve_engine(folder, backbone, weights, input_size, engine, ir_dir)
+    chosen, why = resolve_precision(folder, backbone, weights, input_size, precision, chosen_engine, ir_dir)
+    return devices.model_copy(update={"precision": chosen, "reason": why, "engine": chosen_engine,
+                                      "engine_reason": engine_why})
+
+
+@task(name="check-int8", cache_policy=NO_CACHE)
+def check_int8(data_dir: str, backbone: str, weights: str, input_size: int, decoder: str, cache_dir: str,
+               head_path: str) -> Int8Check:
+    """The head's validation metrics on int8 vs float32 features of a validation sample (int8 runs only)."""
+    from tasks.learning.quantize import int8_check
+
+    return int8_check(DataFolder.at(data_dir), backbone, weights, input_size, decoder, cache_dir, head_path)
 
 
 @task(name="check-decoder", cache_policy=NO_CACHE)
@@ -81,12 +105,13 @@ def resolve_weights(data_dir: str, backbone: str, weights: str | None, seed: int
 
 @task(name="plan-features", cache_policy=NO_CACHE)
 def plan_features(data_dir: str, backbone: str, weights: str, input_size: int, precision: str, decoder: str,
-                  shard_size: int = 512, view: str = "plain") -> PlanRef:
-    """Which images still need features, cut into shards (a warm cache plans nothing); view "flip": their mirrors'."""
+                  shard_size: int = 512, engine: str = "keras", view: str = "plain") -> PlanRef:
+    """Which images still need features, cut into shards (a warm cache plans nothing; OpenVINO's IR is made here);
+    view "flip": their mirrors'."""
     from tasks.learning.features import plan_extraction
 
     return plan_extraction(DataFolder.at(data_dir), backbone, weights, input_size, precision, shard_size,
-                           decoder, view).ref()
+                           decoder, engine, view).ref()
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
@@ -157,7 +182,10 @@ def export_ensemble(data_dir: str, output_dir: str, ensemble: EnsembleResult, ba
     from tasks.learning.ensemble import Member
     from tasks.learning.ensemble import export_ensemble as export
 
-    members = [Member(name, backbones[name].weights, backbones[name].precision) for name in ensemble.members]
+    # On OpenVINO the Keras model is float32 and the engine applies the precision (the served IR: engine_model)
+    members = [Member(name, backbones[name].weights,
+                      backbones[name].precision if backbones[name].engine == "keras" else "float32")
+               for name in ensemble.members]
     return export(DataFolder.at(data_dir), Path(output_dir), members, ensemble.input_size, Path(ensemble.head_path),
                   [Path(backbones[name].feature_cache_dir) for name in ensemble.members], batch_size, decoder=decoder)
 
@@ -197,22 +225,35 @@ def explain_mistakes(model_path: str, data_dir: str, output_dir: str, prediction
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)
 def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
                  cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str,
-                 decoder: str) -> ExportedModel:
-    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras."""
+                 decoder: str, engine: str = "keras") -> ExportedModel:
+    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras (and as
+    OpenVINO IR on that engine)."""
     from tasks.learning.finetune import export_model as export
 
     return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
-                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder)
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder, engine=engine)
+
+
+@task(name="engine-model", cache_policy=NO_CACHE)
+def engine_model(data_dir: str, model_path: str, precision: str, input_size: int, decoder: str) -> str:
+    """The saved served model as OpenVINO IR beside it (model.openvino/; int8: calibrated like its features)."""
+    from tasks.learning.finetune import ENGINE_MODEL_DIR
+    from tasks.learning.layers import load_saved_model
+    from tasks.learning.quantize import shipped_ir
+
+    target = Path(model_path).parent / ENGINE_MODEL_DIR
+    return str(shipped_ir(load_saved_model(model_path), target, precision, DataFolder.at(data_dir), input_size,
+                          decoder))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(model_path: str, data_dir: str, output_dir: str, input_size: int, batch_size: int,
-             decoder: str) -> Evaluation:
-    """Test-split evaluation of the saved end-to-end model, as it ships."""
+             decoder: str, engine_model: str | None = None, precision: str = "float32") -> Evaluation:
+    """Test-split evaluation of the saved end-to-end model, as it ships (on its OpenVINO IR when it has one)."""
     from tasks.learning.evaluate import evaluate_model
 
     return evaluate_model(Path(model_path), DataFolder.at(data_dir), Path(output_dir), input_size, batch_size,
-                          decoder=decoder)
+                          decoder=decoder, engine_model=engine_model, precision=precision)
 
 
 @task(name="plots", cache_policy=NO_CACHE)

@@ -27,6 +27,9 @@ SERVING_PACKAGES: tuple[str, ...] = ("mlflow", "keras", "pillow", "numpy", "pand
 DECODER_PACKAGES: dict[str, tuple[str, ...]] = {"opencv": ("opencv-python-headless",), "pillow": ()}
 """What the image decoder the model was trained with adds (Pillow reads every image's header either way)."""
 
+ENGINE_PACKAGES: dict[str, tuple[str, ...]] = {"keras": (), "openvino": ("openvino",)}
+"""What the engine the model was logged with adds (OpenVINO's IR runs on the openvino package alone)."""
+
 BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"),
                                                 "torch": ("torch",)}
 
@@ -71,8 +74,9 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image_bytes()).decode("ascii")]})
 
 
-def pip_requirements(backend: str | None = None, decoder: str = "pillow") -> list[str]:
-    """Pinned requirements of the served model: what it imports, the Keras backend it was logged on, its decoder.
+def pip_requirements(backend: str | None = None, decoder: str = "pillow", engine: str = "keras") -> list[str]:
+    """Pinned requirements of the served model: what it imports, the Keras backend it was logged on, its decoder
+    and its engine.
 
     Given explicitly (not inferred by MLflow, which would load the model in a subprocess) and
     exactly: a fresh virtualenv made from these alone loads and serves the model (tested).
@@ -84,7 +88,8 @@ def pip_requirements(backend: str | None = None, decoder: str = "pillow") -> lis
 
         backend = keras.config.backend()
     pins = []
-    for package in (*SERVING_PACKAGES, *BACKEND_PACKAGES.get(backend, ()), *DECODER_PACKAGES[decoder]):
+    for package in (*SERVING_PACKAGES, *BACKEND_PACKAGES.get(backend, ()), *DECODER_PACKAGES[decoder],
+                    *ENGINE_PACKAGES[engine]):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -92,8 +97,10 @@ def pip_requirements(backend: str | None = None, decoder: str = "pillow") -> lis
     return pins
 
 
-def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = CATS_DOGS) -> dict[str, Any]:
-    """Settings stored with the logged model: input size, decoder, classes, the backend to load it on, the request limits.
+def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = CATS_DOGS, engine: str = "keras",
+                 precision: str = "float32") -> dict[str, Any]:
+    """Settings stored with the logged model: input size, decoder, classes, the backend to load it on, its engine and
+    precision, the request limits.
 
     `classes` are the class names in label order: what the model's outputs mean.
 
@@ -108,7 +115,7 @@ def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = C
     import keras
 
     return {"input_size": int(input_size), "decoder": decoder, "classes": list(classes.names),
-            "keras_backend": keras.config.backend(),
+            "keras_backend": keras.config.backend(), "engine": engine, "precision": precision,
             "max_rows": MAX_ROWS, "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
 
 

@@ -248,8 +248,12 @@ def predict_classes(folder: Path, model: Any, model_uri: str, output_csv: Path, 
                           n_left_out=0, model_uri=model_uri, images_dir=str(folder), sample_submission=None)
 
 
-def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int) -> PredictSummary:
-    """Score every image of `folder` with the model and write the submission; the ids are checked first."""
+def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: int,
+                   engine: str = "auto") -> PredictSummary:
+    """Score every image of `folder` with the model and write the submission; the ids are checked first.
+
+    `engine` "auto" scores on the engine the model was logged with (as it is served), else the one named.
+    """
     import numpy as np
 
     log = run_logger(__name__)
@@ -261,7 +265,8 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     classes = ClassMap.from_names(names) if names else CATS_DOGS
     if not classes.kaggle:
         log.info("Classes: %s; writing id,label and a probability per class", classes.text())
-        return predict_classes(folder, load_pyfunc(model_uri), model_uri, output_csv, batch_size, images, skipped)
+        return predict_classes(folder, load_pyfunc(model_uri, engine), model_uri, output_csv, batch_size, images,
+                               skipped)
     images, left_out = kaggle_numbered(images, folder)
     if left_out:
         shown = ", ".join(path.name for _, path, _ in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
@@ -277,7 +282,7 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
         log.info("Ids checked against Kaggle's %s: the same %d ids in the same order", sample, len(ids))
     from tasks.common.progress import Progress
 
-    model = load_pyfunc(model_uri)
+    model = load_pyfunc(model_uri, engine)
     progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
     scored = score_table(model, images, batch_size, progress.advance)
     scores, errors = scored.probabilities[:, 0], scored.errors

@@ -36,10 +36,19 @@ saying what to install, rather than serving pixels a level or two from training'
 scores that the gate never saw; the server may choose otherwise explicitly
 (`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"decoder": "pillow"}'`).
 
+Engine: the model computes on the engine it was logged with, recorded in its config (`engine`:
+"keras", or "openvino" with its OpenVINO IR logged as the `openvino_model` artifact, made and
+evaluated by the training run, int8 included, at the config's `precision`; a model logged before
+engines were recorded is Keras). Where OpenVINO is not installed such a model fails to load with
+one sentence saying what to install, or how to serve it on Keras instead
+(`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"engine": "keras"}'`, which computes the saved Keras model:
+float32 for an int8 model, so its scores differ a little from the gate's).
+
 What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward,
-.preprocess and .layers (test-time augmentation and the temperature live inside the Keras model),
-tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
-OpenCV-trained model, OpenCV, all in the model's requirements. Nothing here imports Prefect.
+.preprocess, .layers (test-time augmentation and the temperature live inside the Keras model) and
+.openvino_engine, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
+OpenCV-trained model, OpenCV, for an OpenVINO one OpenVINO, all in the model's requirements.
+Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -71,6 +80,9 @@ OUTPUT_COLUMNS: tuple[str, ...] = ("p_dog", "label", "label_index", "error")
 
 KERAS_ARTIFACT = "keras_model"
 """Name of the `model.keras` artifact inside the logged pyfunc model."""
+
+OPENVINO_ARTIFACT = "openvino_model"
+"""Name of the OpenVINO IR folder artifact (model.xml, model.bin) of a model logged with the OpenVINO engine."""
 
 DEFAULT_BATCH_SIZE = 64
 """Images per forward pass: bounds memory for large requests and batch prediction."""
@@ -154,6 +166,33 @@ def model_input_size(model: Any, configured: int | None = None) -> int:
     return int(height)
 
 
+def check_engine(engine: str) -> None:
+    """A model logged with the OpenVINO engine, where OpenVINO is missing: one sentence on what to do."""
+    from tasks.common.errors import ConfigError
+    from tasks.learning import openvino_engine
+
+    if engine not in openvino_engine.ENGINES:
+        raise ConfigError(f"this model's engine {engine!r} is unknown; serve it with MLFLOW_PYFUNC_INFERENCE_CONFIG="
+                          "'{\"engine\": \"keras\"}'")
+    if engine == "openvino" and not openvino_engine.installed():
+        raise ConfigError("this model was logged with the OpenVINO engine, which is not installed here; "
+                          "pip install openvino (it is in the model's requirements), or serve it on Keras with "
+                          "MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"engine\": \"keras\"}'")
+
+
+def _openvino_forward(keras_model: Any, engine_model: str | None, precision: str) -> Any:
+    """The OpenVINO forward of a logged IR, or of the Keras model converted now (into a folder that lives as long as
+    the process: the IR's weights are read from it). No compiled blobs are cached: MLflow hands a server a fresh
+    copy of the artifacts each start, so they would only fill its temporary folder."""
+    import tempfile
+
+    from tasks.learning.openvino_engine import export_ir, ir_forward
+
+    if engine_model is None:
+        engine_model = str(export_ir(keras_model, Path(tempfile.mkdtemp(prefix="catsdogs-openvino-")) / "ir"))
+    return ir_forward(engine_model, precision, cache=False)
+
+
 def server_request_timeout() -> float | None:
     """The scoring server's request timeout in seconds, or None outside a scoring server.
 
@@ -188,6 +227,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self._model: Any = None
         self._input_size: int | None = None
         self.decoder: str | None = None
+        self.engine: str = "keras"
         self._forward: Any = None
         self.classes: ClassMap = CATS_DOGS
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -216,15 +256,22 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
             self._slots = threading.BoundedSemaphore(self.max_concurrent)
         decoder = str(config.get("decoder") or LEGACY_DECODER)
         classes = ClassMap.from_names(config["classes"]) if config.get("classes") else CATS_DOGS
-        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder, classes)
+        engine, precision = str(config.get("engine") or "keras"), str(config.get("precision") or "float32")
+        check_engine(engine)  # before Keras loads the weights: a missing engine costs a second, not a model load
+        ir = context.artifacts.get(OPENVINO_ARTIFACT)
+        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder, classes,
+                    engine=engine, engine_model=str(Path(ir) / "model.xml") if ir else None, precision=precision)
 
     def attach(self, keras_model: Any, input_size: int | None = None, decoder: str = "auto",
-               classes: ClassMap = CATS_DOGS) -> CatsDogsModel:
+               classes: ClassMap = CATS_DOGS, *, engine: str = "keras", engine_model: str | None = None,
+               precision: str = "float32") -> CatsDogsModel:
         """Use an in-memory Keras model (tests, evaluation before anything is logged).
 
         `decoder` is the one the model was trained with; one that is not installed here is a
         ConfigError that says what to install. `classes` are the model's classes in label
-        order (a model logged before class maps were recorded is cats vs. dogs).
+        order (a model logged before class maps were recorded is cats vs. dogs). On `engine`
+        "openvino" the model runs `engine_model` (an IR file) at `precision`, or, without one,
+        the Keras model converted here (float32 or bfloat16 only: int8 needs its calibrated IR).
         """
         from tasks.common.errors import ConfigError
         from tasks.learning.forward import compiled_forward
@@ -239,7 +286,11 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self.classes = classes
         self._model = keras_model
         self._input_size = model_input_size(keras_model, input_size)
-        self._forward = compiled_forward(keras_model)
+        check_engine(engine)
+        self.engine = engine
+        self._forward = compiled_forward(keras_model) if engine == "keras" else \
+            _openvino_forward(keras_model, engine_model, "float32" if engine_model is None and precision == "int8"
+                              else precision)
         return self
 
     @property

@@ -161,14 +161,18 @@ def check_model_uri(model_uri: str) -> None:
             raise
 
 
-def load_pyfunc(model_uri: str) -> Any:
-    """Load a pyfunc model, turning "not there" into one sentence a person can act on."""
+def load_pyfunc(model_uri: str, engine: str = "auto") -> Any:
+    """Load a pyfunc model, turning "not there" into one sentence a person can act on.
+
+    `engine` "auto" runs it on the engine it was logged with; "keras" or "openvino" override it
+    (what `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"engine": ...}'` does for a server).
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     check_model_uri(model_uri)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri, model_config=None if engine == "auto" else {"engine": engine})
     except (MlflowException, OSError) as exc:
         raise ConfigError(f"Cannot load the model '{model_uri}' ({str(exc).splitlines()[0]}); "
                           "check the URI or pass --model-uri.") from None

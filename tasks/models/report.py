@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common.numbers import decimals4
-from tasks.common.results import ChampionInfo, RetrainSummary
+from tasks.common.results import ChampionInfo, Int8Check, RetrainSummary
 from tasks.models.store import experiment_url
 
 REPORTED_METRICS = ("roc_auc", "accuracy", "log_loss", "f1_cat", "f1_dog")
@@ -29,11 +29,12 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
     """Why training can be skipped, or None: a registered version was built from this very data and config.
 
     Any version counts, champion or not: retraining would only register its identical twin.
-    The Keras backend, and the precision and image decoder that "auto" picks on this host, are
-    deliberately not part of the check: they decide how the same model is computed, not which
-    model it is (a model saved on one backend predicts the same on another; float32 and bfloat16
-    features, and OpenCV's and Pillow's pixels, train heads that agree: tests/learning/
-    test_backends.py, test_precision.py and test_pixels.py). The configured values ("auto",
+    The Keras backend, and the precision, engine and image decoder that "auto" picks on this
+    host, are deliberately not part of the check: they decide how the same model is computed, not
+    which model it is (a model saved on one backend predicts the same on another; float32 and
+    bfloat16 features, OpenVINO's and Keras' features, and OpenCV's and Pillow's pixels, train
+    heads that agree: tests/learning/test_backends.py, test_precision.py, test_engines.py and
+    test_pixels.py). The configured values ("auto",
     "opencv", ...) are in the config hash like every training field. Moving the schedule to a GPU
     host, or installing OpenCV, must not retrain everything; `--force` does when someone wants it.
     """
@@ -41,8 +42,8 @@ def unchanged_reason(fingerprint: str, config_hash: str, built: list[ChampionInf
         return None
     versions = ", ".join(version.version for version in built)
     return (f"nothing changed: dataset fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} "
-            f"equal those of registered version(s) {versions} (another Keras backend, or the precision or image "
-            "decoder that auto picks on this host, is not a change: --force trains anyway)")
+            f"equal those of registered version(s) {versions} (another Keras backend, or the precision, engine or "
+            "image decoder that auto picks on this host, is not a change: --force trains anyway)")
 
 
 def metric_cell(value: Any) -> str:
@@ -51,6 +52,16 @@ def metric_cell(value: Any) -> str:
         return "–"
     shown = decimals4(value)
     return str(value) if shown == "n/a" else shown
+
+
+def int8_sentence(check: Int8Check) -> str:
+    """What int8 cost the head, in one line (the run page's note and the retrain summary)."""
+    def pair(key: str) -> str:
+        return f"{key} {decimals4(check.int8[key])} (float32 {decimals4(check.float32[key])})"
+
+    return (f"int8: the head on int8 features of {check.images} validation images scored {pair('accuracy')}, "
+            f"{pair('roc_auc')}; features relative L2 {check.feature_relative_l2:.3f}, largest probability gap "
+            f"{check.max_probability_gap:.3f}; calibrated on {check.calibration_images} train images.")
 
 
 def summary_markdown(summary: RetrainSummary) -> str:
@@ -64,7 +75,9 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines.append(f"- Chosen backbone: **{summary.chosen_backbone}**")
     if summary.devices:
         lines.append(f"- Compute: Keras/{summary.devices.backend} on {summary.devices.device_name}, "
-                     f"{summary.devices.precision}")  # why that precision: the run's log says it, once
+                     f"{summary.devices.precision}, engine {summary.devices.engine}")  # why: the run's log says it, once
+    if summary.int8_check:
+        lines.append(f"- {int8_sentence(summary.int8_check)}")
     if data.counts:
         lines += ["", "## Data", "", "| split | " + " | ".join(data.classes) + " |",
                   "|---|" + "---:|" * len(data.classes)]

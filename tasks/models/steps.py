@@ -150,11 +150,11 @@ def locate_images(images: str, extracted_root: str) -> str:
 
 
 @task(name="score-images", cache_policy=NO_CACHE)
-def score_images(folder: str, model_uri: str, output_csv: str, batch_size: int) -> PredictSummary:
+def score_images(folder: str, model_uri: str, output_csv: str, batch_size: int, engine: str = "auto") -> PredictSummary:
     """Score every image of `folder` and write the submission; the CSV appears only when every row is ready."""
     from tasks.models.predictions import predict_folder
 
-    return predict_folder(Path(folder), model_uri, Path(output_csv), batch_size)
+    return predict_folder(Path(folder), model_uri, Path(output_csv), batch_size, engine)
 
 
 @task(name="explain-images", cache_policy=NO_CACHE)

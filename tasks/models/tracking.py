@@ -32,6 +32,7 @@ from tasks.models.naming import (
     TAG_KIND,
     TAG_SKIP_REASON,
 )
+from tasks.models.report import int8_sentence
 from tasks.models.store import ensure_experiment, run_url, use_tracking
 
 MAX_PARAM_LENGTH = 6000
@@ -261,6 +262,7 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
                 client.log_artifact(child.info.run_id, path, "history")
         _log_batch(client, child.info.run_id, metrics=metrics,
                    params={"backbone": name, "input_size": backbone.input_size, "precision": backbone.precision,
+                           "engine": backbone.engine,
                            "weights": Path(backbone.weights).name, "feature_cache": Path(backbone.feature_cache_dir).name})
         client.set_terminated(child.info.run_id, "FINISHED")
         child_ids[name] = child.info.run_id
@@ -268,7 +270,8 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
 
 
 def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "auto", *, name: str = "model",
-                     classes: ClassMap = CATS_DOGS) -> Any:
+                     classes: ClassMap = CATS_DOGS, engine: str = "keras", engine_model: str | Path | None = None,
+                     precision: str = "float32") -> Any:
     """Log a trained `.keras` file as the pyfunc serving model in the active run.
 
     The model is tasks/models/pyfunc.py's `CatsDogsModel`; what travels with it (signature,
@@ -276,7 +279,8 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
     anywhere, requirements naming only what the served model imports) is
     tasks/models/packaging.py. `decoder` is the image decoder the model was trained with
     ("auto": the one that runs here); the served model decodes with it. `classes` (label order)
-    go into its config and signature. Returns MLflow's ModelInfo.
+    go into its config and signature. On `engine` "openvino" the run's IR (`engine_model`, its
+    model.xml) is logged beside the Keras model and served at `precision`. Returns MLflow's ModelInfo.
     """
     from tasks.learning.pixels import resolve_decoder
 
@@ -286,13 +290,27 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=pyfunc.CatsDogsModel(),
-        artifacts={pyfunc.KERAS_ARTIFACT: str(model_path)},
+        artifacts={pyfunc.KERAS_ARTIFACT: str(model_path),
+                   **({pyfunc.OPENVINO_ARTIFACT: _ir_files(engine_model)} if engine_model else {})},
         signature=packaging.model_signature(classes),
         input_example=packaging.input_example(),
         code_paths=[packaging.tasks_code_path()],
-        pip_requirements=packaging.pip_requirements(decoder=decoder),
-        model_config=packaging.model_config(input_size, decoder, classes),
+        pip_requirements=packaging.pip_requirements(decoder=decoder, engine=engine),
+        model_config=packaging.model_config(input_size, decoder, classes, engine, precision),
     )
+
+
+def _ir_files(model_xml: str | Path) -> str:
+    """A folder holding only the IR's model.xml and model.bin (not its compiled blobs, which are this CPU's)."""
+    import shutil
+    import tempfile
+
+    source = Path(model_xml)
+    folder = Path(tempfile.mkdtemp(prefix="openvino-model-")) / "openvino_model"
+    folder.mkdir()
+    for suffix in (".xml", ".bin"):
+        shutil.copy2(source.with_suffix(suffix), folder / f"model{suffix}")
+    return str(folder)
 
 
 @contextlib.contextmanager
@@ -355,15 +373,17 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         client.set_tag(run_id, TAG_BACKBONE, chosen)
         data_params, data_metrics = dataset_logging(data)
         validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
+        int8 = trained.backbones[chosen].int8_check
         metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
                    **scalar_metrics(validation, "val_"),
                    **(scalar_metrics({key: getattr(trained.calibration, key) for key in ("temperature", "validation",
                                                                                         "test")}, "calibration.")
-                      if trained.calibration else {})}
+                      if trained.calibration else {}),
+                   **(scalar_metrics(int8.model_dump(), "int8_check.") if int8 else {})}
         params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
                   "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,
-                  "resolved.decoder": trained.decoder}
+                  "resolved.decoder": trained.decoder, "resolved.engine": trained.devices.engine}
         _log_batch(client, run_id, params=params,
                    metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
         client.set_tag(run_id, "mlflow.note.content", _run_note(data, trained))
@@ -374,7 +394,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
                                        {**{key: value for key, value in tags.items() if key != TAG_KIND},
                                         TAG_BACKBONE: chosen})
         model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder,
-                                      classes=ClassMap.from_names(data.classes))
+                                      classes=ClassMap.from_names(data.classes), engine=trained.devices.engine,
+                                      engine_model=trained.engine_model_path, precision=trained.devices.precision)
     return run.model_copy(update={"model_uri": model_info.model_uri, "child_run_ids": child_ids})
 
 
@@ -382,11 +403,15 @@ def _run_note(data: PrepareSummary, trained: TrainResult) -> str:
     """A short markdown description shown at the top of the run page."""
     test = scalar_metrics(trained.test_metrics)
     lines = [f"Retrain on dataset `{data.fingerprint[:12]}`, chosen backbone **{trained.chosen_backbone}** "
-             f"(Keras/{trained.devices.backend}, {trained.devices.precision}, {trained.decoder} decoder).", "",
+             f"(Keras/{trained.devices.backend}, {trained.devices.precision} on {trained.devices.engine}, "
+             f"{trained.decoder} decoder).", "",
              "| split | " + " | ".join(data.classes) + " |", "|---" * (len(data.classes) + 1) + "|"]
     lines += [f"| {split} | " + " | ".join(str(c.get(name, 0)) for name in data.classes) + " |"
               for split, c in data.counts.items()]
     lines += ["", "Test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))]
+    int8 = trained.backbones[trained.chosen_backbone].int8_check
+    if int8 is not None:
+        lines += ["", int8_sentence(int8)]
     return "\n".join(lines)
 
 

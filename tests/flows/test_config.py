@@ -33,6 +33,8 @@ def test_unknown_backbone_fails_listing_the_choices():
     ({"dropout": 1.0}, "dropout"),
     ({"head_epochs": 0}, "head_epochs"),
     ({"batch_sise": 8}, "batch_sise"),  # typos are errors, not silently ignored
+    ({"precision": "int8", "engine": "keras"}, "int8 runs only on OpenVINO; use --engine openvino"),
+    ({"engine": "onnx"}, "engine"),
 ])
 def test_bad_values_are_rejected(values, fragment):
     with pytest.raises(ValidationError, match=fragment):
@@ -59,9 +61,9 @@ def test_config_hash_is_content_only_and_sensitive_to_every_field():
     assert TrainConfig(input_size=32, weights=None, backbones=["vgg16"]).config_hash() == config.config_hash()
     hashes = {config.config_hash()}
     for change in ({"seed": 1}, {"fine_tune": True}, {"input_size": 48}, {"dropout": 0.3}, {"weights": "imagenet"},
-                   {"decoder": "pillow"}, {"precision": "float32"}):
+                   {"decoder": "pillow"}, {"precision": "float32"}, {"engine": "openvino"}):
         hashes.add(config.model_copy(update=change).config_hash())
-    assert len(hashes) == 8
+    assert len(hashes) == 9
 
 
 def test_subclasses_hash_only_the_training_fields():

@@ -173,7 +173,8 @@ def test_unchanged_names_every_version_built_from_this_data_and_config():
                           config_hash="c" * 64, metrics={}) for v in ("4", "3")]
     reason = unchanged_reason("f" * 64, "c" * 64, built)
     assert "registered version(s) 4, 3" in reason
-    assert "another Keras backend, or the precision or image decoder that auto picks on this host, is not a change: --force" \
+    assert "another Keras backend, or the precision, engine or image decoder that auto picks on this host, is not a " \
+           "change: --force" \
         in reason
     assert unchanged_reason("f" * 64, "c" * 64, []) is None
     assert unchanged_reason("", "", built) is None
@@ -187,7 +188,7 @@ def test_config_hash_ignores_retrain_only_fields():
 
 
 def test_summary_markdown_shows_metrics_decision_and_link():
-    from tasks.common.results import MlflowRun, PreparePaths, PrepareSummary, Promotion
+    from tasks.common.results import Int8Check, MlflowRun, PreparePaths, PrepareSummary, Promotion
 
     paths = PreparePaths(data_dir="/d", manifest="/d/m", arranged="/d/a", validation_result="/d/r",
                          data_docs="/d/i", summary="/d/s")
@@ -204,8 +205,13 @@ def test_summary_markdown_shows_metrics_decision_and_link():
                            model_uri="models:/cats-vs-dogs/2", reasons=["beats the champion"],
                            previous_champion_version="1"),
         mlflow=MlflowRun(run_id="r1", experiment_id="1", run_url="http://127.0.0.1:5000/#/experiments/1/runs/r1",
-                         tracking_uri="sqlite:///x"))
+                         tracking_uri="sqlite:///x"),
+        int8_check=Int8Check(images=40, calibration_images=300, float32={"accuracy": 0.9, "roc_auc": 0.95,
+                                                                         "log_loss": 0.3},
+                             int8={"accuracy": 0.875, "roc_auc": 0.95, "log_loss": 0.31}, feature_relative_l2=0.2,
+                             max_probability_gap=0.1))
     text = summary_markdown(summary)
+    assert "- int8: the head on int8 features of 40 validation images scored accuracy 0.8750 (float32 0.9000)" in text
     assert "| roc_auc | 0.9500 | 0.9300 |" in text  # the champion re-scored on this test split, as the gate saw it
     assert "| accuracy | 0.9000 | 0.8500 |" in text and "0.9100" not in text
     assert "| train | 8 | 9 |" in text

@@ -104,7 +104,12 @@ def test_result_follows_the_contract_and_every_path_exists(first_run):
     assert len(verdicts) == 2 and all(f"-{name}-32-" in " ".join(verdicts) for name in CONFIG.backbones)
     assert result.devices.precision == result.backbones[BEST].precision and "x float32" in result.devices.reason
     assert result.decoder == "opencv"  # "auto" where OpenCV is installed, recorded with the features
-    assert all(Path(entry.feature_cache_dir).name.endswith("-opencv") for entry in result.backbones.values())
+    # engine "auto" too: measured once per backbone, and the engine each computed on is in its cache key
+    assert len(list(DataFolder(data_dir).engine_verdicts.glob("*.json"))) == 2
+    assert all(Path(entry.feature_cache_dir).name.endswith("-opencv" if entry.engine == "keras" else "-opencv-openvino")
+               for entry in result.backbones.values())
+    assert result.devices.engine == result.backbones[BEST].engine and "x Keras/" in result.devices.engine_reason
+    assert (result.engine_model_path is not None) == (result.devices.engine == "openvino")  # its IR ships beside it
 
 
 def test_cat_is_0_and_dog_is_1_in_every_output(first_run):

@@ -76,8 +76,9 @@ def _one_sentence_error(response: httpx.Response, sentence: str) -> None:
     assert len(response.content) < 4096
 
 
-def test_the_server_answers_jpegs_and_pixels_with_a_row_each(server):
-    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` answers over HTTP."""
+def test_the_server_answers_jpegs_and_pixels_with_a_row_each(server, champion_store, tmp_path, monkeypatch):
+    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` answers over HTTP, with the
+    probabilities batch prediction writes for the same files (both on the champion's engine, OpenVINO)."""
     images = [image_bytes("cat", 50), image_bytes("dog", 51), b"\xff\xd8 corrupt jpeg"]
     payload = {"dataframe_split": {"columns": ["image"],
                                    "data": [[base64.b64encode(data).decode("ascii")] for data in images]}}
@@ -89,6 +90,15 @@ def test_the_server_answers_jpegs_and_pixels_with_a_row_each(server):
     assert rows[0]["error"] == "" and rows[2]["error"]
     strict = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert strict["predictions"][2]["p_dog"] is None
+    from tasks.models.predictions import predict_folder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+    for index, data in enumerate(images[:2], start=1):
+        (tmp_path / "images" / f"{index}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "images" / f"{index}.jpg").write_bytes(data)
+    batch = predict_folder(tmp_path / "images", "models:/cats-vs-dogs@champion", tmp_path / "submission.csv", 8)
+    assert pd.read_csv(batch.output_csv)["label"].tolist() == pytest.approx([row["p_dog"] for row in rows[:2]],
+                                                                            abs=1e-6)
 
     pixels = {"dataframe_split": {"columns": ["pixels"], "data": [[class_pixels("dog", 52).tolist()]]}}
     response = _invoke(server, pixels)

@@ -35,7 +35,8 @@ out = model.predict(frame)
 print(json.dumps({"labels": out["label"].tolist(), "errors": out["error"].tolist(),
                   "modules": sorted(name for name in ("prefect", "tensorflow", "great_expectations", "flows")
                                     if name in sys.modules),
-                  "decoder": model.unwrap_python_model().decoder, "opencv": "cv2" in sys.modules}))
+                  "decoder": model.unwrap_python_model().decoder, "opencv": "cv2" in sys.modules,
+                  "engine": model.unwrap_python_model().engine}))
 """
 
 
@@ -44,12 +45,13 @@ print(json.dumps({"labels": out["label"].tolist(), "errors": out["error"].tolist
 def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requirements(tmp_path, monkeypatch):
     import mlflow
 
-    uri, _ = promoted_champion(tmp_path)
+    uri, _ = promoted_champion(tmp_path, engine="openvino")  # converted by a TensorFlow child: this job hides TF
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model_dir = Path(mlflow.artifacts.download_artifacts("models:/cats-vs-dogs@champion", dst_path=str(tmp_path / "m")))
     requirements = (model_dir / "requirements.txt").read_text().split()
     assert not [r for r in requirements if r.split("==")[0] in ("prefect", "tensorflow", "great-expectations")]
     assert [r for r in requirements if r.startswith("opencv-python-headless==")]  # trained with the OpenCV decoder
+    assert [r for r in requirements if r.startswith("openvino==")]  # logged with the OpenVINO engine
 
     venv = tmp_path / "venv"
     uv = str(servers.BIN_DIR / "uv")
@@ -70,3 +72,4 @@ def test_the_logged_model_predicts_a_jpeg_in_a_fresh_virtualenv_of_its_own_requi
     assert result["errors"][:2] == ["", ""] and "not an image" in result["errors"][2]
     assert result["modules"] == []  # nothing outside the model's requirements was imported
     assert result["decoder"] == "opencv" and result["opencv"]  # it decodes as it was trained, with OpenCV
+    assert result["engine"] == "openvino"  # and computes on the engine it was logged with

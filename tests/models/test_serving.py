@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -199,3 +200,39 @@ def test_an_opencv_trained_model_fails_to_load_clearly_where_opencv_is_missing(c
                                                                                   "decoder": "pillow"}))
     assert served.decoder == "pillow"  # what a server chooses with MLFLOW_PYFUNC_INFERENCE_CONFIG
 
+
+
+# ------------------------------------------------------------------ the engine it was logged with
+
+
+def test_the_champion_runs_on_the_openvino_engine_it_was_logged_with_as_keras_would(champion, champion_store):
+    import mlflow
+
+    served = champion.unwrap_python_model()
+    assert served.engine == "openvino"
+    keras_model = pyfunc.load_keras_model(champion_store.result.model_path)
+    on_keras = pyfunc.CatsDogsModel().attach(keras_model, 32, served.decoder)
+    frame = pd.DataFrame({"pixels": [class_pixels(label, seed) for label in ("cat", "dog") for seed in range(3)]})
+    np.testing.assert_allclose(champion.predict(frame)["p_dog"].to_numpy(float),
+                               on_keras.predict(None, frame)["p_dog"].to_numpy(float), atol=1e-5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+        requirements = mlflow.pyfunc.get_model_dependencies(CHAMPION_URI)
+    assert any(line.startswith("openvino==") for line in open(requirements).read().split())
+
+
+def test_an_openvino_model_fails_to_load_in_one_sentence_where_openvino_is_missing(champion_store, monkeypatch):
+    from tasks.common.errors import ConfigError
+    from tasks.learning import openvino_engine
+
+    monkeypatch.setattr(openvino_engine, "installed", lambda: False)
+    artifacts = {pyfunc.KERAS_ARTIFACT: champion_store.result.model_path,
+                 pyfunc.OPENVINO_ARTIFACT: str(Path(champion_store.result.engine_model_path).parent)}
+    context = SimpleNamespace(artifacts=artifacts, model_config={"input_size": 32, "engine": "openvino"})
+    with pytest.raises(ConfigError, match=r"^this model was logged with the OpenVINO engine, which is not installed "
+                                          r"here; pip install openvino .*MLFLOW_PYFUNC_INFERENCE_CONFIG='\{\"engine\": "
+                                          r"\"keras\"\}'$"):
+        pyfunc.CatsDogsModel().load_context(context)
+    served = pyfunc.CatsDogsModel()
+    served.load_context(SimpleNamespace(artifacts=artifacts, model_config={"input_size": 32, "engine": "keras"}))
+    assert served.engine == "keras"  # what a server chooses with MLFLOW_PYFUNC_INFERENCE_CONFIG

@@ -63,11 +63,23 @@ def test_readers_never_create_a_store(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ one retrain in MLflow
 
 
+def int8_on_openvino(result):
+    """A fake run at int8 on OpenVINO: its chosen backbone reports what int8 cost its head."""
+    from tasks.common.results import Int8Check
+
+    check = Int8Check(images=8, calibration_images=20, float32={"accuracy": 0.875, "roc_auc": 0.95, "log_loss": 0.3},
+                      int8={"accuracy": 0.75, "roc_auc": 0.94, "log_loss": 0.31}, feature_relative_l2=0.05,
+                      max_probability_gap=0.02)
+    chosen = result.backbones[result.chosen_backbone].model_copy(update={"precision": "int8", "int8_check": check})
+    return result.model_copy(update={"backbones": {**result.backbones, result.chosen_backbone: chosen},
+                                     "devices": result.devices.model_copy(update={"precision": "int8"})})
+
+
 def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    result = fake_train_result(tmp_path / "train")
+    result = int8_on_openvino(fake_train_result(tmp_path / "train", engine="openvino"))
     summary = fake_prepare_summary(tmp_path / "data")
     client = MlflowClient(tracking_uri=mlflow_store)
     with training_run(summary.fingerprint, result.config_hash, prefect_context={  # opened as training starts
@@ -87,7 +99,11 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert metrics["data.test.dog"] == 4 and metrics["data.quarantined.empty_file"] == 1
     assert metrics["test_roc_auc"] == pytest.approx(0.97) and metrics["val_roc_auc"] == pytest.approx(0.95)
     assert tags["dataset_fingerprint"] == "f" * 64 and tags["config_hash"] == result.config_hash
-    assert params["resolved.backend"] == result.devices.backend and params["resolved.precision"] == "float32"
+    assert params["resolved.backend"] == result.devices.backend and params["resolved.precision"] == "int8"
+    assert params["resolved.engine"] == "openvino" and metrics["int8_check.int8.accuracy"] == 0.75
+    assert metrics["int8_check.float32.accuracy"] == 0.875 and metrics["int8_check.feature_relative_l2"] == 0.05
+    assert "int8: the head on int8 features of 8 validation images scored accuracy 0.7500 (float32 0.8750)" in \
+        tags["mlflow.note.content"]
     assert params["resolved.decoder"] == result.decoder == "opencv"
     inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}  # MLflow's lineage
     assert {split: dataset.name for split, dataset in inputs.items()} == {
@@ -107,12 +123,16 @@ def test_log_retrain_records_config_data_metrics_artifacts_children_and_model(ml
     assert [m.step for m in client.get_metric_history(chosen, "fine_tune.val_auc")] == [1, 2]
     assert client.get_metric_history(logged.child_run_ids["mobilenet_v2"], "fine_tune.loss") == []
 
-    assert client.get_run(chosen).data.params["precision"] == "float32"
+    assert client.get_run(chosen).data.params["precision"] == "int8"
+    assert client.get_run(chosen).data.params["engine"] == "openvino"
     model_info = mlflow.models.get_model_info(logged.model_uri)
     assert model_info.signature.inputs.input_names() == ["image", "pixels"]
     loaded = mlflow.pyfunc.load_model(logged.model_uri)  # it serves with the decoder it was trained with
     assert loaded.model_config["decoder"] == "opencv" and loaded.unwrap_python_model().decoder == "opencv"
     assert "opencv-python-headless==" in Path(mlflow.pyfunc.get_model_dependencies(logged.model_uri)).read_text()
+    assert "openvino==" in Path(mlflow.pyfunc.get_model_dependencies(logged.model_uri)).read_text()
+    assert loaded.model_config["engine"] == "openvino" and loaded.model_config["precision"] == "int8"
+    assert loaded.unwrap_python_model().engine == "openvino"  # on the run's IR, logged beside the Keras model
     assert model_info.saved_input_example_info is not None
     store = tmp_path / "mlruns"
     assert any(store.joinpath("cats-vs-dogs").rglob("model.keras"))  # artifacts beside the db

@@ -53,7 +53,8 @@ class Temperature(keras.layers.Layer):
         ops = keras.ops
         p = ops.clip(ops.cast(inputs, "float32"), PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
         if inputs.shape[-1] == 1:
-            return ops.sigmoid((ops.log(p) - ops.log1p(-p)) / self.temperature)
+            # log(1 - p), not log1p(-p): ONNX has no Log1p, and p is clipped away from 1
+            return ops.sigmoid((ops.log(p) - ops.log(1.0 - p)) / self.temperature)
         return ops.softmax(ops.log(p) / self.temperature, axis=-1)
 
     def compute_output_shape(self, input_shape: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.common.logs import run_logger
-from tasks.models.predictions import csv_ids, list_images
+from tasks.models.predictions import csv_rows, list_images
 from tasks.models.registry import load_pyfunc
 
 
@@ -25,14 +25,13 @@ def explain_images(folder: Path, model_uri: str, output_csv: Path, count: int) -
     """Overlays of the first `count` images of `folder`; returns (their folder, how many were written)."""
     from tasks.learning.gradcam import explain_files
 
-    images, _ = list_images(Path(folder))
-    chosen = images[:count]
     target = explained_dir(output_csv)
     target.mkdir(exist_ok=True)
     for old in target.glob("*.png"):
         old.unlink()
     served = load_pyfunc(model_uri).unwrap_python_model()
-    ids = [str(image) for image in csv_ids(images, Path(folder))][:count]
+    images, ids, _ = csv_rows(list_images(Path(folder))[0], Path(folder), served.classes)  # the CSV's rows, in order
+    chosen, ids = images[:count], [str(image) for image in ids[:count]]
     rows = explain_files(served.keras_model, chosen, target, decoder=served.decoder, classes=served.classes,
                          names=[image.replace("/", "_") for image in ids])
     for row in rows:

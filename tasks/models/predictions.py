@@ -231,12 +231,25 @@ def write_class_predictions(target: Path, ids: list[int | str], labels: list[str
     return target, errors_path if failed else None
 
 
+def csv_rows(images: list[Path], folder: Path, classes: ClassMap) -> tuple[list[Path], list[int | str],
+                                                                          list[tuple[str, Path, str]]]:
+    """(the images the CSV holds, in its order; their ids; (id, image, why) of each left out).
+
+    A Kaggle submission (cats vs. dogs) holds each number once (`kaggle_numbered`); any other CSV
+    holds every image. What predict writes and what `--explain` names come from here.
+    """
+    left_out: list[tuple[str, Path, str]] = []
+    if classes.kaggle:
+        images, left_out = kaggle_numbered(images, folder)
+    return images, csv_ids(images, folder), left_out
+
+
 def predict_classes(folder: Path, model: Any, model_uri: str, output_csv: Path, batch_size: int,
-                    images: list[Path], skipped: int) -> PredictSummary:
+                    images: list[Path], skipped: int, classes: ClassMap) -> PredictSummary:
     """Score every image with a model of other classes and write `id,label,p_<class>...` (no Kaggle checks)."""
     from tasks.common.progress import Progress
 
-    ids = csv_ids(images, folder)
+    images, ids, _ = csv_rows(images, folder, classes)
     log_named_ids(images, ids)
     progress = Progress(f"Scoring {folder.name}", len(images), "images", logger_name=__name__)
     scored = score_table(model, images, batch_size, progress.advance)
@@ -266,13 +279,12 @@ def predict_folder(folder: Path, model_uri: str, output_csv: Path, batch_size: i
     if not classes.kaggle:
         log.info("Classes: %s; writing id,label and a probability per class", classes.text())
         return predict_classes(folder, load_pyfunc(model_uri, engine), model_uri, output_csv, batch_size, images,
-                               skipped)
-    images, left_out = kaggle_numbered(images, folder)
+                               skipped, classes)
+    images, ids, left_out = csv_rows(images, folder, classes)
     if left_out:
         shown = ", ".join(path.name for _, path, _ in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         log.warning("%d image(s) without a Kaggle id of their own (a number no other file has) left out of the "
                     "submission, listed in its errors file: %s", len(left_out), shown)
-    ids = csv_ids(images, folder)
     log_named_ids(images, ids)
     sample = find_sample_submission(folder)
     if sample is None:

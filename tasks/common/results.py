@@ -3,6 +3,7 @@
     prepare_data -> PrepareSummary          (tasks.data)
     train_model  -> TrainResult             (tasks.learning; one BackboneResult per backbone)
     retrain      -> RetrainSummary          (tasks.models; Promotion is the gate's verdict)
+    audit        -> AuditSummary            (tasks.learning; one QualitySummary per backbone)
     predict      -> PredictSummary          (tasks.models)
 
 They carry counts, metrics and paths, never arrays or models, so Prefect can persist and
@@ -36,6 +37,24 @@ class PreparePaths(_Result):
     summary: str
 
 
+class LabelOverrides(_Result):
+    """What the labels.csv overrides (in the source or the data folder) changed: a person's corrections."""
+
+    files: list[str]
+    """The override files read, source first (the data folder's wins where both name an image)."""
+    digest: str
+    """sha256 over the overrides as applied (image sha256 -> action), so equal corrections give equal digests."""
+    relabelled: int
+    excluded: int
+    unmatched: int
+    """Rows that named no image of this source (kept in the file, ignored here)."""
+
+    def text(self) -> str:
+        """`2 relabelled, 1 excluded by labels.csv`: one line for logs, summaries and the registry."""
+        unmatched = f", {self.unmatched} naming no image" if self.unmatched else ""
+        return f"{self.relabelled} relabelled, {self.excluded} excluded by labels.csv{unmatched}"
+
+
 class PrepareSummary(_Result):
     """What prepare_data made of a source: facts about the data only, so equal data gives an equal summary."""
 
@@ -50,6 +69,8 @@ class PrepareSummary(_Result):
     fingerprint: str
     """sha256 over (sha256, label, split) of every kept labelled image: changes exactly when the data does."""
     paths: PreparePaths
+    label_overrides: LabelOverrides | None = None
+    """What labels.csv changed (None when there is none)."""
 
 
 # --------------------------------------------------------------------------- train
@@ -81,6 +102,44 @@ class HeadScores(_Result):
     best_epoch: int
 
 
+class QualitySummary(_Result):
+    """The data audit of one feature space: what it found, where the findings are, what its checks said.
+
+    Found on the cached features (tasks/learning/audit.py): suspected label errors (out-of-fold
+    probabilities ranked by cleanlab), near-duplicate pairs within and across splits, test and
+    validation images that are near-copies of training images (leakage), and outliers.
+    """
+
+    feature_space: str
+    """The feature cache it was computed on (`<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`)."""
+    report: str
+    """Every finding as parquet: data/quality/<feature space>/audit.parquet."""
+    csv: str
+    """The same as CSV for people, with an empty `decision` column to fill (then pass it back as labels.csv)."""
+    images: int
+    label_issues: int
+    near_duplicates: int
+    """Near-duplicate pairs, within a split and across splits (leaking ones included)."""
+    leaked_test_images: int
+    leaked_validation_images: int
+    outliers: int
+    folds: int
+    """Folds of the out-of-fold probabilities (0: a class too small to hold one out, no label issues sought)."""
+    similarity_threshold: float
+    """The cosine similarity a near-copy reached in this folder (the larger of the option and the relative rule)."""
+    warnings: list[str]
+    """The audit's expectations that failed at severity warning, in short."""
+    checks: str
+    """The Great Expectations result of the audit's checks (JSON)."""
+    reused: bool
+
+    def text(self) -> str:
+        """One line for logs and summaries: what the audit found."""
+        return (f"{self.label_issues} suspected label(s), {self.near_duplicates} near-duplicate pair(s) "
+                f"({self.leaked_test_images} test and {self.leaked_validation_images} validation image(s) near a "
+                f"training image), {self.outliers} outlier(s) among {self.images} images")
+
+
 class BackboneResult(HeadScores):
     """One backbone of a training run: its cached features and the head trained on them."""
 
@@ -94,6 +153,10 @@ class BackboneResult(HeadScores):
     feature_cache_dir: str
     features_computed: int
     features_reused: int
+    quality: QualitySummary | None = None
+    """The data audit on this backbone's features (None for results made before the audit existed)."""
+    suspects_left_out: int = 0
+    """Train images left out of its head (and fine-tuning) as suspected label errors (exclude_suspected_labels)."""
 
 
 class FineTuneReport(_Result):
@@ -138,6 +201,11 @@ class TrainResult(_Result):
     config_hash: str
     data_dir: str
     data_fingerprint: str | None
+
+    @property
+    def quality(self) -> QualitySummary | None:
+        """The data audit on the chosen backbone's features: what the run's MLflow metrics and the gate use."""
+        return self.backbones[self.chosen_backbone].quality
 
 
 # --------------------------------------------------------------------------- retrain
@@ -201,6 +269,20 @@ class RetrainSummary(_Result):
     decision: Promotion | None = None
     model_path: str | None = None
     devices: DeviceSetup | None = None
+    quality: QualitySummary | None = None
+    """The data audit of the chosen feature space (None when nothing was trained)."""
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditSummary(_Result):
+    """What `python -m flows.audit` found: the data audit on each backbone's features."""
+
+    data_dir: str
+    data_fingerprint: str | None
+    audits: dict[str, QualitySummary]
+    """Backbone name -> its audit (data/quality/<feature space>/)."""
 
 
 # --------------------------------------------------------------------------- predict

@@ -9,14 +9,17 @@ pre-split source keeps its own train/validation where it has them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel
 
 from tasks.common.errors import ConfigError
 from tasks.common.labels import SPLITS, UNLABELLED
+from tasks.common.results import LabelOverrides
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
+from tasks.data.overrides import apply_overrides, override_files, read_overrides
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 """Default train/validation/test fractions."""
@@ -171,22 +174,31 @@ def assign_splits(manifest: pd.DataFrame, *, fractions: Sequence[float] = DEFAUL
 
 
 class SplitsAssigned(BaseModel):
-    """What `assign_splits_file` did: duplicates and conflicts found, source splits kept."""
+    """What `assign_splits_file` did: label corrections applied, duplicates and conflicts found, source splits kept."""
 
     path: str
     written: bool
     duplicate: int
     label_conflict: int
     presplit: list[str]
+    label_overrides: LabelOverrides | None = None
 
 
 def assign_splits_file(folder: DataFolder, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                       respect_source_split: bool = True) -> SplitsAssigned:
-    """Dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed)."""
+                       respect_source_split: bool = True, source_root: str | Path | None = None) -> SplitsAssigned:
+    """Apply labels.csv, dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed).
+
+    The corrections (tasks/data/overrides.py) come from `source_root`'s labels.csv and the data
+    folder's, and are applied first, so deduplication and label conflicts see the corrected labels.
+    """
     inspected = read_manifest(folder.inspected)
+    files = override_files(source_root, folder)
+    overrides = None
+    if files:
+        inspected, overrides = apply_overrides(inspected, read_overrides(files, folder.classes()), files)
     frame = assign_splits(inspected, fractions=fractions, respect_source_split=respect_source_split)
     return SplitsAssigned(
         path=str(folder.splits), written=write_manifest(frame, folder.splits),
         duplicate=int((frame["reason"] == "duplicate").sum()),
         label_conflict=int((frame["reason"] == "label_conflict").sum()),
-        presplit=sorted(presplit_splits(inspected)) if respect_source_split else [])
+        presplit=sorted(presplit_splits(inspected)) if respect_source_split else [], label_overrides=overrides)

@@ -1,0 +1,132 @@
+"""Nearest neighbours in the audit's feature view: near-copies and outliers from one all-pairs scan.
+
+One exact scan (the reduced vectors multiplied block by block, so memory stays at a block of
+rows times all images) keeps, for each image, its NEIGHBOURS most similar others by cosine and
+its NEIGHBOURS nearest by Euclidean distance. The two findings come from it:
+
+- **Near-copies** (re-encoded, resized, recompressed images) by cosine similarity: a pair whose
+  similarity reaches `min_similarity` AND whose cosine distance is at most RELATIVE_DISTANCE times
+  the folder's median nearest-neighbour distance. The relative rule is cleanlab Datalab's for
+  near duplicates, with its factor: it keeps a folder of look-alike images (generated test
+  images, product shots on white) from becoming one cluster of "copies", while the absolute floor
+  keeps a folder of very different images from calling loosely similar ones copies. What each
+  backbone finds is measured on generated near-copies by benchmarks/near_copies.py (README, "The
+  data audit").
+- **Outliers** (a blank frame, a screenshot) by Euclidean distance: the mean distance to the
+  NEIGHBOURS nearest images, far above the folder's (Tukey's far-out fence, Q3 + 3 IQR), so a few
+  odd images that resemble each other still stand out. Distance, not angle: a blank frame's
+  standardised features are small and point anywhere, so only their distance from every real
+  image gives them away (measured: blank frames 3-4x the fence with a random VGG16, where their
+  cosine scores stayed inside it).
+
+scikit-learn's NearestNeighbors (and through it cleanlab's Datalab) makes the same scan; this one
+shares one pass between both findings and works in the reduced view (tasks/learning/embedding.py),
+which benchmarks/audit_throughput.py compares with NearestNeighbors on the full features. An exact
+O(n^2) scan suits one host's datasets (25,000 images: seconds); millions of images would need an
+approximate index (FAISS), which the pipeline does not ship.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.learning.embedding import unit_rows
+
+NEIGHBOURS = 10
+"""Neighbours kept per image: the outlier score's k, and the most near-copies one image can list."""
+
+NEAR_DUPLICATE_SIMILARITY = 0.9
+"""Default absolute floor of a near-copy's cosine similarity (standardised features)."""
+
+RELATIVE_DISTANCE = 0.13
+"""A near-copy is also closer than this share of the folder's median nearest-neighbour distance (Datalab's factor)."""
+
+OUTLIER_FENCE = 3.0
+"""Outliers score above Q3 + OUTLIER_FENCE x IQR of the scores (Tukey's far-out fence)."""
+
+_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each image's nearest others, (n, k) each: by cosine similarity (most similar first) and by Euclidean distance."""
+
+    index: np.ndarray
+    similarity: np.ndarray
+    distance: np.ndarray
+    """Euclidean distances to the k nearest others, nearest first (not necessarily the same images as `index`)."""
+
+    @property
+    def nearest_distance(self) -> np.ndarray:
+        """Cosine distance of each image to its most similar other image."""
+        return 1.0 - self.similarity[:, 0]
+
+
+def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of each row's k largest values, largest first."""
+    top = np.argpartition(values, -k, axis=1)[:, -k:]
+    picked = np.take_along_axis(values, top, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(picked, order, axis=1)
+
+
+def nearest(vectors: np.ndarray, k: int = NEIGHBOURS) -> Neighbours:
+    """The k most cosine-similar and the k Euclidean-nearest other images of every image, by an exact blocked scan."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    n = len(vectors)
+    k = max(0, min(k, n - 1))
+    index = np.zeros((n, k), dtype=np.int64)
+    similarity = np.zeros((n, k), dtype=np.float32)
+    distance = np.zeros((n, k), dtype=np.float32)
+    if k == 0:
+        return Neighbours(index, similarity, distance)
+    norms = np.linalg.norm(vectors, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    squares = norms ** 2
+    for start in range(0, n, _BLOCK):
+        rows = slice(start, start + _BLOCK)
+        dots = vectors[rows] @ vectors.T
+        own = np.arange(len(dots)), start + np.arange(len(dots))
+        cosine = dots / safe[rows, None] / safe[None, :]
+        cosine[own] = -np.inf  # never one's own neighbour
+        index[rows], similarity[rows] = _top(cosine, k)
+        del cosine
+        negative = dots * 2 - squares[rows, None] - squares[None, :]  # minus the squared distance
+        negative[own] = -np.inf
+        distance[rows] = np.sqrt(np.maximum(-_top(negative, k)[1], 0.0))
+    return Neighbours(index, np.clip(similarity, -1.0, 1.0), distance)
+
+
+def copy_threshold(neighbours: Neighbours, min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> float:
+    """The cosine similarity a near-copy must reach here: the option, or the relative rule where stricter."""
+    if neighbours.similarity.size == 0:
+        return float(min_similarity)
+    relative = 1.0 - RELATIVE_DISTANCE * float(np.median(neighbours.nearest_distance))
+    return float(max(min_similarity, relative))
+
+
+def near_copy_pairs(neighbours: Neighbours, threshold: float) -> list[tuple[int, int, float]]:
+    """(i, j, similarity) with i < j for every pair at or above `threshold`, each pair once, most similar first."""
+    rows, columns = np.nonzero(neighbours.similarity >= threshold)
+    pairs: dict[tuple[int, int], float] = {}
+    for row, column in zip(rows, columns):
+        other = int(neighbours.index[row, column])
+        pairs[(min(int(row), other), max(int(row), other))] = float(neighbours.similarity[row, column])
+    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
+
+
+def outlier_scores(neighbours: Neighbours) -> np.ndarray:
+    """Mean Euclidean distance of each image to its nearest others: high for an image unlike any other."""
+    if neighbours.distance.size == 0:
+        return np.zeros(len(neighbours.index), dtype=np.float32)
+    return neighbours.distance.mean(axis=1).astype(np.float32)
+
+
+def outlier_fence(scores: np.ndarray) -> float:
+    """The score above which an image is an outlier: Q3 + OUTLIER_FENCE x IQR (inf with too few images)."""
+    if len(scores) < 4:
+        return float("inf")
+    q1, q3 = np.quantile(scores, [0.25, 0.75])
+    return float(q3 + OUTLIER_FENCE * (q3 - q1))

@@ -125,8 +125,6 @@ class QualitySummary(_Result):
     outliers: int
     folds: int
     """Folds of the out-of-fold probabilities (0: a class too small to hold one out, no label issues sought)."""
-    similarity_threshold: float
-    """The cosine similarity a near-copy reached in this folder (the larger of the option and the relative rule)."""
     warnings: list[str]
     """The audit's expectations that failed at severity warning, in short."""
     checks: str

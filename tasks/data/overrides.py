@@ -43,6 +43,8 @@ EXCLUDED = "excluded"
 """Quarantine reason of an image a person excluded."""
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ARRANGED_HASH = 10  # arranged file names end in _<sha256[:10]> (tasks/data/arrange.py, arranged_paths)
+_ARRANGED = re.compile(rf"^{DataFolder.ARRANGED}/.+_([0-9a-f]{{{_ARRANGED_HASH}}})\.jpg$")
 _ACTION_COLUMNS = ("label", "decision")
 
 
@@ -116,20 +118,32 @@ def read_overrides(paths: Sequence[Path], classes: ClassMap) -> list[Override]:
     return [override for path in paths for override in read_override_file(Path(path), classes)]
 
 
+def _arranged_sha(path: str, by_prefix: dict[str, set[str]]) -> str:
+    """The image an arranged path names (`arranged/<split>/<class>/<stem>_<sha256[:10]>.jpg`), by its hash.
+
+    By the hash in its name, not the path itself: an earlier correction may have moved the image
+    to another class folder since the path was written down.
+    """
+    found = _ARRANGED.match(path)
+    matches = by_prefix.get(found.group(1), set()) if found else set()
+    return next(iter(matches)) if len(matches) == 1 else ""
+
+
 def _decisions(frame: pd.DataFrame, overrides: Sequence[Override]) -> tuple[dict[str, tuple[str, str]], int]:
     """{image sha256: (action, where)} with later files winning, and how many rows named no image.
 
     Two rows of one file that decide one image differently are refused (which one meant it?).
     """
     labelled = frame[frame["label"] != ""]
-    by_path: dict[str, str] = {}
-    for column in ("relative_path", "arranged_path"):
-        by_path.update({path: sha for path, sha in zip(labelled[column], labelled["sha256"]) if path})
+    by_path = dict(zip(labelled["relative_path"], labelled["sha256"]))
+    by_prefix: dict[str, set[str]] = {}
+    for sha in labelled["sha256"]:
+        by_prefix.setdefault(sha[:_ARRANGED_HASH], set()).add(sha)
     known = set(labelled["sha256"])
     decided: dict[str, tuple[str, str]] = {}
     unmatched = 0
     for override in overrides:
-        sha = override.sha256 or by_path.get(override.path, "")
+        sha = override.sha256 or by_path.get(override.path, "") or _arranged_sha(override.path, by_prefix)
         if sha not in known:
             unmatched += 1
             continue

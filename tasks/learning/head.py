@@ -217,19 +217,22 @@ class HeadResult(HeadScores):
     val_count: int
     feature_dim: int
     params: dict[str, Any]
+    left_out: int = 0
+    """Train images left out as suspected label errors (`leave_out`, train hashes only)."""
 
 
 def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: str, params: HeadParams,
-               callbacks: list[Any] | None = None) -> HeadResult:
+               callbacks: list[Any] | None = None, leave_out: frozenset[str] = frozenset()) -> HeadResult:
     """Fit the head for one backbone, save it and its history; return paths and validation metrics.
 
     Writes output_dir/heads/<backbone>.keras and output_dir/heads/<backbone>.history.json.
     Validation metrics are recomputed from the restored weights (not read off the last
-    epoch), so they describe the head that is saved.
+    epoch), so they describe the head that is saved. Train images whose sha256 is in
+    `leave_out` are not trained on (the data audit's suspects, with exclude_suspected_labels).
     """
     from tasks.learning.shards import load_split_features
 
-    train_x, train_y, _ = load_split_features(folder, cache_dir, "train")
+    train_x, train_y, _ = load_split_features(folder, cache_dir, "train", leave_out)
     val_x, val_y, _ = load_split_features(folder, cache_dir, "validation")
     from tasks.learning.callbacks import training_progress
 
@@ -245,4 +248,5 @@ def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: 
     return HeadResult(backbone=backbone, head_path=str(head_path), history_path=str(history_path),
                       val_accuracy=metrics["accuracy"], val_loss=metrics["log_loss"], val_auc=metrics["roc_auc"],
                       epochs_run=len(history["loss"]), best_epoch=best_epoch(history), train_count=int(len(train_y)),
-                      val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params))
+                      val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params),
+                      left_out=len(leave_out))

@@ -4,14 +4,21 @@ One exact scan (the reduced vectors multiplied block by block, so memory stays a
 rows times all images) keeps, for each image, its NEIGHBOURS most similar others by cosine and
 its NEIGHBOURS nearest by Euclidean distance. The two findings come from it:
 
-- **Near-copies** (re-encoded, resized, recompressed images) by cosine similarity: a pair whose
-  similarity reaches `min_similarity` AND whose cosine distance is at most RELATIVE_DISTANCE times
-  the folder's median nearest-neighbour distance. The relative rule is cleanlab Datalab's for
-  near duplicates, with its factor: it keeps a folder of look-alike images (generated test
-  images, product shots on white) from becoming one cluster of "copies", while the absolute floor
-  keeps a folder of very different images from calling loosely similar ones copies. What each
-  backbone finds is measured on generated near-copies by benchmarks/near_copies.py (README, "The
-  data audit").
+- **Near-copies** (re-encoded, resized, recompressed images) by cosine similarity. A pair is one
+  when its similarity reaches `min_similarity` (an option, default NEAR_DUPLICATE_SIMILARITY)
+  and it stands apart from everything else, in one of two ways:
+  * *a gap*: among an image's neighbours, most similar first, the copies come before a jump:
+    each is at most GAP_RATIO as far (in cosine distance) as the next image that is not a copy
+    (Lowe's ratio test, extended to groups: an image with two copies keeps both);
+  * *close in absolute terms*: at most RELATIVE_DISTANCE times the folder's median
+    nearest-neighbour distance (cleanlab Datalab's rule and factor), for groups larger than
+    the neighbours kept.
+  The similarity alone cannot tell a copy: in a folder of look-alike images (generated test
+  images, product shots on white) distinct images are as similar as a photo and its re-encoded
+  copy are elsewhere (measured with random backbones: 0.98 between distinct generated images,
+  0.95-0.98 between a scene and its copy). What sets copies apart is the gap: 0.02-0.09 for
+  re-encoded and resized copies, never below 0.21 between distinct generated images
+  (benchmarks/near_copies.py measures it per backbone; README, "The data audit").
 - **Outliers** (a blank frame, a screenshot) by Euclidean distance: the mean distance to the
   NEIGHBOURS nearest images, far above the folder's (Tukey's far-out fence, Q3 + 3 IQR), so a few
   odd images that resemble each other still stand out. Distance, not angle: a blank frame's
@@ -40,8 +47,11 @@ NEIGHBOURS = 10
 NEAR_DUPLICATE_SIMILARITY = 0.9
 """Default absolute floor of a near-copy's cosine similarity (standardised features)."""
 
+GAP_RATIO = 0.15
+"""A near-copy is at most this share as far as the nearest image that is not a copy (the gap rule)."""
+
 RELATIVE_DISTANCE = 0.13
-"""A near-copy is also closer than this share of the folder's median nearest-neighbour distance (Datalab's factor)."""
+"""Or at most this share of the folder's median nearest-neighbour distance (Datalab's rule and factor)."""
 
 OUTLIER_FENCE = 3.0
 """Outliers score above Q3 + OUTLIER_FENCE x IQR of the scores (Tukey's far-out fence)."""
@@ -99,17 +109,30 @@ def nearest(vectors: np.ndarray, k: int = NEIGHBOURS) -> Neighbours:
     return Neighbours(index, np.clip(similarity, -1.0, 1.0), distance)
 
 
-def copy_threshold(neighbours: Neighbours, min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> float:
-    """The cosine similarity a near-copy must reach here: the option, or the relative rule where stricter."""
+def close_similarity(neighbours: Neighbours, min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> float:
+    """The similarity above which a pair is a near-copy without a gap: the relative rule, never below the floor."""
     if neighbours.similarity.size == 0:
         return float(min_similarity)
-    relative = 1.0 - RELATIVE_DISTANCE * float(np.median(neighbours.nearest_distance))
-    return float(max(min_similarity, relative))
+    return float(max(min_similarity, 1.0 - RELATIVE_DISTANCE * float(np.median(neighbours.nearest_distance))))
 
 
-def near_copy_pairs(neighbours: Neighbours, threshold: float) -> list[tuple[int, int, float]]:
-    """(i, j, similarity) with i < j for every pair at or above `threshold`, each pair once, most similar first."""
-    rows, columns = np.nonzero(neighbours.similarity >= threshold)
+def copies_before_gap(neighbours: Neighbours, min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> np.ndarray:
+    """How many of each image's nearest others are its near-copies by the gap rule (0 for most images)."""
+    similarity = neighbours.similarity
+    if similarity.shape[1] < 2:
+        return np.zeros(len(similarity), dtype=np.int64)
+    distance = 1.0 - similarity
+    gap = (distance[:, :-1] <= GAP_RATIO * distance[:, 1:]) & (similarity[:, :-1] >= min_similarity)
+    last = gap.shape[1] - np.argmax(gap[:, ::-1], axis=1)  # 1 + index of the last gap
+    return np.where(gap.any(axis=1), last, 0)
+
+
+def near_copy_pairs(neighbours: Neighbours,
+                    min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> list[tuple[int, int, float]]:
+    """(i, j, similarity) with i < j for every near-copy pair, each pair once, most similar first."""
+    close = neighbours.similarity >= close_similarity(neighbours, min_similarity)
+    before_gap = np.arange(neighbours.similarity.shape[1])[None, :] < copies_before_gap(neighbours, min_similarity)[:, None]
+    rows, columns = np.nonzero(close | before_gap)
     pairs: dict[tuple[int, int], float] = {}
     for row, column in zip(rows, columns):
         other = int(neighbours.index[row, column])

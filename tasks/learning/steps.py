@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.results import DeviceSetup, TrainResult
+from tasks.common.results import DeviceSetup, QualitySummary, TrainResult
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import Evaluation
 from tasks.learning.features import FeatureSummary, PlanRef, ShardResult, summarise
@@ -123,23 +123,44 @@ def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
     return summarise(plan, shards)
 
 
+@task(name="audit-data", cache_policy=NO_CACHE)
+def audit_data(data_dir: str, cache_dir: str, settings: dict[str, Any]) -> QualitySummary:
+    """The data audit on one backbone's cached features (reused while data and settings are unchanged).
+
+    Fails, after writing its findings, when too many test images are near-copies of training ones.
+    """
+    from tasks.learning.audit import AuditSettings, audit_folder
+
+    return audit_folder(DataFolder.at(data_dir), Path(cache_dir), AuditSettings(**settings))
+
+
+def _suspects(audit_report: str | None) -> frozenset[str]:
+    """The audit's suspected training labels, or none (no report given: exclude_suspected_labels is off)."""
+    from tasks.learning.audit import suspected_train_hashes
+
+    return suspected_train_hashes(audit_report)
+
+
 @task(name="train-head", cache_policy=NO_CACHE)
-def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any]) -> HeadResult:
-    """Head on cached features for one backbone (seconds on a CPU)."""
+def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any],
+               leave_out_suspects_of: str | None = None) -> HeadResult:
+    """Head on cached features for one backbone (seconds on a CPU), without the audit's suspects when given its report."""
     from tasks.learning.head import train_head as train
 
-    return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params))
+    return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params),
+                 leave_out=_suspects(leave_out_suspects_of))
 
 
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)
 def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
                  cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str,
-                 decoder: str) -> ExportedModel:
+                 decoder: str, leave_out_suspects_of: str | None = None) -> ExportedModel:
     """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras."""
     from tasks.learning.finetune import export_model as export
 
     return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
-                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder)
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder,
+                  leave_out=_suspects(leave_out_suspects_of))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -167,6 +188,15 @@ def finish_run(result: TrainResult, partial_dir: str, final_dir: str) -> TrainRe
     from tasks.learning.runs import finish_run as finish
 
     return finish(result, Path(partial_dir), Path(final_dir))
+
+
+def audit_settings(quality: Any, seed: int) -> dict[str, Any]:
+    """A QualityConfig's audit settings, and the run's seed for its folds, as the plain dict the audit task takes."""
+    from tasks.learning.audit import AuditSettings
+
+    return asdict(AuditSettings(near_duplicate_similarity=quality.near_duplicate_similarity,
+                                max_label_issue_share=quality.max_label_issue_share,
+                                max_leaked_test_share=quality.max_leaked_test_share, seed=seed))
 
 
 def head_params(config: Any) -> dict[str, Any]:

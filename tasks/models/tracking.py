@@ -21,13 +21,14 @@ from mlflow.tracking import MlflowClient
 
 from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.common.processes import ProcessId
-from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
+from tasks.common.results import MlflowRun, PrepareSummary, QualitySummary, TrainResult
 from tasks.models.naming import (
     DEFAULT_EXPERIMENT,
     TAG_BACKBONE,
     TAG_CONFIG_HASH,
     TAG_FINGERPRINT,
     TAG_KIND,
+    TAG_LABEL_OVERRIDES,
     TAG_SKIP_REASON,
 )
 from tasks.models.store import ensure_experiment, run_url, use_tracking
@@ -183,7 +184,34 @@ def dataset_logging(data: PrepareSummary) -> tuple[dict[str, Any], dict[str, flo
     metrics["data.quarantined"] = float(data.quarantined)
     for reason, count in data.quarantine_reasons.items():
         metrics[f"data.quarantined.{reason}"] = float(count)
+    if data.label_overrides:
+        params["data.label_overrides.digest"] = data.label_overrides.digest
+        params["data.label_overrides.files"] = data.label_overrides.files
+        metrics["data.relabelled"] = float(data.label_overrides.relabelled)
+        metrics["data.excluded"] = float(data.label_overrides.excluded)
     return params, metrics
+
+
+QUALITY_METRICS = ("label_issues", "near_duplicates", "leaked_test_images", "leaked_validation_images", "outliers",
+                   "images")
+"""QualitySummary fields logged as `quality.<field>` metrics."""
+
+
+def quality_metrics(quality: QualitySummary | None) -> dict[str, float]:
+    """`quality.label_issues`, `quality.near_duplicates`, `quality.leaked_test_images`, ...: the audit's counts."""
+    if quality is None:
+        return {}
+    return {f"quality.{name}": float(getattr(quality, name)) for name in QUALITY_METRICS}
+
+
+def _log_quality_artifacts(run_id: str, client: MlflowClient, quality: QualitySummary | None) -> None:
+    """The audit's CSV (the one a person fills and passes back as labels.csv) and its checks, under `data/quality/`."""
+    if quality is None:
+        return
+    for path, folder in ((quality.csv, "data/quality"), (quality.checks, "data/quality/checks")):
+        found = _existing(path)
+        if found is not None:
+            client.log_artifact(run_id, str(found), folder)
 
 
 def log_datasets(data: PrepareSummary, source: str) -> None:
@@ -305,6 +333,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
     chosen = trained.chosen_backbone
     tags = {TAG_KIND: "retrain", TAG_FINGERPRINT: data.fingerprint, TAG_CONFIG_HASH: trained.config_hash,
             TAG_BACKBONE: chosen, **prefect_tags(prefect_context), **owner_tags()}
+    if data.label_overrides:
+        tags[TAG_LABEL_OVERRIDES] = data.label_overrides.text()
     run_name = tags.get("prefect.flow_run_name") or f"retrain-{data.fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
@@ -312,7 +342,7 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         data_params, data_metrics = dataset_logging(data)
         validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
         metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
-                   **scalar_metrics(validation, "val_")}
+                   **scalar_metrics(validation, "val_"), **quality_metrics(trained.quality)}
         params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
                   "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,
@@ -323,6 +353,7 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         log_datasets(data, source)
         _log_dataset_artifacts(run_id, client, data)
         _log_training_artifacts(run_id, client, trained)
+        _log_quality_artifacts(run_id, client, trained.quality)
         child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
                                        {key: value for key, value in tags.items() if key != TAG_KIND})
         model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder,

@@ -24,7 +24,7 @@ from tasks.learning.audit import (LABEL_ISSUE, LEAKAGE, OUTLIER, REPORT_COLUMNS,
                                   audit_folder, leaked_test_hashes, suspected_train_hashes)
 from tasks.learning.embedding import embed
 from tasks.learning.label_issues import fold_count
-from tasks.learning.neighbours import copy_threshold, near_copy_pairs, nearest, outlier_fence, outlier_scores
+from tasks.learning.neighbours import close_similarity, near_copy_pairs, nearest, outlier_fence, outlier_scores
 from tasks.learning.shards import write_shard
 from tests.imagegen import NEAR_COPIES, blank_bytes, image_bytes, indexed_image_bytes, jpeg_bytes, scene_pixels
 from tests.prepared import make_prepared_dir
@@ -97,21 +97,29 @@ def test_flipped_labels_are_found_ranked_first_with_the_class_they_belong_to(fea
     assert not (findings.report["kind"] == LEAKAGE).any()
 
 
-def test_every_near_copy_across_splits_is_leakage_and_nothing_else_is(features):
-    vectors = np.vstack([features["scenes"], features["copies"]])
+@pytest.mark.parametrize("among", ["scenes", "look-alikes"])
+def test_every_near_copy_across_splits_is_leakage_and_nothing_else_is(features, among):
+    """Copies of scenes are found among other scenes and among generated cats and dogs that all look alike
+    (where distinct images are as similar as a scene and its copy)."""
+    crowd = features["two"][:60] if among == "look-alikes" else np.zeros((0, features["two"].shape[1]), np.float32)
+    vectors = np.vstack([features["scenes"], features["copies"], crowd])
     copied = [i for _ in NEAR_COPIES for i in range(COPIED)]
-    splits = ["train"] * SCENES + ["test"] * len(copied)
+    copies = range(SCENES, SCENES + len(copied))
+    splits = ["train"] * SCENES + ["test"] * len(copied) + [_SPLITS[i % 5] for i in range(len(crowd))]
     labels = np.arange(len(vectors)) % 2
-    labels[SCENES:] = labels[copied]  # a copy keeps its original's label
+    labels[SCENES:SCENES + len(copied)] = labels[copied]  # a copy keeps its original's label
     findings = audit_features(vectors, rows_of(labels, CATS_DOGS.names, splits), CATS_DOGS)
 
     leaks = findings.report[findings.report["kind"] == LEAKAGE]
     pairs = {(int(sha, 16), int(other, 16)) for sha, other in zip(leaks["sha256"], leaks["other_sha256"])}
-    assert pairs == {(SCENES + k, original) for k, original in enumerate(copied)}
+    assert pairs == {(copy, original) for copy, original in zip(copies, copied)}
     assert (leaks["split"] == "test").all() and (leaks["other_split"] == "train").all()
-    assert (leaks["score"] >= findings.threshold).all() and findings.threshold >= AuditSettings().near_duplicate_similarity
+    assert (leaks["score"] >= AuditSettings().near_duplicate_similarity).all()
     assert findings.flags.loc[findings.flags["leaked"] == 1, "sha256"].map(lambda sha: int(sha, 16)).tolist() == \
-        list(range(SCENES, SCENES + len(copied)))
+        list(copies)
+    siblings = findings.report[findings.report["kind"] == "near_duplicate"]  # a scene's two copies, both in test
+    assert {(int(a, 16), int(b, 16)) for a, b in zip(siblings["other_sha256"], siblings["sha256"])} == \
+        {tuple(sorted((SCENES + k, SCENES + COPIED + k))) for k in range(COPIED)}
 
 
 def test_look_alike_images_are_not_called_copies_and_blank_frames_rank_as_outliers(features):
@@ -127,18 +135,17 @@ def test_look_alike_images_are_not_called_copies_and_blank_frames_rank_as_outlie
     assert set(np.argsort(-scores)[:len(BLANKS)]) == set(range(TWO, TWO + len(BLANKS)))
 
 
-def test_near_copies_need_both_the_floor_and_the_relative_rule():
+def test_a_near_copy_reaches_the_floor_and_stands_apart_and_a_group_of_copies_is_found_whole():
     rng = np.random.default_rng(0)
     spread = rng.normal(0, 1, (50, 16)).astype(np.float32)
-    twin = spread[:1] + 0.01 * rng.normal(0, 1, (1, 16)).astype(np.float32)
-    vectors = np.vstack([spread, twin])
+    twins = spread[:2].repeat(2, axis=0)[[0, 2, 3]] + 0.01 * rng.normal(0, 1, (3, 16)).astype(np.float32)
+    vectors = np.vstack([spread, twins])  # 0 has one copy (50); 1 has two (51, 52)
     neighbours = nearest(vectors)
-    threshold = copy_threshold(neighbours, 0.9)
-    assert near_copy_pairs(neighbours, threshold) == [(0, 50, pytest.approx(1.0, abs=1e-3))]
-    assert copy_threshold(neighbours, 0.9999999) == pytest.approx(0.9999999)  # the option can only be stricter
+    assert {(i, j) for i, j, _ in near_copy_pairs(neighbours, 0.9)} == {(0, 50), (1, 51), (1, 52), (51, 52)}
+    assert near_copy_pairs(neighbours, 0.9999999) == []  # the option's floor holds whatever the gap
+    assert close_similarity(neighbours, 0.5) > 0.9  # the absolute rule alone: close to the folder's spread
     crowd = np.ones((20, 16), np.float32) + 0.05 * rng.normal(0, 1, (20, 16)).astype(np.float32)
-    neighbours = nearest(crowd)
-    assert near_copy_pairs(neighbours, copy_threshold(neighbours, 0.9)) == []  # all alike: none a copy
+    assert near_copy_pairs(nearest(crowd), 0.9) == []  # all alike, nothing apart: none a copy
     assert outlier_fence(np.array([1.0, 1.0, 1.0])) == float("inf")  # too few images to call one odd
 
 
@@ -196,6 +203,6 @@ def test_a_folder_audit_is_written_whole_reused_unchanged_and_read_back(tmp_path
     assert again.reused and again.model_copy(update={"reused": False}) == summary
     assert {path: path.stat().st_mtime_ns for path in quality_dir.rglob("*")} == before
 
-    with pytest.raises(DatasetValidationError, match="leaked_test_share"):  # the default share: 1 of 8 is too many
-        audit_folder(folder, cache_dir, AuditSettings())
+    with pytest.raises(DatasetValidationError, match="leaked_test_share: 0.125 > 0.1"):
+        audit_folder(folder, cache_dir, AuditSettings(max_leaked_test_share=0.1))
     assert json.loads((quality_dir / "audit.json").read_text())["failures"]  # written before it stopped

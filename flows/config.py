@@ -31,7 +31,7 @@ from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
 from tasks.learning.audit import MAX_LABEL_ISSUE_SHARE, MAX_LEAKED_TEST_SHARE
-from tasks.learning.neighbours import GAP_RATIO, NEAR_DUPLICATE_SIMILARITY, RELATIVE_DISTANCE
+from tasks.learning.neighbours import GAP_RATIO, NEAR_DUPLICATE_SIMILARITY, NEIGHBOURS, RELATIVE_DISTANCE
 from tasks.models.naming import DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME
 
 
@@ -130,7 +130,7 @@ class FeatureConfig(_Section):
 
     backbones: list[str] = Field(
         default_factory=lambda: ["resnet50"],
-        description=f"Backbones to compare ({', '.join(BACKBONES)}); the best by validation AUC is kept.")
+        description=f"Backbones ({', '.join(BACKBONES)}); training compares them and keeps the best by validation AUC.")
     weights: str | None = Field(
         default="imagenet",
         description='"imagenet", a local Keras weights file (one backbone only), or "none" for random weights (tests).')
@@ -272,7 +272,7 @@ class QualityConfig(_Section):
     near_duplicate_similarity: float = Field(
         default=NEAR_DUPLICATE_SIMILARITY, ge=0.5, le=1.0,
         description="Smallest cosine similarity of two images' standardised features for a near-copy, which must "
-                    f"also stand apart: at most {GAP_RATIO} as far as the next image that is not a copy, or "
+                    f"also stand apart: at most {GAP_RATIO} x as far as the image's {NEIGHBOURS}th nearest, or "
                     f"{RELATIVE_DISTANCE} x the folder's median nearest-neighbour distance. A test image that is a "
                     "near-copy of a training image is left out of the gate's test metrics.")
     max_label_issue_share: float = Field(

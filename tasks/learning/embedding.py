@@ -22,6 +22,9 @@ from tasks.learning.head import VARIANCE_FLOOR
 EMBEDDING_DIMS = 256
 """Principal components kept (fewer when there are fewer images or features)."""
 
+PCA_SAMPLE = 5000
+"""Images the components are estimated from (a seeded sample): 256 directions need no more, and it is 5x cheaper at 25,000."""
+
 
 def standardise(features: np.ndarray) -> np.ndarray:
     """Each feature centred and divided by its spread, floored like the head's (float32)."""
@@ -41,7 +44,9 @@ def embed(features: np.ndarray, seed: int = 0, dims: int = EMBEDDING_DIMS) -> np
     n, d = standard.shape
     if n <= dims or d <= dims:  # nothing to drop: n points span at most n dimensions, and distances stay as they are
         return standard
-    return PCA(n_components=dims, random_state=seed).fit_transform(standard).astype(np.float32)
+    sample = np.random.default_rng(seed).choice(n, PCA_SAMPLE, replace=False) if n > PCA_SAMPLE else slice(None)
+    pca = PCA(n_components=dims, random_state=seed).fit(standard[sample])
+    return pca.transform(standard).astype(np.float32)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

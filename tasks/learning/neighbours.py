@@ -7,18 +7,17 @@ its NEIGHBOURS nearest by Euclidean distance. The two findings come from it:
 - **Near-copies** (re-encoded, resized, recompressed images) by cosine similarity. A pair is one
   when its similarity reaches `min_similarity` (an option, default NEAR_DUPLICATE_SIMILARITY)
   and it stands apart from everything else, in one of two ways:
-  * *a gap*: among an image's neighbours, most similar first, the copies come before a jump:
-    each is at most GAP_RATIO as far (in cosine distance) as the next image that is not a copy
-    (Lowe's ratio test, extended to groups: an image with two copies keeps both);
-  * *close in absolute terms*: at most RELATIVE_DISTANCE times the folder's median
-    nearest-neighbour distance (cleanlab Datalab's rule and factor), for groups larger than
-    the neighbours kept.
+  * *locally*: its cosine distance is at most GAP_RATIO times the distance from the image to its
+    NEIGHBOURS-th nearest other (a ratio test against the image's own neighbourhood, so a group
+    of copies, up to NEIGHBOURS - 1 of them, is found whole, however close they are to each other);
+  * *globally*: at most RELATIVE_DISTANCE times the folder's median nearest-neighbour distance
+    (cleanlab Datalab's rule and factor), for larger groups.
   The similarity alone cannot tell a copy: in a folder of look-alike images (generated test
   images, product shots on white) distinct images are as similar as a photo and its re-encoded
-  copy are elsewhere (measured with random backbones: 0.98 between distinct generated images,
-  0.95-0.98 between a scene and its copy). What sets copies apart is the gap: 0.02-0.09 for
-  re-encoded and resized copies, never below 0.21 between distinct generated images
-  (benchmarks/near_copies.py measures it per backbone; README, "The data audit").
+  copy are elsewhere (measured with random backbones: up to 0.99 between distinct generated
+  images, 0.92-0.96 between a scene and its re-encoded copy). How far copies stand apart is what
+  tells them, and benchmarks/near_copies.py measures it per backbone and kind of copy (README,
+  "The data audit": with random weights only re-encoded and mildly resized copies stand out).
 - **Outliers** (a blank frame, a screenshot) by Euclidean distance: the mean distance to the
   NEIGHBOURS nearest images, far above the folder's (Tukey's far-out fence, Q3 + 3 IQR), so a few
   odd images that resemble each other still stand out. Distance, not angle: a blank frame's
@@ -42,13 +41,13 @@ import numpy as np
 from tasks.learning.embedding import unit_rows
 
 NEIGHBOURS = 10
-"""Neighbours kept per image: the outlier score's k, and the most near-copies one image can list."""
+"""Neighbours kept per image: the outlier score's k, and the local near-copy rule's yardstick (the k-th)."""
 
 NEAR_DUPLICATE_SIMILARITY = 0.9
 """Default absolute floor of a near-copy's cosine similarity (standardised features)."""
 
-GAP_RATIO = 0.15
-"""A near-copy is at most this share as far as the nearest image that is not a copy (the gap rule)."""
+GAP_RATIO = 0.1
+"""A near-copy is at most this share as far as the image's NEIGHBOURS-th nearest other (the local rule)."""
 
 RELATIVE_DISTANCE = 0.13
 """Or at most this share of the folder's median nearest-neighbour distance (Datalab's rule and factor)."""
@@ -83,7 +82,12 @@ def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nearest(vectors: np.ndarray, k: int = NEIGHBOURS) -> Neighbours:
-    """The k most cosine-similar and the k Euclidean-nearest other images of every image, by an exact blocked scan."""
+    """The k most cosine-similar and the k Euclidean-nearest other images of every image, by an exact blocked scan.
+
+    Each block of rows is multiplied with all images once; both rankings come from those dot
+    products with one column scaling each (a row's own norm changes neither its cosine order nor
+    its distance order), which is most of what the scan costs besides the product itself.
+    """
     vectors = np.asarray(vectors, dtype=np.float32)
     n = len(vectors)
     k = max(0, min(k, n - 1))
@@ -93,19 +97,21 @@ def nearest(vectors: np.ndarray, k: int = NEIGHBOURS) -> Neighbours:
     if k == 0:
         return Neighbours(index, similarity, distance)
     norms = np.linalg.norm(vectors, axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    squares = norms ** 2
+    inverse = (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    half_squares = (0.5 * norms ** 2).astype(np.float32)
     for start in range(0, n, _BLOCK):
         rows = slice(start, start + _BLOCK)
         dots = vectors[rows] @ vectors.T
         own = np.arange(len(dots)), start + np.arange(len(dots))
-        cosine = dots / safe[rows, None] / safe[None, :]
-        cosine[own] = -np.inf  # never one's own neighbour
-        index[rows], similarity[rows] = _top(cosine, k)
-        del cosine
-        negative = dots * 2 - squares[rows, None] - squares[None, :]  # minus the squared distance
-        negative[own] = -np.inf
-        distance[rows] = np.sqrt(np.maximum(-_top(negative, k)[1], 0.0))
+        scaled = dots * inverse[None, :]  # row i: cosine x |v_i|, the same order as the cosine
+        scaled[own] = -np.inf  # never one's own neighbour
+        top, values = _top(scaled, k)
+        index[rows], similarity[rows] = top, values * inverse[rows, None]
+        del scaled
+        dots -= half_squares[None, :]  # row i: (|v_i|^2 - distance^2) / 2, the reverse order of the distance
+        dots[own] = -np.inf
+        _, values = _top(dots, k)
+        distance[rows] = np.sqrt(np.maximum(2.0 * (half_squares[rows, None] - values), 0.0))
     return Neighbours(index, np.clip(similarity, -1.0, 1.0), distance)
 
 
@@ -116,23 +122,20 @@ def close_similarity(neighbours: Neighbours, min_similarity: float = NEAR_DUPLIC
     return float(max(min_similarity, 1.0 - RELATIVE_DISTANCE * float(np.median(neighbours.nearest_distance))))
 
 
-def copies_before_gap(neighbours: Neighbours, min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> np.ndarray:
-    """How many of each image's nearest others are its near-copies by the gap rule (0 for most images)."""
-    similarity = neighbours.similarity
-    if similarity.shape[1] < 2:
-        return np.zeros(len(similarity), dtype=np.int64)
-    distance = 1.0 - similarity
-    gap = (distance[:, :-1] <= GAP_RATIO * distance[:, 1:]) & (similarity[:, :-1] >= min_similarity)
-    last = gap.shape[1] - np.argmax(gap[:, ::-1], axis=1)  # 1 + index of the last gap
-    return np.where(gap.any(axis=1), last, 0)
+def stands_apart(neighbours: Neighbours) -> np.ndarray:
+    """(n, k) whether each kept neighbour is at most GAP_RATIO as far as the image's last kept (k-th) neighbour."""
+    distance = 1.0 - neighbours.similarity
+    if distance.shape[1] < 2:
+        return np.zeros(distance.shape, dtype=bool)
+    return distance <= GAP_RATIO * distance[:, -1:]
 
 
 def near_copy_pairs(neighbours: Neighbours,
                     min_similarity: float = NEAR_DUPLICATE_SIMILARITY) -> list[tuple[int, int, float]]:
     """(i, j, similarity) with i < j for every near-copy pair, each pair once, most similar first."""
+    similar = neighbours.similarity >= min_similarity
     close = neighbours.similarity >= close_similarity(neighbours, min_similarity)
-    before_gap = np.arange(neighbours.similarity.shape[1])[None, :] < copies_before_gap(neighbours, min_similarity)[:, None]
-    rows, columns = np.nonzero(close | before_gap)
+    rows, columns = np.nonzero(close | (similar & stands_apart(neighbours)))
     pairs: dict[tuple[int, int], float] = {}
     for row, column in zip(rows, columns):
         other = int(neighbours.index[row, column])

@@ -19,7 +19,7 @@ folder), `sha256`, `split`, `given_label`, `suggested_label`, `score`, `kind`, t
 `other_path`/`other_sha256`/`other_split`, and an empty `decision` column: a person fills it
 (`exclude`, `relabel`, a class name) and passes the CSV back as labels.csv (tasks/data/overrides.py).
 Scores are higher for more suspicious: one minus the probability of the given label, the
-cosine similarity of a near-copy, the mean cosine distance of an outlier to its neighbours.
+cosine similarity of a near-copy, the Euclidean distance of an outlier to its 10th nearest image.
 
 The folder is written whole (a temporary folder renamed into place) and keyed on what the audit
 depends on (the images, labels and splits, the feature space, the settings), so a second run on

@@ -18,9 +18,9 @@ its NEIGHBOURS nearest by Euclidean distance. The two findings come from it:
   images, 0.92-0.96 between a scene and its re-encoded copy). How far copies stand apart is what
   tells them, and benchmarks/near_copies.py measures it per backbone and kind of copy (README,
   "The data audit": with random weights only re-encoded and mildly resized copies stand out).
-- **Outliers** (a blank frame, a screenshot) by Euclidean distance: the mean distance to the
-  NEIGHBOURS nearest images, far above the folder's (Tukey's far-out fence, Q3 + 3 IQR), so a few
-  odd images that resemble each other still stand out. Distance, not angle: a blank frame's
+- **Outliers** (a blank frame, a screenshot) by Euclidean distance: the distance to the
+  NEIGHBOURS-th nearest image (the k-th, so a few odd images that resemble each other still
+  stand out), far above the folder's (Tukey's far-out fence, Q3 + 3 IQR). Distance, not angle: a blank frame's
   standardised features are small and point anywhere, so only their distance from every real
   image gives them away (measured: blank frames 3-4x the fence with a random VGG16, where their
   cosine scores stayed inside it).
@@ -144,10 +144,14 @@ def near_copy_pairs(neighbours: Neighbours,
 
 
 def outlier_scores(neighbours: Neighbours) -> np.ndarray:
-    """Mean Euclidean distance of each image to its nearest others: high for an image unlike any other."""
+    """Euclidean distance of each image to its k-th nearest other: high for an image unlike any other.
+
+    The k-th, not the mean of the k: a few odd images that resemble each other (three blank
+    frames) are each other's nearest, and only beyond them does the distance say how odd they are.
+    """
     if neighbours.distance.size == 0:
         return np.zeros(len(neighbours.index), dtype=np.float32)
-    return neighbours.distance.mean(axis=1).astype(np.float32)
+    return neighbours.distance[:, -1].astype(np.float32)
 
 
 def outlier_fence(scores: np.ndarray) -> float:

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.learning.embedding import unit_rows
 
 NEIGHBOURS = 10
 """Neighbours kept per image: the outlier score's k, and the local near-copy rule's yardstick (the k-th)."""

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 NEIGHBOURS = 10
 """Neighbours kept per image: the outlier score's k, and the local near-copy rule's yardstick (the k-th)."""
 

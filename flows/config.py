@@ -7,10 +7,13 @@ are checked here, before any image is read, so a typo in a backbone name costs a
 instead of a feature-extraction pass.
 
     DataConfig     where the data comes from and what the dataset must satisfy  (prepare)
+    FeatureConfig  which feature space (backbones, weights, size, ...): part of TrainConfig
     TrainConfig    what to train and how; its fields alone make `config_hash()`  (train)
     GateConfig     when a trained model may become the champion
+    QualityConfig  what the data audit flags and how much of it is too much     (train, audit)
     ComputeConfig  where feature shards are computed (never changes the model)
-    RetrainConfig  all four, plus run options                                   (retrain)
+    RetrainConfig  all five, plus run options                                   (retrain)
+    AuditConfig    a feature space and the audit's checks                       (audit)
     PredictConfig  what to score with which model                               (predict)
     ExportConfig   which model to write in which format, where                  (export)
 """
@@ -28,6 +31,8 @@ from tasks.common.errors import ConfigError
 from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
+from tasks.learning.audit import MAX_LABEL_ISSUE_SHARE, MAX_LEAKED_TEST_SHARE
+from tasks.learning.neighbours import GAP_RATIO, NEAR_DUPLICATE_SIMILARITY, NEIGHBOURS, RELATIVE_DISTANCE
 from tasks.models.naming import DEFAULT_DATA_DIR, DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME, \
     default_data_dir, parse_registry_uri
 
@@ -38,7 +43,7 @@ def _cli(*aliases: str) -> dict[str, Any]:
 
 
 class _Section(BaseModel):
-    """A config model that may be a part of a larger one (RetrainConfig is made of four)."""
+    """A config model that may be a part of a larger one (RetrainConfig is made of five)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -128,8 +133,8 @@ class DataConfig(_Section):
             raise ValueError(str(error)) from None
 
 
-class TrainConfig(_Section):
-    """What to train and how; every field has a default that works on a CPU."""
+class FeatureConfig(_Section):
+    """Which feature space: the backbones, their weights, input size, precision and decoder."""
 
     backbones: list[str] = Field(
         default_factory=lambda: ["resnet50"],
@@ -158,24 +163,8 @@ class TrainConfig(_Section):
     batch_size: int | None = Field(
         default=None, ge=1, le=4096,
         description="Images per batch for features and fine-tuning; none picks 32 on CPU and probes a GPU.")
-    head_batch_size: int = Field(default=256, ge=1, le=65536, description="Feature vectors per batch for the head.")
-    head_epochs: int = Field(default=30, ge=1, le=1000, json_schema_extra=_cli("--epochs"),
-                             description="Maximum head epochs (early stopping ends sooner).")
-    head_learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate of the head.")
-    dropout: float = Field(default=0.5, ge=0.0, lt=1.0, description="Dropout before the head's output.")
-    dense_units: int = Field(default=256, ge=1, le=16384, description="Units of the head's hidden layer.")
-    fine_tune: bool = Field(default=False, description="Unfreeze the top block and train end to end (slow on CPU).")
-    fine_tune_epochs: int = Field(default=5, ge=1, le=1000, description="Maximum fine-tuning epochs.")
-    fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0, description="Learning rate of fine-tuning.")
-    patience: int = Field(default=3, ge=1, le=100, description="Epochs without validation improvement before stopping.")
-    tta: Literal["none", "flip"] = Field(
-        default="none",
-        description="Test-time augmentation: flip averages each image's probabilities with its mirror's, in "
-                    "evaluation, the served model and batch prediction (the mirrors' features are cached too).")
-    class_weight: Literal["none", "balanced"] = Field(
-        default="none", description="Weigh classes in the loss: balanced gives each class the same total weight "
-                                    "(n_images / (n_classes * class count), from the train split) for imbalanced data.")
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of weights, dropout and shuffling.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1,
+                      description="Seed of random weights, the audit's folds, dropout and shuffling.")
 
     @field_validator("backbones", mode="before")
     @classmethod
@@ -210,7 +199,7 @@ class TrainConfig(_Section):
         return "imagenet" if weights.strip().lower() == "imagenet" else weights.strip()
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
+    def _consistent(self) -> FeatureConfig:
         """Cross-field rules: one weights file fits one architecture; inputs not below a backbone's minimum; int8 on OpenVINO."""
         if self.precision == "int8" and self.engine == "keras":
             raise ValueError("precision int8 runs only on OpenVINO; use --engine openvino (or auto) with it")
@@ -229,6 +218,31 @@ class TrainConfig(_Section):
     def input_size_for(self, backbone: str) -> int:
         """The input side actually used for a backbone: the configured one or its native size."""
         return int(self.input_size or get_backbone(backbone).native_size)
+
+
+class TrainConfig(FeatureConfig):
+    """What to train and how; every field has a default that works on a CPU."""
+
+    head_batch_size: int = Field(default=256, ge=1, le=65536, description="Feature vectors per batch for the head.")
+    head_epochs: int = Field(default=30, ge=1, le=1000, json_schema_extra=_cli("--epochs"),
+                             description="Maximum head epochs (early stopping ends sooner).")
+    head_learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate of the head.")
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0, description="Dropout before the head's output.")
+    dense_units: int = Field(default=256, ge=1, le=16384, description="Units of the head's hidden layer.")
+    fine_tune: bool = Field(default=False, description="Unfreeze the top block and train end to end (slow on CPU).")
+    fine_tune_epochs: int = Field(default=5, ge=1, le=1000, description="Maximum fine-tuning epochs.")
+    fine_tune_learning_rate: float = Field(default=1e-5, gt=0, le=1.0, description="Learning rate of fine-tuning.")
+    patience: int = Field(default=3, ge=1, le=100, description="Epochs without validation improvement before stopping.")
+    tta: Literal["none", "flip"] = Field(
+        default="none",
+        description="Test-time augmentation: flip averages each image's probabilities with its mirror's, in "
+                    "evaluation, the served model and batch prediction (the mirrors' features are cached too).")
+    class_weight: Literal["none", "balanced"] = Field(
+        default="none", description="Weigh classes in the loss: balanced gives each class the same total weight "
+                                    "(n_images / (n_classes * class count), from the train split) for imbalanced data.")
+    exclude_suspected_labels: bool = Field(
+        default=False, description="Train without the train images the data audit suspects of a wrong label "
+                                   "(data/quality/<feature space>/audit.csv); the gate decides whether that model wins.")
 
     def config_hash(self) -> str:
         """A stable sha256 (hex) of the training fields: equal configs hash equally across processes.
@@ -267,6 +281,29 @@ class GateConfig(_Section):
             raise ValueError(f"{metric!r} is not a gate metric; use roc_auc, accuracy, macro_f1 or f1_<class> "
                              "(e.g. f1_dog)")
         return metric
+
+
+class QualityConfig(_Section):
+    """The data audit of every training run: what counts as a near-copy, and how much of each finding is too much.
+
+    The audit (tasks/learning/audit.py) works on the cached features of each backbone and writes
+    data/quality/<feature space>/; these checks judge its findings with Great Expectations
+    (tasks/data/audit_checks.py) before any head is trained. None of them changes a model.
+    """
+
+    near_duplicate_similarity: float = Field(
+        default=NEAR_DUPLICATE_SIMILARITY, ge=0.5, le=1.0,
+        description="Smallest cosine similarity of two images' standardised features for a near-copy, which must "
+                    f"also stand apart: at most {GAP_RATIO} x as far as the image's {NEIGHBOURS}th nearest, or "
+                    f"{RELATIVE_DISTANCE} x the folder's median nearest-neighbour distance. A test image that is a "
+                    "near-copy of a training image is left out of the gate's test metrics.")
+    max_label_issue_share: float = Field(
+        default=MAX_LABEL_ISSUE_SHARE, ge=0.0, le=1.0,
+        description="Largest share of audited images suspected of a wrong label before the run warns.")
+    max_leaked_test_share: float = Field(
+        default=MAX_LEAKED_TEST_SHARE, ge=0.0, le=1.0,
+        description="Largest share of test images that are near-copies of training images before the run stops "
+                    "(below it they are only left out of the gate's test metrics).")
 
 
 DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
@@ -344,7 +381,7 @@ class ComputeConfig(_Section):
 
 
 
-class RetrainConfig(ComputeConfig, GateConfig, TrainConfig, DataConfig):
+class RetrainConfig(ComputeConfig, GateConfig, QualityConfig, TrainConfig, DataConfig):
     """A retrain's own options, on top of its data, training and gate settings.
 
     Everything a retrain needs: where the data comes from, how to train, when to promote. The TrainConfig fields decide the model (they alone make up `config_hash()`); the others
@@ -373,6 +410,12 @@ def _data_dir_of_the_model(values: Any) -> Any:
         return values
     parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
     return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
+
+
+class AuditConfig(QualityConfig, FeatureConfig):
+    """The data audit on its own (`python -m flows.audit`): a prepared data folder, its features, no training."""
+
+    data_dir: str = Field(default=DEFAULT_DATA_DIR, description="Prepared data folder (python -m flows.prepare).")
 
 
 class PredictConfig(_Section):

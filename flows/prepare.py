@@ -1,7 +1,7 @@
 """The `prepare_data` flow: from a source (Kaggle, PetImages, URL, archive, folder) to arranged splits.
 
-    acquire -> extract -> find candidates -> build manifest -> assign splits -> validate
-            -> arrange -> summarise
+    acquire -> extract -> find candidates -> build manifest -> label corrections (labels.csv)
+            + assign splits -> validate -> arrange -> summarise
 
 Each step is a task of tasks/data/steps.py; this module only wires them and logs one line per
 step. Every step skips work that is already done (verified download, complete extraction,
@@ -52,7 +52,9 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         log.info("Build manifest: %d files, %d inspected, %d reused, %d quarantined",
                  inspected.rows, inspected.inspected, inspected.reused, inspected.quarantined)
 
-        split = steps.assign_splits(data_dir, config.split_fractions, config.respect_source_split)
+        split = steps.assign_splits(data_dir, config.split_fractions, config.respect_source_split, str(root))
+        if split.label_overrides:
+            log.info("Label overrides: %s (%s)", split.label_overrides.text(), ", ".join(split.label_overrides.files))
         log.info("Assign splits: %d duplicates, %d label conflicts quarantined; %d images kept their split, %d placed "
                  "(each class in its fractions); source splits kept: %s", split.duplicate, split.label_conflict,
                  split.kept, split.placed, split.presplit or "none")
@@ -69,7 +71,7 @@ def prepare_data(config: DataConfig = DataConfig()) -> PrepareSummary:
         log.info("Arrange: %d linked, %d copied, %d unchanged, %d stale removed",
                  arranged.linked, arranged.copied, arranged.unchanged, arranged.removed)
 
-        summary = steps.summarise(data_dir, found.layout)
+        summary = steps.summarise(data_dir, found.layout, split.label_overrides)
     counts = ", ".join(f"{split} {_class_counts(per_class)}" for split, per_class in summary.counts.items())
     log.info("Summary: %s; %d unlabelled; %d quarantined %s; fingerprint %s", counts, summary.unlabelled,
              summary.quarantined, summary.quarantine_reasons, summary.fingerprint[:16])

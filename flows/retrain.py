@@ -4,8 +4,11 @@
     the MLflow store (a folder, damaged or read-only: one sentence) -> set straight what killed runs left -> prepare the data (subflow prepare_data)
     -> a registered version built from this data and config? record "nothing changed", stop
        (unless force)
-    -> open the MLflow run, train (subflow train_model), log it into the run
-    -> score the candidate on the test split, register it, move `champion` only through the gate
+    -> open the MLflow run, train (subflow train_model, which audits the data on each backbone's features
+       first), log it into the run
+    -> score the candidate on the test split without its leaked images (near-copies of training
+       images), register it, move `champion` only through the gate (the champion is scored on
+       the same images)
     -> the version's HTML report (in the run folder, logged to the run, linked from the version)
     -> leave a markdown summary artifact in Prefect
 
@@ -29,7 +32,7 @@ from typing import Any, NoReturn
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.config import ComputeConfig, DataConfig, RetrainConfig, TrainConfig
+from flows.config import ComputeConfig, DataConfig, QualityConfig, RetrainConfig, TrainConfig
 from flows.prepare import prepare_data
 from flows.runners import on_compute, workers_reach_the_api
 from flows.train import train_model
@@ -86,12 +89,14 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
     compute = config.section(ComputeConfig)  # where shards are computed: in-process by default, else Dask
     with models.training_run(prepared.fingerprint, config_hash, config.experiment) as run:  # spans the work
         with workers_reach_the_api(compute):
-            trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute)
+            trained = on_compute(train_model, compute)(data_dir, config.section(TrainConfig), compute,
+                                                       config.section(QualityConfig))
         logged = models.log_to_mlflow(run, prepared, trained, config.model_dump(mode="json"), config.source,
                                       config.model_name)
-    candidate = models.score_on_test_split(logged.model_uri, data_dir)
+    leaked = trained.quality.report if trained.quality else None  # the audit's leaked test images: left out
+    candidate = models.score_on_test_split(logged.model_uri, data_dir, leaked)
     decision = models.register_and_gate(logged.run_id, logged.model_uri, candidate, data_dir,
-                                        config.floor, config.margin, config.metric, config.model_name)
+                                        config.floor, config.margin, config.metric, config.model_name, leaked)
     verdict = "promoted to champion" if decision.promoted else f"kept as {decision.alias}"
     logger.info("Version %s %s: %s", decision.version, verdict, "; ".join(decision.reasons))
     report_path, report_url = models.publish_report(prepared, trained, candidate, decision, logged, config.source)
@@ -99,8 +104,8 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
                              flow_run_id=flow_run_id, config_hash=config_hash, data=prepared,
                              champion_before=champion, mlflow=logged, chosen_backbone=trained.chosen_backbone,
                              test_metrics=candidate, decision=decision, model_path=trained.model_path,
-                             devices=trained.devices, int8_check=trained.backbones[trained.chosen_backbone].int8_check,
-                             report_path=report_path, report_url=report_url)
+                             devices=trained.devices, int8_check=trained.first_member.int8_check,
+                             report_path=report_path, report_url=report_url, quality=trained.quality)
     models.publish_summary(summary)
     return summary
 

@@ -231,3 +231,44 @@ def write_class_folders(root: Path, folders: list[str], per_class: int = 12,
                 seed = seed0 + offset * 10_000 + i
                 (base / folder / f"{i}.jpg").write_bytes(indexed_image_bytes(index, len(folders), seed))
     return root
+
+
+# --------------------------------------------------------------------------- distinctive scenes and their near-copies
+
+
+def scene_pixels(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """A photo-like RGB scene of its own: a smooth colour field with a few discs and grain.
+
+    Unlike `class_pixels`, two seeds never look alike, so a scene and its near-copy (re-encoded,
+    resized) stand apart from every other image: what the data audit's near-copy tests need.
+    """
+    rng = np.random.default_rng(10_000 + seed)
+    width, height = size
+    coarse = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(coarse, dtype=np.float32)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(4):
+        cx, cy, radius = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(6, 20)
+        disc = (np.hypot(xx - cx, yy - cy) < radius)[..., None]
+        pixels = np.where(disc, rng.uniform(0, 255, 3), pixels)
+    pixels += rng.normal(0, 6, pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(pixels: np.ndarray, quality: int = 90, scale: float = 1.0) -> bytes:
+    """JPEG bytes of `pixels`, resized by `scale` first: near-copies are the same pixels re-encoded or resized."""
+    image = Image.fromarray(pixels)
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+NEAR_COPIES: dict[str, dict] = {"re-encoded": {"quality": 50}, "resized": {"quality": 90, "scale": 0.75}}
+"""How the audit's tests make near-copies of a scene: `jpeg_bytes` settings per kind."""
+
+
+def blank_bytes(colour: tuple[int, int, int], size: tuple[int, int] = SIZE) -> bytes:
+    """A blank frame of one colour (a photo of nothing, in the wrong class folder)."""
+    return jpeg_bytes(np.full((size[1], size[0], 3), colour, dtype=np.uint8))

@@ -3,6 +3,7 @@
     prepare_data -> PrepareSummary          (tasks.data)
     train_model  -> TrainResult             (tasks.learning; one BackboneResult per backbone)
     retrain      -> RetrainSummary          (tasks.models; Promotion is the gate's verdict)
+    audit        -> AuditSummary            (tasks.learning; one QualitySummary per backbone)
     predict      -> PredictSummary          (tasks.models)
 
 They carry counts, metrics and paths, never arrays or models, so Prefect can persist and
@@ -36,6 +37,24 @@ class PreparePaths(_Result):
     summary: str
 
 
+class LabelOverrides(_Result):
+    """What the labels.csv overrides (in the source or the data folder) changed: a person's corrections."""
+
+    files: list[str]
+    """The override files read, source first (the data folder's wins where both name an image)."""
+    digest: str
+    """sha256 over the overrides as applied (image sha256 -> action), so equal corrections give equal digests."""
+    relabelled: int
+    excluded: int
+    unmatched: int
+    """Rows that named no image of this source (kept in the file, ignored here)."""
+
+    def text(self) -> str:
+        """`2 relabelled, 1 excluded by labels.csv`: one line for logs, summaries and the registry."""
+        unmatched = f", {self.unmatched} naming no image" if self.unmatched else ""
+        return f"{self.relabelled} relabelled, {self.excluded} excluded by labels.csv{unmatched}"
+
+
 class PrepareSummary(_Result):
     """What prepare_data made of a source: facts about the data only, so equal data gives an equal summary."""
 
@@ -50,6 +69,8 @@ class PrepareSummary(_Result):
     fingerprint: str
     """sha256 over (sha256, label, split) of every kept labelled image: changes exactly when the data does."""
     paths: PreparePaths
+    label_overrides: LabelOverrides | None = None
+    """What labels.csv changed (None when there is none)."""
 
 
 # --------------------------------------------------------------------------- train
@@ -103,6 +124,42 @@ class Int8Check(_Result):
     """Largest difference of the head's probability between the two."""
 
 
+class QualitySummary(_Result):
+    """The data audit of one feature space: what it found, where the findings are, what its checks said.
+
+    Found on the cached features (tasks/learning/audit.py): suspected label errors (out-of-fold
+    probabilities ranked by cleanlab), near-duplicate pairs within and across splits, test and
+    validation images that are near-copies of training images (leakage), and outliers.
+    """
+
+    feature_space: str
+    """The feature cache it was computed on (`<backbone>-<weights>-<size>-<precision>-<backend>-<decoder>`)."""
+    report: str
+    """Every finding as parquet: data/quality/<feature space>/audit.parquet."""
+    csv: str
+    """The same as CSV for people, with an empty `decision` column to fill (then pass it back as labels.csv)."""
+    images: int
+    label_issues: int
+    near_duplicates: int
+    """Near-duplicate pairs, within a split and across splits (leaking ones included)."""
+    leaked_test_images: int
+    leaked_validation_images: int
+    outliers: int
+    folds: int
+    """Folds of the out-of-fold probabilities (0: a class too small to hold one out, no label issues sought)."""
+    warnings: list[str]
+    """The audit's expectations that failed at severity warning, in short."""
+    checks: str
+    """The Great Expectations result of the audit's checks (JSON)."""
+    reused: bool
+
+    def text(self) -> str:
+        """One line for logs and summaries: what the audit found."""
+        return (f"{self.label_issues} suspected label(s), {self.near_duplicates} near-duplicate pair(s) "
+                f"({self.leaked_test_images} test and {self.leaked_validation_images} validation image(s) near a "
+                f"training image), {self.outliers} outlier(s) among {self.images} images")
+
+
 class BackboneResult(HeadScores):
     """One backbone of a training run: its cached features and the head trained on them."""
 
@@ -122,6 +179,10 @@ class BackboneResult(HeadScores):
     features_reused: int
     mirrored_cache_dir: str | None = None
     """The feature space of the mirrored images (`--tta flip`), else None."""
+    quality: QualitySummary | None = None
+    """The data audit on this backbone's features (None for results made before the audit existed)."""
+    suspects_left_out: int = 0
+    """Train images left out of its head (and fine-tuning) as suspected label errors (exclude_suspected_labels)."""
 
 
 class FineTuneReport(_Result):
@@ -173,6 +234,11 @@ class Explanation(_Result):
     overlay: str
 
 
+def chosen_members(chosen: str, ensemble: EnsembleResult | None) -> list[str]:
+    """The backbones the chosen candidate runs: the ensemble's members, or the one backbone."""
+    return list(ensemble.members) if ensemble is not None and chosen == ensemble.backbone else [chosen]
+
+
 class TrainResult(_Result):
     """train_model's result, also written as `train_summary.json` in the run folder."""
 
@@ -212,6 +278,22 @@ class TrainResult(_Result):
     calibration: CalibrationSummary | None = None
     explanations: list[Explanation] = []
     """Grad-CAM overlays of the worst test mistakes of each class."""
+
+    @property
+    def chosen_members(self) -> list[str]:
+        """The backbones the chosen candidate runs: the ensemble's members, or the one backbone."""
+        return chosen_members(self.chosen_backbone, self.ensemble)
+
+    @property
+    def first_member(self) -> BackboneResult:
+        """The chosen backbone, or an ensemble's first member: whose engine, precision, int8 check and audit the
+        shipped model goes by."""
+        return self.backbones[self.chosen_members[0]]
+
+    @property
+    def quality(self) -> QualitySummary | None:
+        """The data audit on the chosen (first) backbone's features: what the run's MLflow metrics and the gate use."""
+        return self.first_member.quality
 
 
 # --------------------------------------------------------------------------- retrain
@@ -281,6 +363,20 @@ class RetrainSummary(_Result):
     """The report in the MLflow UI."""
     int8_check: Int8Check | None = None
     """At int8: the chosen backbone's head on int8 vs float32 features of a validation sample."""
+    quality: QualitySummary | None = None
+    """The data audit of the chosen feature space (None when nothing was trained)."""
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditSummary(_Result):
+    """What `python -m flows.audit` found: the data audit on each backbone's features."""
+
+    data_dir: str
+    data_fingerprint: str | None
+    audits: dict[str, QualitySummary]
+    """Backbone name -> its audit (data/quality/<feature space>/)."""
 
 
 # --------------------------------------------------------------------------- predict

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from tasks.common.files import link_stat_key, read_json_object, sha256_file, write_if_changed
 from tasks.common.labels import CATS_DOGS, SPLITS, UNLABELLED, ClassMap
 from tasks.common.logs import run_logger
-from tasks.common.results import PreparePaths, PrepareSummary
+from tasks.common.results import LabelOverrides, PreparePaths, PrepareSummary
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
 
@@ -231,7 +231,8 @@ def dataset_fingerprint(manifest: pd.DataFrame, classes: ClassMap = CATS_DOGS) -
     return hashlib.sha256("".join(f"{line}\n" for line in lines).encode()).hexdigest()
 
 
-def summarise(manifest: pd.DataFrame, folder: DataFolder, layout: str) -> PrepareSummary:
+def summarise(manifest: pd.DataFrame, folder: DataFolder, layout: str,
+              label_overrides: LabelOverrides | None = None) -> PrepareSummary:
     """The flow's result: counts per split and class, quarantine reasons, fingerprint, paths.
 
     Only facts about the data, nothing about the run (no timings or work counters), so the
@@ -249,7 +250,8 @@ def summarise(manifest: pd.DataFrame, folder: DataFolder, layout: str) -> Prepar
         fingerprint=dataset_fingerprint(manifest, classes),
         paths=PreparePaths(data_dir=str(folder.root), manifest=str(folder.manifest), arranged=str(folder.arranged),
                            validation_result=str(folder.validation_result), data_docs=str(folder.data_docs),
-                           summary=str(folder.summary)))
+                           summary=str(folder.summary)),
+        label_overrides=label_overrides)
 
 
 class Arranged(BaseModel):
@@ -270,9 +272,9 @@ def arrange_folder(folder: DataFolder) -> Arranged:
                     manifest=str(folder.manifest))
 
 
-def write_summary(folder: DataFolder, layout: str) -> PrepareSummary:
+def write_summary(folder: DataFolder, layout: str, label_overrides: LabelOverrides | None = None) -> PrepareSummary:
     """Summarise the final manifest and keep it as `prepare_summary.json` (rewritten only on change)."""
-    summary = summarise(read_manifest(folder.manifest), folder, layout)
+    summary = summarise(read_manifest(folder.manifest), folder, layout, label_overrides)
     payload = json.dumps(summary.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     write_if_changed(folder.summary, payload.encode("utf-8"))
     return summary

@@ -6,6 +6,7 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     extracted/<sha256[:16]>/   safely extracted archives (content-addressed)
     converted/<sha256>.jpg     RGB baseline JPEGs made from oddities (PNG-as-jpg, CMYK, rotated)
     classes.json               the class map (names in label order, their arranged folders); none = cats vs. dogs
+    labels.csv                 a person's label corrections (sha256 or path -> class or `exclude`), if any
     inspected.parquet          one row per source file, inspected (input of dedupe and split)
     splits.parquet             after dedupe and split (what Great Expectations validates)
     splits.json                the rule and fractions splits.parquet was made with (its splits are kept while they hold)
@@ -19,6 +20,8 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     features/random_init/      the kept random draw of each backbone (weights=None)
     precision/<host>-<backbone>-<size>-<backend>[-openvino].json   what `--precision auto` measured on a host
     engine/<host>-<backbone>-<size>-<backend>.json      what `--engine auto` measured on a host
+    precision/<host>-<backbone>-<size>-<backend>.json   what `--precision auto` measured on a host
+    quality/<cache key>/       the data audit of one feature space: audit.parquet, audit.csv, checks
     training/<time>-<hash>/    one folder per training run: models, plots, metrics
     logs/<command>-<time>.log  the full log of each command-line run
     .lock                      held by the run that works in the folder (tasks/data/folderlock.py)
@@ -85,7 +88,7 @@ class DataFolder:
         """
         return [(self.root, False), (self.training, False), (self.extracted, False), (self.converted, False),
                 (self.features, True), (self.validation, False), (self.precision_verdicts, False),
-                (self.engine_verdicts, False)]
+                (self.engine_verdicts, False), (self.quality_reports, False)]
 
     def remove_leftovers(self) -> list[str]:
         """Remove what killed runs left half-written (only while holding the lock); their relative paths.
@@ -163,6 +166,11 @@ class DataFolder:
                 "of their own, whose default folder is data-<model name>), or pass --replace-classes to rearrange "
                 "this one for them.")
         return write_if_changed(self.classes_file, classes.to_json().encode("utf-8"))
+
+    @property
+    def label_overrides(self) -> Path:
+        """A person's label corrections for this folder (tasks/data/overrides.py); a source may hold one too."""
+        return self.root / "labels.csv"
 
     @property
     def inspected(self) -> Path:
@@ -249,6 +257,14 @@ class DataFolder:
     def engine_verdict(self, key: str) -> Path:
         """What `--engine auto` measured for one host, backbone, input size and backend (tasks/learning/engines.py)."""
         return self.engine_verdicts / f"{key}.json"
+
+    @property
+    def quality_reports(self) -> Path:
+        return self.root / "quality"
+
+    def quality(self, key: str) -> Path:
+        """The data audit of one feature space (same key as its feature cache; tasks/learning/audit.py)."""
+        return self.quality_reports / key
 
     @property
     def training(self) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel
@@ -24,8 +25,10 @@ from pydantic import BaseModel
 from tasks.common.errors import ConfigError
 from tasks.common.files import read_json_object, write_if_changed
 from tasks.common.labels import SPLITS, UNLABELLED
+from tasks.common.results import LabelOverrides
 from tasks.data.datafolder import DataFolder
 from tasks.data.manifest import read_manifest, write_manifest
+from tasks.data.overrides import apply_overrides, override_files, read_overrides
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 """Default train/validation/test fractions."""
@@ -248,7 +251,8 @@ def split_record(folder: DataFolder, settings: Mapping[str, object]) -> dict[str
 
 
 class SplitsAssigned(BaseModel):
-    """What `assign_splits_file` did: duplicates and conflicts found, splits kept and new, source splits kept."""
+    """What `assign_splits_file` did: label corrections applied, duplicates and conflicts found, splits kept and new,
+    source splits kept."""
 
     path: str
     written: bool
@@ -259,12 +263,22 @@ class SplitsAssigned(BaseModel):
     """Labelled images that kept the split the data folder had given them."""
     placed: int = 0
     """Labelled images given a split now (new images, or all of them on a fresh split)."""
+    label_overrides: LabelOverrides | None = None
 
 
 def assign_splits_file(folder: DataFolder, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                       respect_source_split: bool = True) -> SplitsAssigned:
-    """Dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed), and record the settings."""
+                       respect_source_split: bool = True, source_root: str | Path | None = None) -> SplitsAssigned:
+    """Apply labels.csv, dedupe and split `inspected.parquet` into `splits.parquet` (written only if it changed),
+    and record the settings.
+
+    The corrections (tasks/data/overrides.py) come from `source_root`'s labels.csv and the data
+    folder's, and are applied first, so deduplication and label conflicts see the corrected labels.
+    """
     inspected = read_manifest(folder.inspected)
+    files = override_files(source_root, folder)
+    overrides = None
+    if files:
+        inspected, overrides = apply_overrides(inspected, read_overrides(files, folder.classes()), files)
     settings = split_settings(fractions, respect_source_split)
     record = split_record(folder, settings)
     frame = assign_splits(inspected, fractions=fractions, respect_source_split=respect_source_split, record=record)
@@ -277,4 +291,4 @@ def assign_splits_file(folder: DataFolder, *, fractions: Sequence[float] = DEFAU
         duplicate=int((frame["reason"] == "duplicate").sum()),
         label_conflict=int((frame["reason"] == "label_conflict").sum()),
         presplit=sorted(presplit_splits(inspected)) if respect_source_split else [],
-        kept=kept, placed=len(labelled) - kept)
+        kept=kept, placed=len(labelled) - kept, label_overrides=overrides)

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.errors import retry_unless_input_error
-from tasks.common.results import PrepareSummary
+from tasks.common.results import LabelOverrides, PrepareSummary
 from tasks.data.acquire import acquire_source
 from tasks.data.arrange import Arranged, arrange_folder, write_summary
 from tasks.data.datafolder import DataFolder
@@ -58,10 +58,12 @@ def build_manifest(root: Path, data_dir: str, min_side: int, max_side: int,
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)
-def assign_splits(data_dir: str, fractions: Sequence[float], respect_source_split: bool) -> SplitsAssigned:
-    """Dedupe by content and split each class in its fractions into splits.parquet (images keep their splits)."""
+def assign_splits(data_dir: str, fractions: Sequence[float], respect_source_split: bool,
+                  source_root: str | None = None) -> SplitsAssigned:
+    """Apply labels.csv corrections, dedupe by content and split each class in its fractions into splits.parquet
+    (images keep their splits)."""
     return assign_splits_file(DataFolder.at(data_dir), fractions=fractions,
-                              respect_source_split=respect_source_split)
+                              respect_source_split=respect_source_split, source_root=source_root)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -77,6 +79,6 @@ def arrange(data_dir: str) -> Arranged:
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
-def summarise(data_dir: str, layout: str) -> PrepareSummary:
+def summarise(data_dir: str, layout: str, label_overrides: LabelOverrides | None = None) -> PrepareSummary:
     """The dataset summary, kept as prepare_summary.json."""
-    return write_summary(DataFolder.at(data_dir), layout)
+    return write_summary(DataFolder.at(data_dir), layout, label_overrides)

@@ -48,7 +48,7 @@ DATA_DOCS_DIR = "data_docs"
 
 STATUSES = ("ok", "quarantined")
 REASONS = ("", "empty_file", "not_an_image", "undecodable", "too_small", "too_large",
-           "duplicate", "label_conflict")
+           "duplicate", "label_conflict", "excluded")
 REQUIRED_COLUMNS = ("source_path", "relative_path", "label", "source_split", "sha256", "bytes",
                     "format", "width", "height", "status", "reason", "split")
 _KEY_COLUMNS = ("relative_path", "label", "sha256", "format", "width", "height", "status",
@@ -88,7 +88,8 @@ class ValidationThresholds(BaseModel):
 def rows_frame(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest plus derived per-row columns that turn dataset rules into column expectations."""
     frame = manifest.reset_index(drop=True).copy()
-    frame["quarantined"] = (frame["status"] == "quarantined").astype(int)
+    # a person's `excluded` (labels.csv) is a decision, not a fault of the source: not counted as quarantined
+    frame["quarantined"] = ((frame["status"] == "quarantined") & (frame["reason"] != "excluded")).astype(int)
     placed = frame[frame["split"] != ""]
     per_image = placed.groupby("sha256")["split"].nunique()
     frame["splits_per_image"] = frame["sha256"].map(per_image).where(frame["split"] != "", 0).fillna(0).astype(int)

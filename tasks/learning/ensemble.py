@@ -65,19 +65,17 @@ def ensemble_members(backbones: dict[str, BackboneResult]) -> tuple[list[str], s
     return members, why
 
 
-def chosen_members(chosen: str, ensemble: EnsembleResult | None) -> list[str]:
-    """The backbones the chosen candidate runs: the ensemble's members, or the one backbone."""
-    return list(ensemble.members) if ensemble is not None and chosen == ensemble.backbone else [chosen]
-
-
 def train_ensemble_head(folder: DataFolder, backbones: dict[str, BackboneResult], members: list[str],
-                        output_dir: Path, params: HeadParams, callbacks: list[Any] | None = None) -> EnsembleResult:
-    """Fit the head on the members' concatenated cached features (and their mirrors' for TTA when cached)."""
+                        output_dir: Path, params: HeadParams, callbacks: list[Any] | None = None,
+                        leave_out: frozenset[str] = frozenset()) -> EnsembleResult:
+    """Fit the head on the members' concatenated cached features (and their mirrors' for TTA when cached), without
+    the train images in `leave_out` (the members' suspected labels, with exclude_suspected_labels)."""
     entries = [backbones[name] for name in members]
     mirrored = [entry.mirrored_cache_dir for entry in entries]
     head = train_head_on(folder, [Path(entry.feature_cache_dir) for entry in entries], Path(output_dir),
                          ensemble_name(members), params, callbacks,
-                         mirrored_dirs=[Path(path) for path in mirrored] if all(mirrored) else None)
+                         mirrored_dirs=[Path(path) for path in mirrored] if all(mirrored) else None,
+                         leave_out=leave_out)
     scores = {key: getattr(head, key) for key in ("head_path", "history_path", "val_accuracy", "val_loss", "val_auc",
                                                   "epochs_run", "best_epoch", "val_tta")}
     return EnsembleResult(**scores, backbone=head.backbone, members=list(members), input_size=entries[0].input_size,

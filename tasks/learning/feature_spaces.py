@@ -19,14 +19,15 @@ from tasks.data.datafolder import DataFolder
 from tasks.learning.shards import load_features, shard_index
 
 
-def joint_split_features(folder: DataFolder, cache_dirs: Sequence[str | os.PathLike[str]],
-                         split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def joint_split_features(folder: DataFolder, cache_dirs: Sequence[str | os.PathLike[str]], split: str,
+                         leave_out: frozenset[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(features float32 (n, sum of dims), labels (n,), sha256s) of one split over every space in `cache_dirs`.
 
     With one space this is `load_split_features`; with several, the columns are the spaces' in
-    the order given.
+    the order given. The hashes in `leave_out` are left out (the audit's suspects, when asked).
     """
     rows = folder.split_rows(split)
+    rows = rows[~rows["sha256"].isin(leave_out)] if leave_out else rows
     indexes = [shard_index(cache_dir) for cache_dir in cache_dirs]
     failed = rows["sha256"].isin(set().union(*(index.failed for index in indexes)))
     if failed.any():

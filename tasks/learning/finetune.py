@@ -173,7 +173,7 @@ def unfreeze_top(model: Any, backbone_name: str) -> dict[str, int]:
 
 def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size: int,
                      shuffle_seed: int | None, *, decoder: str = "auto",
-                     class_weight: dict[int, float] | None = None) -> Any:
+                     class_weight: dict[int, float] | None = None, leave_out: frozenset[str] = frozenset()) -> Any:
     """(uint8 pixels, label, weight) batches of one split, decoded by the one input pipeline.
 
     A `keras.utils.PyDataset`, so Keras' fit runs it on every backend. With a seed the order is
@@ -181,6 +181,7 @@ def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size
     weight 0: it is skipped by the loss instead of failing the epoch. `class_weight` (label ->
     weight) multiplies each image's weight: the one way to weigh classes that works with
     per-image weights on every backend. Labels are (n, 1) floats for two classes, indices for more.
+    Images whose sha256 is in `leave_out` are not in it (the audit's suspects, when asked).
     """
     import keras
 
@@ -189,6 +190,7 @@ def labelled_batches(folder: DataFolder, split: str, input_size: int, batch_size
     from tasks.learning.head import target_array
 
     rows = folder.split_rows(split)
+    rows = rows[~rows["sha256"].isin(leave_out)] if leave_out else rows
     paths = rows["path"].tolist()
     labels = target_array(rows["y"].to_numpy(), len(folder.classes().names))
     weights = np.ones(len(paths), dtype=np.float32) if not class_weight else \
@@ -244,16 +246,17 @@ def keep_if_better(model: Any, before: list[np.ndarray], history: dict[str, list
 
 def fine_tune_model(model: Any, folder: DataFolder, backbone_name: str, input_size: int,
                     params: FineTuneParams, baseline_val_loss: float,
-                    callbacks: list[Any] | None = None, *,
-                    decoder: str = "auto") -> tuple[dict[str, list[float]], FineTuneReport]:
+                    callbacks: list[Any] | None = None, *, decoder: str = "auto",
+                    leave_out: frozenset[str] = frozenset()) -> tuple[dict[str, list[float]], FineTuneReport]:
     """Fine-tune in place; returns (history, report). `baseline_val_loss` is the head-only
-    model's validation loss (see `keep_if_better`)."""
+    model's validation loss (see `keep_if_better`); train images in `leave_out` are not trained on."""
     seed_everything(params.seed)
     n_classes = len(folder.classes().names)
+    train_rows = folder.split_rows("train")
     weights = None if params.class_weight == "none" else \
-        class_weights(params.class_weight, folder.split_rows("train")["y"].to_numpy(), n_classes)
+        class_weights(params.class_weight, train_rows[~train_rows["sha256"].isin(leave_out)]["y"].to_numpy(), n_classes)
     train = labelled_batches(folder, "train", input_size, params.batch_size, shuffle_seed=params.seed, decoder=decoder,
-                             class_weight=weights)
+                             class_weight=weights, leave_out=leave_out)
     validation = labelled_batches(folder, "validation", input_size, params.batch_size, shuffle_seed=None,
                                   decoder=decoder)
     counts = unfreeze_top(model, backbone_name)
@@ -290,7 +293,7 @@ class ExportedModel(BaseModel):
 def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weights: str | None, input_size: int,
                  head_path: Path, cache_dir: Path, fine_tune: bool, params: FineTuneParams,
                  precision: str = "float32", callbacks: list[Any] | None = None, *,
-                 decoder: str = "auto", engine: str = "keras") -> ExportedModel:
+                 decoder: str = "auto", engine: str = "keras", leave_out: frozenset[str] = frozenset()) -> ExportedModel:
     """Build the end-to-end model, fine-tune it if asked, save output_dir/model.keras.
 
     `fine_tuned` says whether the saved weights come from fine-tuning; `val_metrics` are of
@@ -298,6 +301,7 @@ def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weigh
     `decoder` must be the one the head's features were computed with. On the OpenVINO engine
     the Keras model is float32 (OpenVINO applies the precision), and its IR, output_dir/
     model.openvino/ (int8: calibrated like the features), is what these numbers are of.
+    Fine-tuning leaves out the train images in `leave_out`, as the head did.
     """
     from tasks.learning.forward import compiled_forward
 
@@ -326,7 +330,7 @@ def export_model(folder: DataFolder, output_dir: Path, backbone_name: str, weigh
     history_path: str | None = None
     if fine_tune:
         history, report = fine_tune_model(model, folder, backbone_name, input_size, params,
-                                          val_metrics["log_loss"], callbacks, decoder=decoder)
+                                          val_metrics["log_loss"], callbacks, decoder=decoder, leave_out=leave_out)
         history_path = str(atomic_write_json(output_dir / "fine_tune.history.json", history))
         if report.improved:
             p_dog, _ = predict_paths(model, rows["path"].tolist(), input_size, params.batch_size,

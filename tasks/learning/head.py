@@ -217,29 +217,35 @@ class HeadResult(HeadScores):
     val_count: int
     feature_dim: int
     params: dict[str, Any]
+    left_out: int = 0
+    """Train images left out as suspected label errors (`leave_out`, train hashes only)."""
 
 
 def train_head(folder: DataFolder, cache_dir: Path, output_dir: Path, backbone: str, params: HeadParams,
-               callbacks: list[Any] | None = None, *, mirrored_dir: Path | None = None) -> HeadResult:
+               callbacks: list[Any] | None = None, *, mirrored_dir: Path | None = None,
+               leave_out: frozenset[str] = frozenset()) -> HeadResult:
     """Fit the head for one backbone, save it and its history; return paths and validation metrics.
 
     Writes output_dir/heads/<backbone>.keras and output_dir/heads/<backbone>.history.json.
     Validation metrics are recomputed from the restored weights (not read off the last
     epoch), so they describe the head that is saved. With `mirrored_dir` (the feature space of
     the mirrored images, `--tta flip`) the validation metrics with test-time augmentation
-    come too (`val_tta`).
+    come too (`val_tta`). Train images whose sha256 is in `leave_out` are not trained on (the
+    data audit's suspects, with exclude_suspected_labels).
     """
     return train_head_on(folder, [cache_dir], output_dir, backbone, params, callbacks,
-                         mirrored_dirs=[mirrored_dir] if mirrored_dir else None)
+                         mirrored_dirs=[mirrored_dir] if mirrored_dir else None, leave_out=leave_out)
+
 
 
 def train_head_on(folder: DataFolder, cache_dirs: list[Path], output_dir: Path, name: str, params: HeadParams,
-                  callbacks: list[Any] | None = None, *, mirrored_dirs: list[Path] | None = None) -> HeadResult:
+                  callbacks: list[Any] | None = None, *, mirrored_dirs: list[Path] | None = None,
+                  leave_out: frozenset[str] = frozenset()) -> HeadResult:
     """`train_head` on the concatenated features of one or more feature spaces (an ensemble's backbones)."""
     from tasks.learning.callbacks import training_progress
     from tasks.learning.feature_spaces import joint_features, joint_split_features
 
-    train_x, train_y, _ = joint_split_features(folder, cache_dirs, "train")
+    train_x, train_y, _ = joint_split_features(folder, cache_dirs, "train", leave_out)
     val_x, val_y, val_sha256s = joint_split_features(folder, cache_dirs, "validation")
     classes = folder.classes()
     n_classes = len(classes.names)
@@ -263,4 +269,4 @@ def train_head_on(folder: DataFolder, cache_dirs: list[Path], output_dir: Path, 
                       val_accuracy=metrics["accuracy"], val_loss=metrics["log_loss"], val_auc=metrics["roc_auc"],
                       epochs_run=len(history["loss"]), best_epoch=best_epoch(history), train_count=int(len(train_y)),
                       val_count=int(len(val_y)), feature_dim=int(train_x.shape[1]), params=asdict(params),
-                      val_tta=val_tta)
+                      val_tta=val_tta, left_out=len(leave_out))

@@ -257,15 +257,17 @@ def _meta_feature_dim(cache_dir: Path) -> int:
     return int(json.loads((cache_dir / "meta.json").read_text())["feature_dim"])
 
 
-def load_split_features(folder: DataFolder, cache_dir: str | os.PathLike[str],
-                        split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_split_features(folder: DataFolder, cache_dir: str | os.PathLike[str], split: str,
+                        leave_out: frozenset[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(features float32 (n, d), labels int32 (n,) with cat=0 dog=1, sha256s) of one split.
 
     Rows come from the data folder's one reader (sha256 order); labels come from the manifest
     row of the same hash, so they cannot drift from features. Images that failed to decode
-    are left out with a warning naming how many.
+    are left out with a warning naming how many, and so are the hashes in `leave_out` (the
+    audit's suspected labels, when asked).
     """
     rows = folder.split_rows(split)
+    rows = rows[~rows["sha256"].isin(leave_out)] if leave_out else rows
     index = shard_index(cache_dir)
     failed = rows["sha256"].isin(list(index.failed))
     if failed.any():

@@ -22,6 +22,7 @@ from tasks.common.results import (
     EnsembleResult,
     Explanation,
     Int8Check,
+    QualitySummary,
     TrainResult,
 )
 from tasks.data.datafolder import DataFolder
@@ -156,23 +157,47 @@ def feature_summary(plan: PlanRef, shards: list[ShardResult]) -> FeatureSummary:
     return summarise(plan, shards)
 
 
+@task(name="audit-data", cache_policy=NO_CACHE)
+def audit_data(data_dir: str, cache_dir: str, settings: dict[str, Any]) -> QualitySummary:
+    """The data audit on one backbone's cached features (reused while data and settings are unchanged).
+
+    Fails, after writing its findings, when too many test images are near-copies of training ones.
+    """
+    from tasks.learning.audit import AuditSettings, audit_folder
+
+    return audit_folder(DataFolder.at(data_dir), Path(cache_dir), AuditSettings(**settings))
+
+
+def _suspects(audit_report: str | None) -> frozenset[str]:
+    """The audit's suspected training labels, or none (no report given: exclude_suspected_labels is off)."""
+    from tasks.learning.audit import suspected_train_hashes
+
+    return suspected_train_hashes(audit_report)
+
+
 @task(name="train-head", cache_policy=NO_CACHE)
 def train_head(data_dir: str, cache_dir: str, output_dir: str, backbone: str, params: dict[str, Any],
-               mirrored_dir: str | None = None) -> HeadResult:
-    """Head on cached features for one backbone (seconds on a CPU), scored with TTA too when mirrors are cached."""
+               mirrored_dir: str | None = None, leave_out_suspects_of: str | None = None) -> HeadResult:
+    """Head on cached features for one backbone (seconds on a CPU), scored with TTA too when mirrors are cached,
+    without the audit's suspects when given its report."""
     from tasks.learning.head import train_head as train
 
     return train(DataFolder.at(data_dir), Path(cache_dir), Path(output_dir), backbone, HeadParams(**params),
-                 mirrored_dir=Path(mirrored_dir) if mirrored_dir else None)
+                 mirrored_dir=Path(mirrored_dir) if mirrored_dir else None,
+                 leave_out=_suspects(leave_out_suspects_of))
 
 
 @task(name="train-ensemble-head", cache_policy=NO_CACHE)
 def train_ensemble_head(data_dir: str, backbones: dict[str, BackboneResult], members: list[str], output_dir: str,
-                        params: dict[str, Any]) -> EnsembleResult:
-    """Head on the members' concatenated cached features: the ensemble candidate."""
+                        params: dict[str, Any], leave_out_suspects: bool = False) -> EnsembleResult:
+    """Head on the members' concatenated cached features: the ensemble candidate (without the suspected labels of
+    any member's audit, when asked)."""
     from tasks.learning.ensemble import train_ensemble_head as train
 
-    return train(DataFolder.at(data_dir), backbones, members, Path(output_dir), HeadParams(**params))
+    leave_out = frozenset().union(*(_suspects(backbones[name].quality.report) for name in members
+                                    if backbones[name].quality)) if leave_out_suspects else frozenset()
+    return train(DataFolder.at(data_dir), backbones, members, Path(output_dir), HeadParams(**params),
+                 leave_out=leave_out)
 
 
 @task(name="build-ensemble", cache_policy=NO_CACHE)
@@ -225,13 +250,14 @@ def explain_mistakes(model_path: str, data_dir: str, output_dir: str, prediction
 @task(name="build-and-fine-tune", cache_policy=NO_CACHE)
 def export_model(data_dir: str, output_dir: str, backbone: str, weights: str, input_size: int, head_path: str,
                  cache_dir: str, fine_tune: bool, params: dict[str, Any], precision: str,
-                 decoder: str, engine: str = "keras") -> ExportedModel:
-    """End-to-end model from the chosen backbone and its head, fine-tuned when asked, saved as .keras (and as
-    OpenVINO IR on that engine)."""
+                 decoder: str, engine: str = "keras", leave_out_suspects_of: str | None = None) -> ExportedModel:
+    """End-to-end model from the chosen backbone and its head, fine-tuned when asked (without the audit's suspects
+    when given its report), saved as .keras (and as OpenVINO IR on that engine)."""
     from tasks.learning.finetune import export_model as export
 
     return export(DataFolder.at(data_dir), Path(output_dir), backbone, weights, input_size, Path(head_path),
-                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder, engine=engine)
+                  Path(cache_dir), fine_tune, FineTuneParams(**params), precision, decoder=decoder, engine=engine,
+                  leave_out=_suspects(leave_out_suspects_of))
 
 
 @task(name="engine-model", cache_policy=NO_CACHE)
@@ -271,6 +297,15 @@ def finish_run(result: TrainResult, partial_dir: str, final_dir: str) -> TrainRe
     from tasks.learning.runs import finish_run as finish
 
     return finish(result, Path(partial_dir), Path(final_dir))
+
+
+def audit_settings(quality: Any, seed: int) -> dict[str, Any]:
+    """A QualityConfig's audit settings, and the run's seed for its folds, as the plain dict the audit task takes."""
+    from tasks.learning.audit import AuditSettings
+
+    return asdict(AuditSettings(near_duplicate_similarity=quality.near_duplicate_similarity,
+                                max_label_issue_share=quality.max_label_issue_share,
+                                max_leaked_test_share=quality.max_leaked_test_share, seed=seed))
 
 
 def head_params(config: Any) -> dict[str, Any]:

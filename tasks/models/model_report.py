@@ -61,18 +61,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def audit_table(data_dir: str | Path, feature_spaces: list[str]) -> dict[str, Any] | None:
-    """The data audit of the model's feature space(s) (`quality/<space>/*.csv`), or None where there is none."""
-    for space in feature_spaces:
-        found = sorted((Path(data_dir) / "quality" / space).glob("*.csv"))
-        if not found:
+def audit_table(trained: TrainResult) -> dict[str, Any] | None:
+    """The data audit of the model's feature space(s) (its findings' CSV, data/quality/<space>/audit.csv), or None
+    where the run has none."""
+    for name in trained.chosen_members:
+        quality = trained.backbones[name].quality
+        if quality is None or not Path(quality.csv).is_file():
             continue
-        frame = pd.read_csv(found[0])
-        kinds = frame["kind"].value_counts().to_dict() if "kind" in frame.columns else {}
-        summary = f"{len(frame)} finding(s)" + (": " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-                                                if kinds else "")
+        frame = pd.read_csv(quality.csv)
         shown = frame.head(AUDIT_ROWS)
-        return {"path": str(found[0]), "summary": summary, "columns": list(shown.columns),
+        return {"path": quality.csv, "summary": f"On {name}'s features: {quality.text()}",
+                "warnings": list(quality.warnings), "columns": list(shown.columns),
                 "rows": [[_cell(value) for value in row] for row in shown.itertuples(index=False)]}
     return None
 
@@ -163,15 +162,7 @@ def render_report(data: PrepareSummary, trained: TrainResult, served_metrics: Ma
         mistakes=[{"image": data_uri(item.overlay), "name": Path(item.path).name, "label": item.label,
                    "predicted": item.predicted, "probability": _cell(item.probability)}
                   for item in trained.explanations if data_uri(item.overlay)],
-        audit=audit_table(trained.data_dir, _feature_spaces(trained)))
-
-
-def _feature_spaces(trained: TrainResult) -> list[str]:
-    """The feature-space folder names of the chosen candidate's backbones (where the data audit keeps its findings)."""
-    from tasks.learning.ensemble import chosen_members
-
-    members = chosen_members(trained.chosen_backbone, trained.ensemble)
-    return [Path(trained.backbones[name].feature_cache_dir).name for name in members if name in trained.backbones]
+        audit=audit_table(trained))
 
 
 def write_report(target: Path, data: PrepareSummary, trained: TrainResult, served_metrics: Mapping[str, Any],

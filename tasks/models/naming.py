@@ -53,3 +53,5 @@ def parse_registry_uri(model_uri: str) -> tuple[str, str, str] | None:
         name, ref = rest.rsplit("/", 1)
         return ("version" if ref.isdigit() else "stage"), name, ref
     return None  # models:/<model id> (a logged model, not a registered one)
+TAG_LABEL_OVERRIDES = "data.label_overrides"
+"""Run and version tag: what a person's labels.csv changed in the data (absent without one)."""

@@ -27,7 +27,8 @@ from tasks.common.numbers import decimals4
 from tasks.common.results import Promotion
 from tasks.models.gate import DEFAULT_METRIC, GateDecision, at_chance, decide, finite
 from tasks.models.lock import promotion_lock
-from tasks.models.naming import CHAMPION, MODEL_NAME, TAG_BACKBONE, TAG_CONFIG_HASH, TAG_FINGERPRINT
+from tasks.models.naming import (CHAMPION, MODEL_NAME, TAG_BACKBONE, TAG_CONFIG_HASH, TAG_FINGERPRINT,
+                                 TAG_LABEL_OVERRIDES)
 from tasks.models.registry import (GATE_DECISION_TAG, SERVED_TEST_PREFIX, alias_version, register, run_test_metrics,
                                    version_uri)
 from tasks.models.store import run_url, use_tracking
@@ -83,6 +84,8 @@ def register_and_gate(run_id: str, model_uri: str, candidate_metrics: Mapping[st
     run_tags = client.get_run(run_id).data.tags
     tags = {TAG_FINGERPRINT: run_tags.get(TAG_FINGERPRINT, "") if dataset_fingerprint is None else dataset_fingerprint,
             TAG_CONFIG_HASH: run_tags.get(TAG_CONFIG_HASH, "") if config_hash is None else config_hash}
+    if TAG_LABEL_OVERRIDES in run_tags:  # why this data differs: a person's corrections, on the version for all to see
+        tags[TAG_LABEL_OVERRIDES] = run_tags[TAG_LABEL_OVERRIDES]
     with promotion_lock(uri, model_name) as how:  # sqlite copes badly with concurrent writers
         run_logger(__name__).info("Promotion of %s serialised by the %s.", model_name, how)  # once, though held twice
         version = str(register(client, model_name, run_id, model_uri, tags).version)

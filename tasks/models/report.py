@@ -64,6 +64,22 @@ def int8_sentence(check: Int8Check) -> str:
             f"{check.max_probability_gap:.3f}; calibrated on {check.calibration_images} train images.")
 
 
+def _quality_lines(summary: RetrainSummary) -> list[str]:
+    """The data audit in a few lines: what it found, what the gate left out, what warned, where to decide."""
+    quality = summary.quality
+    if quality is None:
+        return []
+    lines = ["", "## Data quality", "", f"Audit on `{quality.feature_space}` features: {quality.text()}."]
+    left_out = int((summary.test_metrics or {}).get("n_left_out", 0))
+    if left_out:
+        lines.append(f"- {left_out} test image(s) that are near-copies of training images were left out of the test "
+                     "metrics below, the champion's included: both were scored on the same images.")
+    lines += [f"- Warning: {warning}" for warning in quality.warnings]
+    lines.append(f"- Findings: `{quality.csv}` (fill its `decision` column with exclude, relabel or a class, and save "
+                 "it as labels.csv in the data folder: the next run applies it)")
+    return lines
+
+
 def summary_markdown(summary: RetrainSummary) -> str:
     """The run summary people read in the Prefect UI (and on the console): data, metrics, decision, links."""
     data = summary.data
@@ -84,6 +100,9 @@ def summary_markdown(summary: RetrainSummary) -> str:
         lines += [f"| {split} | " + " | ".join(str(c.get(name, 0)) for name in data.classes) + " |"
                   for split, c in data.counts.items()]
         lines.append(f"\nQuarantined files: {data.quarantined}")
+        if data.label_overrides:
+            lines.append(f"\nLabel overrides: {data.label_overrides.text()}")
+    lines += _quality_lines(summary)
     decision = summary.decision
     if summary.test_metrics:
         champion = (decision.champion_metrics if decision else None) or {}

@@ -81,15 +81,17 @@ def score_files(model: Any, paths: Sequence[Path], batch_size: int,
 
 
 def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "test",
-                       batch_size: int = 64) -> dict[str, float]:
+                       batch_size: int = 64, leave_out: frozenset[str] = frozenset()) -> dict[str, float]:
     """Metrics of any pyfunc model URI on `data_dir`'s arranged split, through the serving code.
 
     Champion and candidate are scored on the same images (the data folder's one reader of
     labelled rows) by the pipeline that serves users, with tasks/learning/evaluate.py's
     metric definitions. Images that fail to decode are counted in `n_errors` and left out.
+    Images whose sha256 is in `leave_out` (the data audit's leaked test images: near-copies of
+    training images) are not scored at all, counted in `n_left_out`.
     Returns the scalar metrics ("accuracy", "roc_auc" (NaN with one class), "log_loss",
-    per-class precision/recall/F1, ...) plus "n_images" and "n_errors". A model of other
-    classes than the folder's is refused (ClassesDiffer) before anything is scored.
+    per-class precision/recall/F1, ...) plus "n_images", "n_errors" and "n_left_out". A model of
+    other classes than the folder's is refused (ClassesDiffer) before anything is scored.
     """
     from tasks.learning.evaluate import class_metrics
 
@@ -97,6 +99,11 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
     rows = folder.labelled_rows(split)
     if rows.empty:
         raise InputError(f"No arranged {split} images in {folder.manifest}; run prepare_data on it first.")
+    left_out = rows["sha256"].isin(leave_out)
+    rows = rows[~left_out].reset_index(drop=True)
+    if rows.empty:
+        raise InputError(f"Every {split} image in {folder.root} is a near-copy of a training image; the test split "
+                         "measures nothing: remove the copies (labels.csv, decision exclude) and run again.")
     from tasks.common.progress import Progress
 
     classes = folder.classes()
@@ -116,4 +123,4 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
     metrics = class_metrics(rows["y"].to_numpy()[ok], scores[ok], classes)
     values = {key: float(value) if value is not None else float("nan") for key, value in metrics.items()
               if not isinstance(value, list) and key != "threshold"}
-    return {**values, "n_images": float(ok.sum()), "n_errors": float((~ok).sum())}
+    return {**values, "n_images": float(ok.sum()), "n_errors": float((~ok).sum()), "n_left_out": float(left_out.sum())}

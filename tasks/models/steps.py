@@ -90,26 +90,40 @@ def log_to_mlflow(run: MlflowRun, prepared: PrepareSummary, trained: TrainResult
     return log_retrain(prepared, trained, config, source=source, run=run, model_name=model_name)
 
 
+def _leaked(audit_report: str | None) -> frozenset[str]:
+    """The test images the data audit found to be near-copies of training images (none without a report)."""
+    from tasks.learning.audit import leaked_test_hashes
+
+    return leaked_test_hashes(audit_report)
+
+
 @task(name="score-on-test-split", **IO_RETRIES)
-def score_on_test_split(model_uri: str, data_dir: str) -> dict[str, float]:
+def score_on_test_split(model_uri: str, data_dir: str, audit_report: str | None = None) -> dict[str, float]:
     """Test metrics of the logged model through the serving code: the gate's one yardstick.
 
     The champion is re-scored by the same function on the same split inside the gate, so the
-    comparison never mixes two evaluation paths.
+    comparison never mixes two evaluation paths. Test images the audit (`audit_report`) found
+    to be near-copies of training images are left out of both (`n_left_out` counts them).
     """
     from tasks.models.scoring import evaluate_model_uri
 
-    return evaluate_model_uri(model_uri, data_dir)
+    return evaluate_model_uri(model_uri, data_dir, leave_out=_leaked(audit_report))
 
 
 @task(name="register-and-gate", **IO_RETRIES)
 def register_and_gate(run_id: str, model_uri: str, candidate_metrics: dict[str, float], data_dir: str,
-                      floor: float, margin: float, metric: str, model_name: str) -> Promotion:
-    """Register a new version; `champion` moves to it only through the gate (else `challenger`)."""
+                      floor: float, margin: float, metric: str, model_name: str,
+                      audit_report: str | None = None) -> Promotion:
+    """Register a new version; `champion` moves to it only through the gate (else `challenger`).
+
+    The champion is scored on the candidate's test split without the leaked images, as the candidate was.
+    """
     from tasks.models.promotion import register_and_gate as gate
     from tasks.models.scoring import evaluate_model_uri
 
-    return gate(run_id, model_uri, candidate_metrics, evaluate_champion=lambda uri: evaluate_model_uri(uri, data_dir),
+    leaked = _leaked(audit_report)
+    return gate(run_id, model_uri, candidate_metrics,
+                evaluate_champion=lambda uri: evaluate_model_uri(uri, data_dir, leave_out=leaked),
                 floor=floor, margin=margin, metric=metric, model_name=model_name)
 
 

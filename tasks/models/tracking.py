@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.common.processes import ProcessId
-from tasks.common.results import MlflowRun, PrepareSummary, TrainResult
+from tasks.common.results import MlflowRun, PrepareSummary, QualitySummary, TrainResult
 from tasks.models.naming import (
     DEFAULT_EXPERIMENT,
     MODEL_NAME,
@@ -30,6 +30,7 @@ from tasks.models.naming import (
     TAG_CONFIG_HASH,
     TAG_FINGERPRINT,
     TAG_KIND,
+    TAG_LABEL_OVERRIDES,
     TAG_SKIP_REASON,
 )
 from tasks.models.report import int8_sentence
@@ -186,7 +187,34 @@ def dataset_logging(data: PrepareSummary) -> tuple[dict[str, Any], dict[str, flo
     metrics["data.quarantined"] = float(data.quarantined)
     for reason, count in data.quarantine_reasons.items():
         metrics[f"data.quarantined.{reason}"] = float(count)
+    if data.label_overrides:
+        params["data.label_overrides.digest"] = data.label_overrides.digest
+        params["data.label_overrides.files"] = data.label_overrides.files
+        metrics["data.relabelled"] = float(data.label_overrides.relabelled)
+        metrics["data.excluded"] = float(data.label_overrides.excluded)
     return params, metrics
+
+
+QUALITY_METRICS = ("label_issues", "near_duplicates", "leaked_test_images", "leaked_validation_images", "outliers",
+                   "images")
+"""QualitySummary fields logged as `quality.<field>` metrics."""
+
+
+def quality_metrics(quality: QualitySummary | None) -> dict[str, float]:
+    """`quality.label_issues`, `quality.near_duplicates`, `quality.leaked_test_images`, ...: the audit's counts."""
+    if quality is None:
+        return {}
+    return {f"quality.{name}": float(getattr(quality, name)) for name in QUALITY_METRICS}
+
+
+def _log_quality_artifacts(run_id: str, client: MlflowClient, quality: QualitySummary | None) -> None:
+    """The audit's CSV (the one a person fills and passes back as labels.csv) and its checks, under `data/quality/`."""
+    if quality is None:
+        return
+    for path, folder in ((quality.csv, "data/quality"), (quality.checks, "data/quality/checks")):
+        found = _existing(path)
+        if found is not None:
+            client.log_artifact(run_id, str(found), folder)
 
 
 def log_datasets(data: PrepareSummary, source: str, model_name: str = MODEL_NAME) -> None:
@@ -371,15 +399,19 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
     tags = {key: value for key, value in client.get_run(run_id).data.tags.items() if not key.startswith("mlflow.")}
     with _active(run):
         client.set_tag(run_id, TAG_BACKBONE, chosen)
+        if data.label_overrides:
+            tags[TAG_LABEL_OVERRIDES] = data.label_overrides.text()
+            client.set_tag(run_id, TAG_LABEL_OVERRIDES, tags[TAG_LABEL_OVERRIDES])
         data_params, data_metrics = dataset_logging(data)
         validation = {key: value for key, value in trained.val_metrics.items() if key != "threshold"}
-        int8 = trained.backbones[chosen].int8_check
+        int8 = trained.first_member.int8_check
         metrics = {**data_metrics, **scalar_metrics(trained.test_metrics, "test_"),
                    **scalar_metrics(validation, "val_"),
                    **(scalar_metrics({key: getattr(trained.calibration, key) for key in ("temperature", "validation",
                                                                                         "test")}, "calibration.")
                       if trained.calibration else {}),
-                   **(scalar_metrics(int8.model_dump(), "int8_check.") if int8 else {})}
+                   **(scalar_metrics(int8.model_dump(), "int8_check.") if int8 else {}),
+                   **quality_metrics(trained.quality)}
         params = {**flatten(dict(config)), **data_params, "resolved.input_size": trained.input_size,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
                   "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,
@@ -390,6 +422,7 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
         log_datasets(data, source, model_name)
         _log_dataset_artifacts(run_id, client, data)
         _log_training_artifacts(run_id, client, trained)
+        _log_quality_artifacts(run_id, client, trained.quality)
         child_ids = _log_backbone_runs(client, experiment_id, run_id, trained,
                                        {**{key: value for key, value in tags.items() if key != TAG_KIND},
                                         TAG_BACKBONE: chosen})
@@ -409,7 +442,7 @@ def _run_note(data: PrepareSummary, trained: TrainResult) -> str:
     lines += [f"| {split} | " + " | ".join(str(c.get(name, 0)) for name in data.classes) + " |"
               for split, c in data.counts.items()]
     lines += ["", "Test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))]
-    int8 = trained.backbones[trained.chosen_backbone].int8_check
+    int8 = trained.first_member.int8_check
     if int8 is not None:
         lines += ["", int8_sentence(int8)]
     return "\n".join(lines)

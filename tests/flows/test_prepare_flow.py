@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.common.errors import DatasetValidationError, UnsafeArchiveError
+from tasks.common.errors import DatasetValidationError, InputError, UnsafeArchiveError
 from tasks.common.files import sha256_file
 from tasks.common.labels import SPLITS
 from tasks.data.validate import ValidationThresholds
@@ -148,6 +148,25 @@ def test_petimages_archive_arranges_exactly_the_good_images_and_a_second_run_wri
     assert snapshot(data_dir) == before
     print(f"\nprepare_data on {len(rows)} files: first run {first:.2f} s, second run {second:.2f} s "
           f"({first / second:.1f}x faster)")
+
+    # --- a person's corrections in labels.csv: one dog by source path, one cat by content, one excluded
+    dog, cat, dropped = rows["Dog/3.jpg"], rows["Cat/4.jpg"], rows["Cat/5.jpg"]
+    (data_dir / "labels.csv").write_text(f"path,sha256,label\n{dog.relative_path},,cat\n,{cat.sha256},relabel?\n")
+    with pytest.raises(InputError, match=r"labels.csv line 3 names the class 'relabel\?'"):
+        prepare(petimages_zip, data_dir)  # a typo is one sentence, before anything is written
+    assert snapshot(data_dir) == {**before, "labels.csv": snapshot(data_dir)["labels.csv"]}
+    (data_dir / "labels.csv").write_text(f"path,sha256,label\n{dog.relative_path},,cat\n,{cat.sha256},dog\n"
+                                         f"{dropped.arranged_path},,exclude\nPetImages/Cat/gone.jpg,,dog\n")
+    corrected = prepare(petimages_zip, data_dir)
+    assert corrected.fingerprint != summary.fingerprint
+    assert corrected.label_overrides.text() == "2 relabelled, 1 excluded by labels.csv, 1 naming no image"
+    assert corrected.quarantine_reasons["excluded"] == 1 and corrected.quarantined == summary.quarantined + 1
+    manifest = pd.read_parquet(data_dir / "manifest.parquet").set_index("relative_path")
+    assert manifest.at[dog.relative_path, "label"] == "cat" and manifest.at[cat.relative_path, "label"] == "dog"
+    assert manifest.at[dog.relative_path, "arranged_path"].startswith(f"arranged/{dog.split}/cats/")
+    assert (manifest.at[dropped.relative_path, "status"], manifest.at[dropped.relative_path, "reason"]) == \
+        ("quarantined", "excluded") and not (data_dir / dropped.arranged_path).exists()
+    assert prepare(petimages_zip, data_dir) == corrected  # applied again, the same data
 
 
 def test_kaggle_competition_zip_keeps_test1_unlabelled_and_out_of_the_splits(tmp_path):

@@ -2,39 +2,85 @@
 
 Real components throughout: the session's Prefect server (tests/conftest.py), prepare_data on a zip,
 train_model with a random-weights backbone at 32 px, a fresh sqlite MLflow store per test.
-The stateful story (first run -> nothing changed -> a challenger -> nothing changed -> forced
-run) is one test so that parallel test workers never split it.
+The stateful story (first run -> nothing changed -> a challenger trained without the audit's
+suspects -> nothing changed -> forced run -> too much leakage stops a run -> the audit's CSV,
+decided, as labels.csv -> a new model) is one test so that parallel test workers never split it.
+Its archive holds what the data audit must find: near-copies in test of scenes in train,
+blank frames and cats among the dogs.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from flows.config import RetrainConfig
 from flows.retrain import TRAINED, UNCHANGED, build_parser, config_from_args, main, retrain
+from tasks.common.errors import DatasetValidationError
+from tasks.common.files import sha256_bytes
 from tasks.common.results import ChampionInfo, RetrainSummary
+from tasks.data.splits import split_for_hash
 from tasks.models.report import summary_markdown, unchanged_reason
 from tasks.models.steps import SUMMARY_ARTIFACT_KEY
 from tasks.data.validate import ValidationThresholds
-from tests.imagegen import write_petimages_tree, zip_tree
+from tests.imagegen import (NEAR_COPIES, blank_bytes, image_bytes, jpeg_bytes, scene_pixels, write_petimages_tree,
+                            zip_tree)
 
 PER_CLASS = 20
+FRACTIONS = (0.6, 0.2, 0.2)
 TINY = {
     "backbones": ["vgg16"], "weights": None, "input_size": 32, "batch_size": 16,
     "head_epochs": 20, "dense_units": 8, "patience": 3,
-    "split_fractions": (0.6, 0.2, 0.2), "floor": 0.0,
+    "split_fractions": FRACTIONS, "floor": 0.0, "max_leaked_test_share": 0.5,
     "thresholds": ValidationThresholds(min_per_class=10, min_per_class_per_split=1,
                                        max_class_imbalance=10.0, max_quarantined_share=0.2),
 }
 
 
+def _first_in(split: str, make: Callable[[int], bytes], start: int = 0) -> bytes:
+    """The first of `make(start), make(start + 1), ...` whose content hash puts it in `split`."""
+    return next(data for data in map(make, itertools.count(start)) if split_for_hash(sha256_bytes(data), FRACTIONS) == split)
+
+
+def _copied_scene(settings: dict, start: int) -> tuple[bytes, bytes]:
+    """A scene whose JPEG lands in train and whose near-copy (`settings`) lands in test."""
+    for seed in itertools.count(start):
+        original, copy = jpeg_bytes(scene_pixels(seed)), jpeg_bytes(scene_pixels(seed), **settings)
+        if (split_for_hash(sha256_bytes(original), FRACTIONS), split_for_hash(sha256_bytes(copy), FRACTIONS)) == \
+                ("train", "test"):
+            return original, copy
+    raise AssertionError("unreachable")
+
+
+@functools.cache
+def planted() -> dict[str, dict[str, bytes]]:
+    """What the audit must find in the archive, by kind: PetImages-relative name -> bytes."""
+    copies, scenes = {}, {}
+    for index, (kind, settings) in enumerate(NEAR_COPIES.items()):
+        scenes[f"Cat/scene_{kind}.jpg"], copies[f"Cat/scene_{kind}_copy.jpg"] = _copied_scene(settings, 100 * index)
+    blanks = {f"Dog/blank_{name}.jpg": blank_bytes(colour)
+              for name, colour in (("white", (255, 255, 255)), ("black", (0, 0, 0)), ("grey", (128, 128, 128)))}
+    cats = {f"Dog/cat_{i}.jpg": _first_in("train", lambda seed: image_bytes("cat", seed), 700 + 50 * i) for i in range(2)}
+    return {"scenes": scenes, "copies": copies, "blanks": blanks, "mislabelled": cats}
+
+
+def planted_hashes(kind: str) -> set[str]:
+    return {sha256_bytes(data) for data in planted()[kind].values()}
+
+
 @pytest.fixture(scope="module")
 def petimages_zip(tmp_path_factory) -> Path:
-    """A small PetImages-style archive (no faulty files: prepare's own tests cover those)."""
+    """A small PetImages-style archive (no faulty files: prepare's own tests cover those), with `planted()` files."""
     base = tmp_path_factory.mktemp("retrain-source")
-    write_petimages_tree(base / "tree", per_class=PER_CLASS, faults=False)
+    pet = write_petimages_tree(base / "tree", per_class=PER_CLASS, faults=False)
+    for files in planted().values():
+        for name, data in files.items():
+            (pet / name).write_bytes(data)
     return zip_tree(base / "tree", base / "petimages.zip")
 
 
@@ -90,6 +136,22 @@ def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_sa
     assert "promoted to **champion**" in artifact.data and first.mlflow.run_url in artifact.data
     trainings = sorted((data_dir / "training").iterdir())
 
+    # The data audit found what was planted, and the gate's test metrics left the leaked copies out.
+    quality = first.quality
+    report = pd.read_parquet(quality.report)
+    found = {kind: set(report.loc[report["kind"] == kind, "sha256"]) for kind in ("leakage", "outlier", "label_issue")}
+    assert planted_hashes("copies") <= found["leakage"] and planted_hashes("blanks") <= found["outlier"]
+    assert planted_hashes("mislabelled") & found["label_issue"]  # on 50 images a cat among dogs is not always plain
+    leaked = report[(report["kind"] == "leakage") & (report["split"] == "test")]
+    assert set(leaked["other_sha256"]) >= planted_hashes("scenes")  # named with the training image they copy
+    assert first.test_metrics["n_left_out"] == quality.leaked_test_images == leaked["sha256"].nunique() >= 2
+    assert first.test_metrics["n_images"] == sum(first.data.counts["test"].values()) - quality.leaked_test_images
+    for name in ("label_issues", "near_duplicates", "leaked_test_images"):
+        assert run.data.metrics[f"quality.{name}"] == getattr(quality, name)
+    assert [item.path for item in client.list_artifacts(first.mlflow.run_id, "data/quality")][:1] == \
+        ["data/quality/audit.csv"]
+    assert "## Data quality" in artifact.data and f"{quality.leaked_test_images} test image(s)" in artifact.data
+
     # Same data, same model config: gate settings are not part of "the config", so still unchanged.
     second = retrain(tiny_config(petimages_zip, data_dir, margin=0.5))
     assert second.status == UNCHANGED
@@ -102,27 +164,53 @@ def test_retrain_registers_champion_then_skips_when_any_version_was_built_the_sa
     [artifact] = summary_artifacts(second.flow_run_id)
     assert "Training skipped" in artifact.data
 
-    # Another model config, and a margin no model can beat: trained, kept as challenger.
-    third = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0))
+    # Another model config, without the audit's suspects, and a margin no model can beat: trained, kept as
+    # challenger; the champion was scored on the same test images, leaked ones left out for both.
+    challenger = {"dense_units": 16, "margin": 1.0, "exclude_suspected_labels": True}
+    third = retrain(tiny_config(petimages_zip, data_dir, **challenger))
     assert third.status == TRAINED
     assert third.decision.version == "2" and third.decision.alias == "challenger"
     assert any("does not beat" in reason for reason in third.decision.reasons)
     assert versions_by_alias(client) == {"champion": "1", "challenger": "2"}
+    suspects = report[(report["kind"] == "label_issue") & (report["split"] == "train")]
+    left_out = client.get_run(third.mlflow.child_run_ids["vgg16"]).data.metrics["suspects_left_out"]
+    assert left_out == len(suspects) >= len(planted()["mislabelled"])
+    assert third.decision.champion_metrics["n_images"] == third.test_metrics["n_images"] == first.test_metrics["n_images"]
     trainings = sorted((data_dir / "training").iterdir())
 
     # The same again: the champion was built from another config, but version 2 from this one,
     # so nothing is trained and no identical twin of version 2 is registered.
-    fourth = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0))
+    fourth = retrain(tiny_config(petimages_zip, data_dir, **challenger))
     assert fourth.status == UNCHANGED and "registered version(s) 2" in fourth.reason, fourth.headline
     assert third.config_hash[:12] in fourth.reason
     assert sorted((data_dir / "training").iterdir()) == trainings
     assert len(client.search_model_versions("name='cats-vs-dogs'")) == 2
 
     # force trains although nothing changed.
-    fifth = retrain(tiny_config(petimages_zip, data_dir, dense_units=16, margin=1.0, force=True))
+    fifth = retrain(tiny_config(petimages_zip, data_dir, **challenger, force=True))
     assert fifth.status == TRAINED and fifth.decision.version == "3" and fifth.decision.alias == "challenger"
     assert versions_by_alias(client) == {"champion": "1", "challenger": "3"}
     assert len(sorted((data_dir / "training").iterdir())) == len(trainings) + 1
+
+    # More leaked test images than allowed: the run stops before any head is trained, naming the findings.
+    with pytest.raises(DatasetValidationError, match=r"leaked_test_share: .* > 0\.1\b.*audit\.csv.*--max-leaked-test-share"):
+        retrain(tiny_config(petimages_zip, data_dir, **challenger, force=True, max_leaked_test_share=0.1))
+    assert len(client.search_model_versions("name='cats-vs-dogs'")) == 3
+
+    # The audit's CSV with decisions, saved as labels.csv: the data changed, so the next run trains and says why.
+    decided = pd.read_csv(quality.csv, keep_default_na=False)
+    decided.loc[decided["kind"].isin(["leakage", "outlier"]), "decision"] = "exclude"
+    decided.loc[decided["sha256"].isin(planted_hashes("mislabelled")), "decision"] = "relabel"
+    by_path = [{"path": f"PetImages/{name}", "decision": "cat"} for name in planted()["mislabelled"]]  # the source's path
+    pd.concat([decided, pd.DataFrame(by_path)]).to_csv(data_dir / "labels.csv", index=False)
+    sixth = retrain(tiny_config(petimages_zip, data_dir, **challenger))
+    assert sixth.status == TRAINED and sixth.decision.version == "4", sixth.headline
+    assert sixth.data.fingerprint != fifth.data.fingerprint
+    overrides = sixth.data.label_overrides
+    assert overrides.relabelled == len(planted()["mislabelled"]) and overrides.excluded >= 5
+    assert client.get_model_version("cats-vs-dogs", "4").tags["data.label_overrides"] == overrides.text()
+    assert sixth.data.quarantine_reasons["excluded"] == overrides.excluded
+    assert sixth.quality.leaked_test_images == 0 and sixth.test_metrics["n_left_out"] == 0
 
 
 def test_cli_reports_a_missing_source_in_one_sentence(mlflow_uri, tmp_path, capsys):

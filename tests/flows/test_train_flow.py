@@ -176,6 +176,21 @@ def test_fine_tuning_run_is_recorded_and_its_model_reloads_with_the_evaluated_pr
                                predictions["p_dog"], atol=1e-5)
 
 
+def test_the_audit_alone_reuses_the_training_runs_features_and_findings(first_run, tmp_path, capsys):
+    from flows.audit import audit, main, summary_text
+    from flows.config import AuditConfig
+
+    data_dir, result = first_run
+    summary = audit(AuditConfig(data_dir=str(data_dir), backbones=[BEST], weights=None, input_size=32, seed=CONFIG.seed))
+    found = summary.audits[BEST]
+    assert found.reused and found == result.backbones[BEST].quality.model_copy(update={"reused": True})
+    assert found.images == IMAGES and Path(found.csv).parent.name == Path(result.backbones[BEST].feature_cache_dir).name
+    assert f"findings: {found.csv}" in summary_text(summary) and summary.data_fingerprint is None  # not via prepare
+    assert main(["--data-dir", str(tmp_path / "nowhere"), "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "run prepare_data" in err and "Traceback" not in err
+
+
 def test_rank_backbones_prefers_auc_then_loss_then_config_order():
     summaries = {
         "a": {"val_auc": 0.90, "val_loss": 0.30}, "b": {"val_auc": 0.95, "val_loss": 0.40},

@@ -98,6 +98,10 @@ def test_training_batches_pair_each_image_with_its_label_and_reshuffle_each_epoc
     dataset.decoder.close()
     assert sorted(epochs[0]) == [0.0] * 6 + [1.0] * 6
     assert epochs[0] != epochs[1]
+    suspects = frozenset(setup["folder"].split_rows("train").groupby("label")["sha256"].first())  # one of each class
+    fewer = labelled_batches(setup["folder"], "train", SIZE, 4, shuffle_seed=9, leave_out=suspects)
+    assert sorted(label for index in range(len(fewer)) for label in fewer[index][1].reshape(-1)) == [0.0] * 5 + [1.0] * 5
+    fewer.decoder.close()
 
 
 def test_an_undecodable_training_image_weighs_nothing_instead_of_failing_the_epoch(tmp_path):

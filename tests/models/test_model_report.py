@@ -72,19 +72,23 @@ def test_every_section_is_filled_from_the_runs_files(parts):
     assert "No audit" in html
 
 
-def test_the_data_audit_is_shown_where_the_folder_holds_one(parts, tmp_path):
+def test_the_data_audit_is_shown_where_the_run_has_one(parts, tmp_path):
+    from tasks.common.results import QualitySummary
+
     root, data, trained, served, decision = parts
-    space = Path(trained.backbones[trained.chosen_backbone].feature_cache_dir).name
-    audit = Path(trained.data_dir) / "quality" / space
-    audit.mkdir(parents=True)
-    (audit / "findings.csv").write_text("path,split,given_label,suggested_label,score,kind\n"
-                                        "arranged/train/cats/a.jpg,train,cat,dog,0.93,label_issue\n"
-                                        "arranged/test/dogs/b.jpg,test,dog,dog,0.51,near_duplicate\n")
-    try:
-        html = render_report(data, trained, served, decision, None, "pets.zip")
-    finally:
-        shutil.rmtree(audit.parent)
-    assert "2 finding(s): 1 label_issue, 1 near_duplicate" in html and "arranged/train/cats/a.jpg" in html
+    findings = tmp_path / "audit.csv"
+    findings.write_text("path,split,given_label,suggested_label,score,kind\n"
+                        "arranged/train/cats/a.jpg,train,cat,dog,0.93,label_issue\n"
+                        "arranged/test/dogs/b.jpg,test,dog,dog,0.51,near_duplicate\n")
+    quality = QualitySummary(feature_space="vgg16-random-32-float32-tensorflow-pillow", report=str(tmp_path / "a.pq"),
+                             csv=str(findings), images=40, label_issues=1, near_duplicates=1, leaked_test_images=1,
+                             leaked_validation_images=0, outliers=0, folds=5, warnings=["2.5% suspected labels"],
+                             checks=str(tmp_path / "checks.json"), reused=False)
+    chosen = trained.backbones[trained.chosen_backbone].model_copy(update={"quality": quality})
+    audited = trained.model_copy(update={"backbones": {**trained.backbones, trained.chosen_backbone: chosen}})
+    html = render_report(data, audited, served, decision, None, "pets.zip")
+    assert "1 suspected label(s), 1 near-duplicate pair(s) (1 test and 0 validation image(s) near a training image)" \
+        in html and "arranged/train/cats/a.jpg" in html and "Warning: 2.5% suspected labels" in html
 
 
 def open_in_chromium(page_path: Path) -> dict:

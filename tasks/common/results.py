@@ -169,9 +169,9 @@ class BackboneResult(HeadScores):
     input_size: int
     precision: Literal["bfloat16", "float32", "int8"]
     """The backbone's compute dtype (under "auto" measured per backbone on a CPU)."""
-    engine: Literal["keras", "openvino"]
+    engine: Literal["keras", "openvino"] = "keras"
     """What computed its features (under "auto" measured per backbone on a CPU)."""
-    int8_check: Int8Check | None
+    int8_check: Int8Check | None = None
     """int8 only: the head's validation metrics on int8 vs float32 features of the same images."""
     feature_dim: int
     feature_cache_dir: str

@@ -267,11 +267,9 @@ def quantize_ir(source_xml: str | os.PathLike[str], folder: str | os.PathLike[st
 
 def _main(argv: list[str]) -> int:
     """Child entry point: export the `.keras` file argv[0] to the IR file argv[1] on Keras' TensorFlow backend."""
-    import tasks.learning.preprocess  # noqa: F401  (registers Preprocess for safe loading)
+    from tasks.learning.layers import load_saved_model
 
-    import keras
-
-    model = keras.saving.load_model(argv[0], compile=False, safe_mode=True)
+    model = load_saved_model(argv[0])  # every project layer (Preprocess, MirrorImages, Temperature) registered
     opt_out_of_telemetry()
     _export_here(model, Path(argv[1]))
     return 0

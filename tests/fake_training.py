@@ -59,7 +59,7 @@ def tiny_model(path: Path, *, rgb: tuple[float, float, float, float] = GOOD, siz
     import keras
 
     from tasks.learning.preprocess import Preprocess
-    from tasks.learning.shipped import wrap
+    from tasks.learning.layers import wrap
 
     conv = keras.layers.Conv2D(3, 1, name="conv")
     backbone_input = keras.Input(shape=(size, size, 3), name="image")
@@ -90,7 +90,7 @@ def region_model(size: int = TINY_SIZE) -> Any:
     """
     import keras
 
-    from tasks.learning.head import HEAD_LAYER_NAMES
+    from tasks.learning.head_input import HEAD_LAYER_NAMES
     from tasks.learning.preprocess import Preprocess
 
     kernel = np.zeros((3, 3, 3, 2), dtype=np.float32)

@@ -47,7 +47,7 @@ def monitor(config: MonitorConfig = MonitorConfig()) -> DriftSummary:
                 "window": config.images if config.images else f"the last {config.window_hours:g} h"}
     thresholds = {"max_p_value": config.max_p_value, "max_class_shift": config.max_class_shift,
                   "max_confidence_drop": config.max_confidence_drop, "min_rows": float(config.min_rows)}
-    summary = steps.measure_drift(reference, window, identity, thresholds, config.seed)
+    summary = steps.measure_drift(reference, window, identity, thresholds, config.seed, config.sample)
     summary = steps.publish_drift_check(summary, check_dir, reference, window, config.experiment)
     for skipped in summary.skipped_files:
         logger.warning("Skipped a corrupt prediction log file: %s", skipped)

@@ -132,16 +132,18 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
                       fine_tune: bool = True, size: int = TINY_SIZE, engine: str = "keras") -> TrainResult:
     """A TrainResult (what train_model returns) pointing at real files under `out`.
 
-    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does.
+    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does (its head input
+    the second output).
     """
     out.mkdir(parents=True, exist_ok=True)
     model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
     engine_model = None
     if engine == "openvino":
+        from tasks.learning.head_input import with_head_input
         from tasks.learning.openvino_engine import export_ir
         from tasks.models.pyfunc import load_keras_model
 
-        engine_model = str(export_ir(load_keras_model(model_path), out / "model.openvino"))
+        engine_model = str(export_ir(with_head_input(load_keras_model(model_path)), out / "model.openvino"))
     history_paths: dict[str, str] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(backbones):

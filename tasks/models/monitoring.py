@@ -261,7 +261,7 @@ def logged_folder(model_uri: str) -> str | None:
 
 
 def measure(reference: Sample, current: Sample, classes: ClassMap, thresholds: Thresholds, *, seed: int = 0,
-            **identity: Any) -> DriftSummary:
+            max_rows: int = MAX_ROWS, **identity: Any) -> DriftSummary:
     """The figures of the current sample against the reference, and the verdict with its reasons."""
     prior = np.asarray(reference.extra["prior"], dtype=np.float64)
     baseline = reference.extra.get("baseline_confidence")
@@ -277,7 +277,7 @@ def measure(reference: Sample, current: Sample, classes: ClassMap, thresholds: T
     reasons: list[str] = []
     figures: dict[str, Any] = {}
     if reference.features is not None and current.features is not None and len(reference.features) >= 2:
-        found = feature_drift(reference.features, current.features, seed=seed)
+        found = feature_drift(reference.features, current.features, seed=seed, max_rows=max_rows)
         figures.update(mmd2=found.mmd2, p_value=found.p_value)
         if found.p_value < thresholds.max_p_value:
             reasons.append(f"the head's inputs differ from the training images' (MMD permutation p-value "

@@ -28,6 +28,8 @@ Nothing here imports Keras or Prefect: the served model imports it.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -66,6 +68,21 @@ REQUIRED = ("time", "label_index", "probabilities")
 """Keys every row has; a line without them is not a row."""
 
 
+_not_traffic = threading.local()
+
+
+@contextlib.contextmanager
+def not_traffic() -> Iterator[None]:
+    """Models loaded by this thread inside the block log nothing: MLflow loads a model it logs and predicts its input
+    example once, to check that it serves, and that row is not a request."""
+    before = getattr(_not_traffic, "on", False)
+    _not_traffic.on = True
+    try:
+        yield
+    finally:
+        _not_traffic.on = before
+
+
 @dataclass(frozen=True)
 class LogSettings:
     """Where the log goes and how much of it is kept (the served model's config: `prediction_log`, ...)."""
@@ -81,9 +98,10 @@ class LogSettings:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LogSettings | None:
-        """The settings a model config names, or None where logging is off (no folder, or a model logged before)."""
+        """The settings a model config names, or None where logging is off (no folder, a model logged before, or a
+        model loaded `not_traffic`)."""
         folder = config.get("prediction_log")
-        if not folder:
+        if not folder or getattr(_not_traffic, "on", False):
             return None
         return cls(folder=Path(str(folder)).expanduser(), days=float(config.get("prediction_log_days") or DEFAULT_DAYS),
                    max_mb=float(config.get("prediction_log_mb") or DEFAULT_MB),
@@ -160,10 +178,9 @@ class PredictionLog:
         self._said: set[str] = set()
         self.dropped = 0
 
-    @property
-    def path(self) -> Path:
-        """This process's file of the current hour."""
-        return self.settings.folder / f"{PREFIX}{hour_of(self.clock())}-{socket.gethostname()}-{os.getpid()}{SUFFIX}"
+    def path(self, hour: str) -> Path:
+        """This process's file of an hour (YYYYMMDDTHH, UTC)."""
+        return self.settings.folder / f"{PREFIX}{hour}-{socket.gethostname()}-{os.getpid()}{SUFFIX}"
 
     # ------------------------------------------------------------------ the request's side: hand over, never wait
 
@@ -239,11 +256,13 @@ class PredictionLog:
                 self._open(hour)
             data = self._lines(batch, hour)
             if self._written + len(data) > self.settings.max_bytes * FILE_SHARE:
-                self._pause(hour, logging.WARNING, f"The prediction log file {self.path} reached a tenth of the "
+                self._pause(hour, logging.WARNING, f"The prediction log file {self.path(hour)} reached a tenth of the "
                             f"folder's {self.settings.max_mb:g} MiB budget (prediction_log_mb); this process logs "
                             "no more rows until the next hour.")
                 return
-            os.write(self._fd, data)  # type: ignore[arg-type]
+            if os.write(self._fd, data) < len(data):  # type: ignore[arg-type]  # the disk filled up mid-write
+                os.ftruncate(self._fd, self._written)  # type: ignore[arg-type]  # no half line left behind
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self._written += len(data)
         except OSError as error:
             self._pause(hour, logging.WARNING, f"The prediction log cannot be written in {self.settings.folder} "
@@ -258,7 +277,7 @@ class PredictionLog:
         self._hour = hour
         self.settings.folder.mkdir(parents=True, exist_ok=True)
         sweep(self.settings, now=self.clock())
-        path = self.path
+        path = self.path(hour)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         self._written = os.fstat(self._fd).st_size
         if self._paused_hour:

@@ -225,14 +225,15 @@ def drift_samples(model_uri: str, run_id: str, data_dir: str, check_dir: str, im
 
 @task(name="measure-drift", cache_policy=NO_CACHE)
 def measure_drift(reference_path: str, window_path: str, identity: dict[str, str], thresholds: dict[str, float],
-                  seed: int) -> DriftSummary:
+                  seed: int, sample: int) -> DriftSummary:
     """The window's figures against the training reference, and the verdict."""
     from tasks.common.labels import ClassMap
     from tasks.models.monitoring import Sample, Thresholds, measure
 
     reference, window = Sample.load(reference_path), Sample.load(window_path)
     limits = Thresholds(**{**thresholds, "min_rows": int(thresholds["min_rows"])})
-    return measure(reference, window, ClassMap.from_names(window.extra["classes"]), limits, seed=seed, **identity)
+    return measure(reference, window, ClassMap.from_names(window.extra["classes"]), limits, seed=seed,
+                   max_rows=sample, **identity)
 
 
 @task(name="publish-drift-check", **IO_RETRIES)

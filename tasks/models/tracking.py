@@ -317,18 +317,20 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
 
     decoder = resolve_decoder(decoder)
     from tasks.models import packaging, pyfunc
+    from tasks.models.prediction_log import not_traffic
 
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=pyfunc.CatsDogsModel(),
-        artifacts={pyfunc.KERAS_ARTIFACT: str(model_path),
-                   **({pyfunc.OPENVINO_ARTIFACT: _ir_files(engine_model)} if engine_model else {})},
-        signature=packaging.model_signature(classes),
-        input_example=packaging.input_example(),
-        code_paths=[packaging.tasks_code_path()],
-        pip_requirements=packaging.pip_requirements(decoder=decoder, engine=engine),
-        model_config=packaging.model_config(input_size, decoder, classes, engine, precision, prediction_log),
-    )
+    with not_traffic():  # MLflow scores the input example once to check the model serves: not a request
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=pyfunc.CatsDogsModel(),
+            artifacts={pyfunc.KERAS_ARTIFACT: str(model_path),
+                       **({pyfunc.OPENVINO_ARTIFACT: _ir_files(engine_model)} if engine_model else {})},
+            signature=packaging.model_signature(classes),
+            input_example=packaging.input_example(),
+            code_paths=[packaging.tasks_code_path()],
+            pip_requirements=packaging.pip_requirements(decoder=decoder, engine=engine),
+            model_config=packaging.model_config(input_size, decoder, classes, engine, precision, prediction_log),
+        )
 
 
 def _ir_files(model_xml: str | Path) -> str:

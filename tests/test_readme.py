@@ -227,7 +227,7 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     for step in ("Acquire:", "Build manifest:", "Validate: passed", "Arrange:", "Chosen backbone:", "Version 1"):
         assert any(step in line for line in lines), step
     said = [line for line in lines + first.stdout.splitlines() if "bfloat16 must gain" in line]
-    assert len(said) == 1 and "vgg16 at 32 px computes in" in said[0], said  # why that precision: once
+    assert len(said) == 1 and "vgg16 at 32 px computes on " in said[0], said  # why that engine and precision: once
     for long_step in ("Downloading kagglecatsanddogs_5340.zip:", "Inspecting images:", "Extracting vgg16 features:",
                       "Training the vgg16 head:", "Scoring models:/"):  # the default source, downloaded
         assert any(long_step in line and "/s" in line for line in lines), long_step  # count, rate, time left

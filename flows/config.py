@@ -16,6 +16,7 @@ instead of a feature-extraction pass.
     AuditConfig    a feature space and the audit's checks                       (audit)
     PredictConfig  what to score with which model                               (predict)
     ExportConfig   which model to write in which format, where                  (export)
+    MonitorConfig  which model to watch, on what, and what counts as drift      (monitor)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tasks.data.splits import DEFAULT_FRACTIONS, check_fractions
 from tasks.data.validate import ValidationThresholds
 from tasks.learning.backbones import BACKBONES, get_backbone, weights_fingerprint
 from tasks.learning.audit import MAX_LABEL_ISSUE_SHARE, MAX_LEAKED_TEST_SHARE
+from tasks.learning.drift import MAX_CLASS_SHIFT, MAX_CONFIDENCE_DROP, MAX_P_VALUE, MAX_ROWS
 from tasks.learning.neighbours import GAP_RATIO, NEAR_DUPLICATE_SIMILARITY, NEIGHBOURS, RELATIVE_DISTANCE
 from tasks.models.naming import DEFAULT_DATA_DIR, DEFAULT_EXPERIMENT, DEFAULT_MODEL_URI, MODEL_NAME, \
     default_data_dir, parse_registry_uri
@@ -454,6 +456,49 @@ class ExportConfig(_Section):
     data_dir: str = Field(default=DEFAULT_DATA_DIR, description="Data folder: the command's log goes to its logs/; by "
                                                                 "default the model's (data-<model name> for any model "
                                                                 "but cats-vs-dogs).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_dir_of_the_model(cls, values: Any) -> Any:
+        return _data_dir_of_the_model(values)
+
+
+class MonitorConfig(_Section):
+    """A drift check of a served model: the recent prediction log (or a folder of new images) against its training data."""
+
+    model_uri: str = Field(default=DEFAULT_MODEL_URI,
+                           description="The registered model to watch (models:/<name>@champion or a version).")
+    images: str | None = Field(
+        default=None, description="A folder of new unlabelled images to compare with training instead of the "
+                                  "prediction log (they are scored by the model as a request would be).")
+    log_dir: str | None = Field(
+        default=None, description="The prediction log folder; none reads where the model records its rows (its "
+                                  "config's prediction_log: the data folder's predictions/ by default).")
+    window_hours: float = Field(default=24.0, gt=0, le=24 * 366,
+                                description="How many of the last hours of the prediction log to compare.")
+    min_rows: int = Field(default=100, ge=2, le=10_000_000,
+                          description="Fewest rows a check judges; with fewer it says so and raises nothing.")
+    sample: int = Field(default=MAX_ROWS, ge=10, le=100_000,
+                        description="Rows of each side (training, window) the feature test uses at most.")
+    max_p_value: float = Field(default=MAX_P_VALUE, gt=0, lt=1,
+                               description="Feature drift when the MMD permutation test's p-value is below this "
+                                           "(the false-alarm rate of a check without drift).")
+    max_class_shift: float = Field(default=MAX_CLASS_SHIFT, gt=0, le=1,
+                                   description="Class drift when the predicted class shares are this far (total "
+                                               "variation distance) from the training split's.")
+    max_confidence_drop: float = Field(default=MAX_CONFIDENCE_DROP, gt=0, le=1,
+                                       description="Confidence drift when the mean probability of the predicted "
+                                                   "class fell this much below the test split's when trained.")
+    emit_event: bool = Field(default=True, description="Emit the Prefect event catsdogs.drift.detected on drift "
+                                                       "(a deployment trigger may start retrain on it).")
+    experiment: str | None = Field(default=None, description="MLflow experiment of the checks; none: "
+                                                             "<model name>-monitoring.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per scoring batch (--images).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the samples and the permutation test.")
+    data_dir: str = Field(default=DEFAULT_DATA_DIR,
+                          description="The model's data folder: its train images are the reference, the checks go to "
+                                      "its monitoring/, the command's log to its logs/; by default the model's "
+                                      "(data-<model name> for any model but cats-vs-dogs).")
 
     @model_validator(mode="before")
     @classmethod

@@ -59,7 +59,7 @@ def tiny_model(path: Path, *, rgb: tuple[float, float, float, float] = GOOD, siz
     import keras
 
     from tasks.learning.preprocess import Preprocess
-    from tasks.learning.shipped import wrap
+    from tasks.learning.layers import wrap
 
     conv = keras.layers.Conv2D(3, 1, name="conv")
     backbone_input = keras.Input(shape=(size, size, 3), name="image")
@@ -90,7 +90,7 @@ def region_model(size: int = TINY_SIZE) -> Any:
     """
     import keras
 
-    from tasks.learning.head import HEAD_LAYER_NAMES
+    from tasks.learning.head_input import HEAD_LAYER_NAMES
     from tasks.learning.preprocess import Preprocess
 
     kernel = np.zeros((3, 3, 3, 2), dtype=np.float32)
@@ -132,16 +132,18 @@ def fake_train_result(out: Path, *, rgb: tuple[float, float, float, float] = GOO
                       fine_tune: bool = True, size: int = TINY_SIZE, engine: str = "keras") -> TrainResult:
     """A TrainResult (what train_model returns) pointing at real files under `out`.
 
-    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does.
+    `engine` "openvino" ships the model's OpenVINO IR beside it, as a run on that engine does (its head input
+    the second output).
     """
     out.mkdir(parents=True, exist_ok=True)
     model_path = tiny_model(out / "model.keras", rgb=rgb, size=size)
     engine_model = None
     if engine == "openvino":
+        from tasks.learning.head_input import with_head_input
         from tasks.learning.openvino_engine import export_ir
         from tasks.models.pyfunc import load_keras_model
 
-        engine_model = str(export_ir(load_keras_model(model_path), out / "model.openvino"))
+        engine_model = str(export_ir(with_head_input(load_keras_model(model_path)), out / "model.openvino"))
     history_paths: dict[str, str] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(backbones):

@@ -272,3 +272,17 @@ NEAR_COPIES: dict[str, dict] = {"re-encoded": {"quality": 50}, "resized": {"qual
 def blank_bytes(colour: tuple[int, int, int], size: tuple[int, int] = SIZE) -> bytes:
     """A blank frame of one colour (a photo of nothing, in the wrong class folder)."""
     return jpeg_bytes(np.full((size[1], size[0], 3), colour, dtype=np.uint8))
+
+
+def night_shot_pixels(label: str, seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    """The class image as another camera takes it at night: darker, tinted blue, grainier (a colour and texture drift)."""
+    pixels = class_pixels(label, seed, size).astype(np.float64) * 0.45 + np.array([0, 15, 45])
+    grain = np.random.default_rng(seed + 77).normal(0, 25, pixels.shape)
+    return np.clip(pixels + grain, 0, 255).astype(np.uint8)
+
+
+def night_shot_bytes(label: str, seed: int, size: tuple[int, int] = SIZE) -> bytes:
+    """`night_shot_pixels` as a JPEG."""
+    buffer = io.BytesIO()
+    Image.fromarray(night_shot_pixels(label, seed, size)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

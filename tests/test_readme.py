@@ -1,9 +1,10 @@
 """A walk through the README in its order, with its own commands, on small generated data.
 
     main job -> the small-sample command (nothing changed) -> your own classes (retrain, serve,
-    predict three class folders beside the cats) -> MLflow UI -> serve + curl
-    -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run
-    -> batch prediction -> the server gone
+    predict three class folders beside the cats) -> MLflow UI -> serve (two workers, each its own
+    prediction log) + curl -> Prefect server -> PREFECT_API_URL -> work pool + worker -> deploy -> run
+    -> batch prediction -> watching the champion (night shots are drift, the event starts a retrain,
+    the loop turned off) -> the server gone
 
 The commands are read from the README's fenced blocks (the main command and the blocks marked
 `<!-- walk: ... -->`) and run in a scratch copy of the repository, as a user runs them from its
@@ -28,6 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +42,8 @@ import pytest
 from tests import servers
 from tests.flows.test_deployment import load_deployment_spec
 from tests.httpserver import FileServer
-from tests.imagegen import image_bytes, indexed_image_bytes, write_class_folders, write_kaggle_tree, zip_tree
+from tests.imagegen import image_bytes, indexed_image_bytes, night_shot_bytes, write_class_folders, write_kaggle_tree, \
+    zip_tree
 
 README = servers.REPO_ROOT / "README.md"
 NOISE = ("I0000", "W0000", "E0000", "cuInit", "oneDNN", "absl", "Traceback", "telemetry", "CloudPickle",
@@ -90,7 +93,7 @@ def served_model(model_uri: str, tracking_uri: str, folder: Path, **extra_env: s
 
 def test_the_readme_marks_every_step_of_the_walk():
     assert set(blocks()) == {"main-command", "small", "own-classes", "mlflow-ui", "serve", "curl", "predict",
-                             "prefect-server", "prefect-env", "worker", "deploy", "run"}
+                             "prefect-server", "prefect-env", "worker", "deploy", "run", "monitor", "loop-off"}
     main = blocks()["main-command"][0]
     assert "/path/to" not in main and main.endswith(".venv/bin/python -m flows.retrain")  # runnable as pasted
 
@@ -148,6 +151,10 @@ class Walk:
     def stop_all(self) -> None:
         for process in self.background:
             process.stop()
+
+
+LATER = ("data/predictions/", "data/monitoring/")
+"""Promised paths the walk makes after the main job: serving and the drift check (checked when they have run)."""
 
 
 def promised_paths(root: Path) -> list[str]:
@@ -227,7 +234,8 @@ def _main_job_and_rerun(walk: Walk, steps: dict, small: list[str], root: Path) -
     [log] = (root / "data" / "logs").glob("retrain-*.log")
     assert "Beginning flow run" in log.read_text()  # the details are kept, in the log file
     for promised in promised_paths(root):
-        assert glob.glob(str(root / promised)), f"the README promises {promised}"
+        if not promised.startswith(LATER):
+            assert glob.glob(str(root / promised)), f"the README promises {promised}"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
@@ -353,13 +361,31 @@ def _mlflow_ui(walk: Walk, steps: dict) -> None:
 
 
 def _serve_and_curl(walk: Walk, steps: dict) -> None:
+    """The README's serve (two workers) and curl; each worker records what it scores in a log file of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
     serve = walk.start("serve", steps["serve"][0])
-    servers.wait_for_http(f"http://127.0.0.1:{walk.ports['5001']}/ping", timeout=300, process=serve)
+    url = f"http://127.0.0.1:{walk.ports['5001']}"
+    servers.wait_for_http(f"{url}/ping", timeout=300, process=serve)
     answer = walk.run(steps["curl"][0], timeout=120)
     assert answer.returncode == 0, answer.stderr
     [row] = json.loads(answer.stdout)["predictions"]
     assert set(row) == {"p_dog", "label", "label_index", "error"} and row["error"] == ""
-    serve.stop()
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image_bytes("dog", 4243)).decode()]]}}
+    log = walk.root / "data" / "predictions"
+    with ThreadPoolExecutor(3) as pool:  # bursts of requests until both workers have answered some
+        for _ in range(10):
+            assert {response.status_code for response in pool.map(
+                lambda _: httpx.post(f"{url}/invocations", json=body, timeout=120), range(3))} == {200}
+            if len({path.name.rsplit("-", 1)[1] for path in log.glob("predictions-*.jsonl")}) == 2:
+                break
+            time.sleep(1)  # the workers' log writers append as they go
+    serve.stop()  # both workers write what they still hold as they exit
+    files = sorted(log.glob("predictions-*.jsonl"))
+    assert len({path.name.rsplit("-", 1)[1] for path in files}) == 2, files  # one file per worker process
+    rows = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    assert {(row["model"], row["version"]) for row in rows} == {("cats-vs-dogs", "1")}
+    assert all(len(row["features"]) == 32 for row in rows) and {row["label"] for row in rows} <= {"cat", "dog"}
 
 
 def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -> None:
@@ -414,12 +440,40 @@ def _prefect_deployment(walk: Walk, steps: dict, small: list[str], root: Path) -
     submission = pd.read_csv(root / "submission.csv")
     assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(1, 7))
 
+    worker.stop()  # what the drift event starts stays a scheduled run: no worker takes it
+    _watching_the_champion(walk, steps, api, root)
+
     # The server stopped but still configured: one sentence says how to get back to working without it
     # (the temporary server a command then starts is the killed-run test's, tests/flows/).
-    worker.stop()
     server.stop()
     stale = walk.run(steps["predict"][0])
     assert stale.returncode == 2 and "unset PREFECT_API_URL" in stale.stderr, stale.stderr
+
+
+def _watching_the_champion(walk: Walk, steps: dict, api: str, root: Path) -> None:
+    """README "Watching the champion": night shots from another camera are drift (on the cached features of the
+    quick try's VGG16), the check's event makes the Prefect server start retrain/on-demand, and the loop turns off."""
+    incoming = root / "incoming"
+    incoming.mkdir()
+    for index in range(200):
+        (incoming / f"{index}.jpg").write_bytes(night_shot_bytes("dog" if index % 2 else "cat", 8000 + index))
+    [automation] = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    assert automation["name"] == "retrain-on-drift" and automation["enabled"]
+    done = walk.run(steps["monitor"][0])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Drift check: drift for cats-vs-dogs version 1 on 200 rows"), done.stdout
+    assert "the cached features of" in done.stdout and "Emitted catsdogs.drift.detected" in done.stdout
+    for promised in promised_paths(root):
+        if promised.startswith(LATER):
+            assert glob.glob(str(root / promised)), f"the README promises {promised}"
+    [on_demand] = [deployment["id"] for deployment in httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+                   if deployment["name"] == "on-demand"]
+    started = servers.wait_until(lambda: httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+        "deployments": {"id": {"any_": [on_demand]}}}).json(), timeout=60, what="the drift event to start a retrain")
+    assert [run["state_type"] for run in started] == ["SCHEDULED"]  # created by the trigger; no worker takes it
+    off = walk.run(steps["loop-off"][0])
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert not httpx.get(f"{api}/automations/{automation['id']}", timeout=30).json()["enabled"]
 
 
 def _serving_takes_over(api: str) -> None:

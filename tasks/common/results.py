@@ -398,3 +398,64 @@ class PredictSummary(_Result):
     explained_dir: str | None = None
     """Where the Grad-CAM overlays of `--explain N` went (`<csv name>.explained/`), None without it."""
     n_explained: int = 0
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+class DriftSummary(_Result):
+    """One drift check of a served model (flows/monitor.py): its figures, the verdict and where they were kept."""
+
+    model_uri: str
+    model_name: str
+    version: str
+    run_id: str
+    source: Literal["log", "images"]
+    """What was compared with training: the recent window of the prediction log, or a folder of new images."""
+    window: str
+    """The window's description: its hours and folder, or the images' folder."""
+    rows: int
+    """Rows (scored images) of the window compared."""
+    reference: str
+    """What stands for the training data: the cached features or the model's own of the train split, and how many."""
+    reference_rows: int
+    status: Literal["drift", "no drift", "too few rows"]
+    reasons: list[str]
+    """Why drift was found, one sentence per figure past its threshold (empty without drift)."""
+    mmd2: float | None = None
+    p_value: float | None = None
+    """Feature drift: the permutation p-value of the MMD (None where the rows carry no features)."""
+    class_shares: dict[str, float] = {}
+    training_shares: dict[str, float] = {}
+    class_shift: float | None = None
+    """Total variation distance between the predicted class shares and the training split's."""
+    mean_confidence: float | None = None
+    baseline_confidence: float | None = None
+    """Mean probability of the predicted class on the test split when the model was trained."""
+    confidence_drop: float | None = None
+    thresholds: dict[str, float] = {}
+    skipped_files: list[str] = []
+    """Prediction log files left out as corrupt, each with why."""
+    other_rows: int = 0
+    """Rows of the window written by another model (another version or run), left out."""
+    report_path: str | None = None
+    report_url: str | None = None
+    mlflow_run_id: str | None = None
+    event_id: str | None = None
+    """The Prefect event `catsdogs.drift.detected` emitted for it (None without drift)."""
+
+    @property
+    def drifted(self) -> bool:
+        return self.status == "drift"
+
+    def headline(self) -> str:
+        """One line: the verdict and its figures."""
+        figures = []
+        if self.p_value is not None:
+            figures.append(f"feature p-value {self.p_value:.3g}")
+        if self.class_shift is not None:
+            figures.append(f"class shift {self.class_shift:.2f}")
+        if self.confidence_drop is not None:
+            figures.append(f"confidence drop {self.confidence_drop:+.2f}")
+        what = f"{self.model_name} version {self.version}" if self.version else self.model_uri
+        return f"{self.status} for {what} on {self.rows} rows ({', '.join(figures) or 'no figures'})"

@@ -24,6 +24,9 @@ Everything the pipeline keeps for a dataset lives under one folder (default `dat
     quality/<cache key>/       the data audit of one feature space: audit.parquet, audit.csv, checks
     training/<time>-<hash>/    one folder per training run: models, plots, metrics
     logs/<command>-<time>.log  the full log of each command-line run
+    predictions/               the prediction log of models trained here (tasks/models/prediction_log.py)
+    monitoring/<time>/         one folder per drift check of the champion: its report (flows/monitor.py)
+    monitoring/reference-<run id>.npz   a fine-tuned or int8 model's own features of a train sample
     .lock                      held by the run that works in the folder (tasks/data/folderlock.py)
 
 No other module builds these paths: they ask a `DataFolder`.
@@ -274,6 +277,20 @@ class DataFolder:
     def logs(self) -> Path:
         """Full logs of command-line runs (the terminal shows only the pipeline's own lines)."""
         return self.root / "logs"
+
+    @property
+    def predictions(self) -> Path:
+        """Where the served model and batch prediction log each scored row, by default (its config says)."""
+        return self.root / "predictions"
+
+    def monitoring_reference(self, run_id: str) -> Path:
+        """The served model's own features of a train sample, kept for a model whose cached features are not its own."""
+        return self.root / "monitoring" / f"reference-{run_id}.npz"
+
+    def new_monitoring_run(self, now: datetime | None = None) -> Path:
+        """The folder of one drift check: monitoring/<UTC time>/ (not created here)."""
+        stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        return self.root / "monitoring" / stamp
 
     def new_training_run(self, config_hash: str, now: datetime | None = None) -> tuple[Path, Path]:
         """(partial, final) folders of a new training run: training/<UTC time>-<config hash[:8]>.

@@ -26,7 +26,8 @@ import numpy as np
 
 from tasks.common.results import BackboneResult, EnsembleResult
 from tasks.data.datafolder import DataFolder
-from tasks.learning.head import HEAD_LAYER_NAMES, HeadParams, train_head_on
+from tasks.learning.head import HeadParams, train_head_on
+from tasks.learning.head_input import HEAD_LAYER_NAMES
 
 SEPARATOR = "+"
 """Joins the members' names into the candidate's name."""

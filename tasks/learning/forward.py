@@ -9,6 +9,9 @@ the device as it is and one compiled function runs the whole model:
 - TensorFlow: one `tf.function` traced for any batch size (no retrace for the last batch);
 - PyTorch: the model under `torch.no_grad()`.
 
+A model of several outputs (the served model with its head's input beside its probabilities,
+tasks/learning/head_input.py) gives a tuple of them, in order, through the same one call.
+
 (The OpenVINO engine's forward, tasks/learning/openvino_engine.py, keeps the same contract.)
 
 `run_ahead` keeps two batches in flight: batch k+1 is dispatched before batch k's features
@@ -26,7 +29,17 @@ import numpy as np
 T = TypeVar("T")
 
 Forward = Callable[[np.ndarray], Any]
-"""uint8 (n, h, w, 3) batch -> the backend's float32 output array (possibly not computed yet)."""
+"""uint8 (n, h, w, 3) batch -> the backend's float32 output array, or a tuple of them for a model of several outputs
+(possibly not computed yet)."""
+
+
+def _float32(outputs: Any) -> Any:
+    """The model's output(s) cast to float32: one array, or a tuple for several outputs."""
+    import keras
+
+    if isinstance(outputs, list | tuple):
+        return tuple(keras.ops.cast(output, "float32") for output in outputs)
+    return keras.ops.cast(outputs, "float32")
 
 
 def compiled_forward(model: Any) -> Forward:
@@ -46,7 +59,7 @@ def compiled_forward(model: Any) -> Forward:
         @jax.jit
         def run(trainable: list, non_trainable: list, pixels: Any) -> Any:
             outputs, _ = model.stateless_call(trainable, non_trainable, pixels, training=False)
-            return keras.ops.cast(outputs, "float32")
+            return _float32(outputs)
 
         def run_padded(pixels: np.ndarray) -> Any:
             # XLA compiles once per batch shape (seconds each): pad to a power of two, so a smaller
@@ -55,34 +68,38 @@ def compiled_forward(model: Any) -> Forward:
             bucket = 1 << max(count - 1, 0).bit_length()
             if bucket != count:
                 pixels = np.concatenate([pixels, np.zeros((bucket - count, *pixels.shape[1:]), pixels.dtype)])
-            return run(trainable, non_trainable, pixels)[:count]
+            outputs = run(trainable, non_trainable, pixels)
+            return tuple(output[:count] for output in outputs) if isinstance(outputs, tuple) else outputs[:count]
 
         return run_padded
     if backend == "tensorflow":
         import tensorflow as tf
 
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)
-        return tf.function(lambda pixels: tf.cast(model(pixels, training=False), tf.float32),
-                           input_signature=[spec], autograph=False)
+        return tf.function(lambda pixels: _float32(model(pixels, training=False)), input_signature=[spec],
+                           autograph=False)
     if backend == "torch":
         import torch
 
         def run_torch(pixels: np.ndarray) -> Any:
             with torch.no_grad():
-                return keras.ops.cast(model(pixels, training=False), "float32")
+                return _float32(model(pixels, training=False))
 
         return run_torch
     raise RuntimeError(f"Keras backend {backend!r} is not supported; use tensorflow, jax or torch.")
 
 
-def to_numpy(outputs: Any) -> np.ndarray:
-    """Backend array (or the OpenVINO engine's `Pending` batch) -> float32 numpy (blocks until it is computed)."""
+def to_numpy(outputs: Any) -> Any:
+    """Backend array (or the OpenVINO engine's `Pending` batch) -> float32 numpy (blocks until it is computed); a tuple
+    of them -> a tuple of numpy arrays."""
     import keras
 
     from tasks.learning.openvino_engine import Pending
 
     if isinstance(outputs, Pending):
         return outputs.wait()
+    if isinstance(outputs, tuple):
+        return tuple(to_numpy(output) for output in outputs)
 
     return np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float32)
 

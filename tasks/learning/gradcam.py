@@ -41,8 +41,8 @@ class GradCam:
         import keras
 
         from tasks.learning.ensemble import FEATURES_LAYER, preprocess_layer_name
-        from tasks.learning.head import HEAD_LAYER_NAMES
-        from tasks.learning.shipped import core_of
+        from tasks.learning.head_input import HEAD_LAYER_NAMES
+        from tasks.learning.layers import core_of
 
         core = core_of(model)
         backbones = [layer for layer in core.layers if isinstance(layer, keras.Model)]

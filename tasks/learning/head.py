@@ -21,9 +21,8 @@ from tasks.common.files import atomic_path, atomic_write_json
 from tasks.common.results import HeadScores
 from tasks.data.datafolder import DataFolder
 from tasks.learning.evaluate import class_metrics
+from tasks.learning.head_input import HEAD_LAYER_NAMES
 
-HEAD_LAYER_NAMES: tuple[str, ...] = ("head_normalize", "head_dense", "head_dropout", "head_output")
-"""Layer names shared by the feature head and the end-to-end model, so weights copy by name."""
 
 VARIANCE_FLOOR = 0.01
 """Share of the features' mean variance added to each feature's variance before standardising.

@@ -1,10 +1,21 @@
-"""The served model's own layers besides `Preprocess`: the mirror of test-time augmentation and the temperature.
+"""The served model's own layers besides `Preprocess` (the mirror of test-time augmentation and the temperature), and
+how they wrap the trained model.
 
 Both are registered Keras layers (no Lambda), so a saved model that holds them reloads with
 `safe_mode=True` on any backend once this module is imported, and every scoring path (the
 served model, batch prediction, the gate's test scoring, evaluation) computes the same
 probabilities by construction: they are inside the model, not beside it. Like preprocess.py,
 this module imports Keras and nothing heavier, because the served model imports it.
+
+    pixels (uint8) -> core                             core: Preprocess -> backbone(s) -> head (finetune.py,
+                   -> core(MirrorImages(pixels))         ensemble.py), fine-tuned or not
+                   -> Average                          only with `--tta flip`
+                   -> Temperature(T)                   only when T lowers validation log loss
+
+With neither, the core itself ships. The core is one nested model called once or twice (shared
+weights: the mirror costs a second pass through the backbone, not a second backbone).
+tasks/learning/shipped.py decides what wraps it; tasks/learning/head_input.py rebuilds the same
+wrapping around a core that also returns its head's input.
 """
 
 from __future__ import annotations
@@ -12,6 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+
+TTA_LAYER = "tta_average"
+TEMPERATURE_LAYER = "temperature"
 
 PROBABILITY_FLOOR = 1e-7
 """Probabilities are clipped to [floor, 1 - floor] before they are turned back into logits (float32 keeps 1 - 1e-7)."""
@@ -69,3 +83,42 @@ def load_saved_model(path: Any) -> Any:
     import tasks.learning.preprocess  # noqa: F401  (registers Preprocess)
 
     return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+
+
+def wrap(core: Any, tta: bool, temperature: float | None) -> Any:
+    """The served model around `core`: mirrored view averaged in (tta), then the temperature; `core` itself for neither.
+
+    A core of two outputs (probabilities, and its head's input: tasks/learning/head_input.py)
+    gives a served model of two: the wrapped probabilities, and the plain view's head input.
+    """
+    if not tta and temperature is None:
+        return core
+    inputs = keras.Input(shape=core.input_shape[1:] if not isinstance(core.input_shape, list)
+                         else core.input_shape[0][1:], dtype="uint8", name="pixels")
+    outputs, extra = _first_and_rest(core(inputs))
+    if tta:
+        mirrored, _ = _first_and_rest(core(MirrorImages(name="mirror")(inputs)))
+        outputs = keras.layers.Average(name=TTA_LAYER, dtype="float32")([outputs, mirrored])
+    if temperature is not None:
+        outputs = Temperature(temperature, name=TEMPERATURE_LAYER)(outputs)
+    return keras.Model(inputs, [outputs, *extra] if extra else outputs, name=f"{core.name}_served")
+
+
+def _first_and_rest(outputs: Any) -> tuple[Any, list[Any]]:
+    return (outputs[0], list(outputs[1:])) if isinstance(outputs, list | tuple) else (outputs, [])
+
+
+def core_of(model: Any) -> Any:
+    """The end-to-end model inside a served one (the model itself when nothing wraps it)."""
+    names = {layer.name for layer in model.layers}
+    if not names & {TTA_LAYER, TEMPERATURE_LAYER}:
+        return model
+    [core] = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return core
+
+
+def wrapping_of(model: Any) -> tuple[bool, float | None]:
+    """(test-time augmentation, temperature) of a served model: what `wrap` put around its core."""
+    names = {layer.name for layer in model.layers}
+    temperature = model.get_layer(TEMPERATURE_LAYER).temperature if TEMPERATURE_LAYER in names else None
+    return TTA_LAYER in names, temperature

@@ -183,47 +183,57 @@ def compile_ir(xml: str | os.PathLike[str], precision: str, *, cache: bool = Tru
 
 
 class Pending:
-    """A batch in flight on the queue; `wait()` is its float32 output (n, ...)."""
+    """A batch in flight on the queue; `wait()` is its float32 output (n, ...), or a tuple of them for several."""
 
-    def __init__(self, parts: int) -> None:
-        self._parts: list[np.ndarray | None] = [None] * parts
+    def __init__(self, parts: int, outputs: int = 1) -> None:
+        self._parts: list[list[np.ndarray] | None] = [None] * parts
         self._left = parts
+        self._outputs = outputs
         self._done = threading.Condition()
 
-    def _finish(self, index: int, output: np.ndarray) -> None:
+    def _finish(self, index: int, outputs: list[np.ndarray]) -> None:
         with self._done:
-            self._parts[index] = output
+            self._parts[index] = outputs
             self._left -= 1
             self._done.notify_all()
 
-    def wait(self) -> np.ndarray:
+    def wait(self) -> Any:
         with self._done:
             self._done.wait_for(lambda: self._left == 0)
-        return np.concatenate(self._parts).astype(np.float32, copy=False)  # type: ignore[arg-type]
+        joined = tuple(np.concatenate([part[k] for part in self._parts]).astype(np.float32, copy=False)  # type: ignore[index]
+                       for k in range(self._outputs))
+        return joined[0] if self._outputs == 1 else joined
 
 
 class OpenVINOForward:
-    """A compiled IR as a `Forward`: uint8 (n, h, w, 3) -> `Pending`, its slices on parallel infer requests."""
+    """A compiled IR as a `Forward`: uint8 (n, h, w, 3) -> `Pending`, its slices on parallel infer requests.
 
-    def __init__(self, compiled: Any) -> None:
+    It returns the IR's first `outputs` outputs: one (the probabilities, or a feature model's
+    features) unless asked for more (the served model's head input, tasks/learning/head_input.py).
+    """
+
+    def __init__(self, compiled: Any, outputs: int = 1) -> None:
         openvino = _openvino()
         self.compiled = compiled
+        if outputs > len(compiled.outputs):
+            raise ValueError(f"the compiled model has {len(compiled.outputs)} output(s), not {outputs}")
+        self.outputs = outputs
         self.jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._queue = openvino.AsyncInferQueue(compiled, self.jobs)
         self._queue.set_callback(self._collect)
         self._dispatch = threading.Lock()  # served requests may call from two threads at once
 
-    @staticmethod
-    def _collect(request: Any, userdata: tuple[Pending, int]) -> None:
+    def _collect(self, request: Any, userdata: tuple[Pending, int]) -> None:
         pending, index = userdata
-        pending._finish(index, np.array(request.get_output_tensor(0).data, dtype=np.float32))
+        pending._finish(index, [np.array(request.get_output_tensor(k).data, dtype=np.float32)
+                                for k in range(self.outputs)])
 
     def __call__(self, pixels: np.ndarray) -> Pending:
         pixels = np.ascontiguousarray(pixels)
         slices = [part for part in np.array_split(pixels, min(self.jobs, max(len(pixels), 1))) if len(part)]
-        pending = Pending(len(slices))
+        pending = Pending(len(slices), self.outputs)
         if not slices:
-            pending._parts, pending._left = [np.zeros((0,), np.float32)], 0
+            pending._parts, pending._left = [[np.zeros((0,), np.float32)] * self.outputs], 0
             return pending
         with self._dispatch:
             for index, part in enumerate(slices):
@@ -231,9 +241,14 @@ class OpenVINOForward:
         return pending
 
 
-def ir_forward(xml: str | os.PathLike[str], precision: str, *, cache: bool = True) -> OpenVINOForward:
-    """The `Forward` of an IR file at `precision`."""
-    return OpenVINOForward(compile_ir(xml, precision, cache=cache))
+def ir_forward(xml: str | os.PathLike[str], precision: str, *, cache: bool = True, outputs: int = 1) -> OpenVINOForward:
+    """The `Forward` of an IR file at `precision`, returning its first `outputs` outputs."""
+    return OpenVINOForward(compile_ir(xml, precision, cache=cache), outputs)
+
+
+def output_count(xml: str | os.PathLike[str]) -> int:
+    """How many outputs an IR file has (a served model logged with its head input has two), without compiling it."""
+    return len(_openvino().Core().read_model(str(xml)).outputs)
 
 
 def quantize_ir(source_xml: str | os.PathLike[str], folder: str | os.PathLike[str],

@@ -243,3 +243,39 @@ def make_plots(output_dir: Path, folder: DataFolder, predictions_path: Path, tes
             {"fine-tune": histories["fine_tune"]}, plots_dir / "fine_tune_curves.png", "Fine-tuning (end to end)"
         )
     return {name: str(path) for name, path in plots.items()}
+
+
+def plot_drift(reference: np.ndarray | None, current: np.ndarray | None, shares: dict[str, float],
+               prior: dict[str, float], confidences: np.ndarray, baseline: float | None, target: Path) -> Path:
+    """A drift check in three panels: the two samples' head inputs on the reference's first two principal axes, the
+    predicted class shares beside the training split's, and the window's confidences against the test baseline."""
+    figure = _figure(15, 4.4)
+    scatter, bars, histogram = figure.subplots(1, 3)
+    if reference is not None and current is not None and len(reference) > 2:
+        centre = reference.mean(axis=0)
+        _, _, axes = np.linalg.svd(reference - centre, full_matrices=False)
+        for values, label, colour in ((reference, "training", "#57606a"), (current, "window", "#cf222e")):
+            points = (values - centre) @ axes[:2].T
+            scatter.scatter(points[:, 0], points[:, 1], s=8, alpha=0.5, label=f"{label} ({len(values)})",
+                            color=colour)
+        scatter.legend(loc="best", fontsize=8)
+        scatter.set_title("Head inputs, training's first two principal axes")
+    else:
+        scatter.text(0.5, 0.5, "no features logged", ha="center", va="center")
+        scatter.set_axis_off()
+    names = list(prior)[:MAX_PLOTTED_CLASSES]
+    positions = np.arange(len(names))
+    bars.bar(positions - 0.2, [prior[name] for name in names], 0.4, label="training split", color="#57606a")
+    bars.bar(positions + 0.2, [shares.get(name, 0.0) for name in names], 0.4, label="window (predicted)",
+             color="#cf222e")
+    bars.set_xticks(positions, names, rotation=30 if len(names) > 4 else 0, fontsize=8)
+    bars.set_ylim(0, 1)
+    bars.legend(fontsize=8)
+    bars.set_title("Class shares")
+    if len(confidences):
+        histogram.hist(confidences, bins=20, range=(0, 1), color="#cf222e", alpha=0.7, label="window")
+    if baseline is not None:
+        histogram.axvline(baseline, color="#57606a", linestyle="--", label=f"test-split mean {baseline:.2f}")
+    histogram.legend(fontsize=8)
+    histogram.set_title("Probability of the predicted class")
+    return _save(figure, target)

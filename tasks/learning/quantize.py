@@ -79,7 +79,14 @@ def quantized_feature_ir(folder: DataFolder, backbone: str, weights: str, size: 
 def shipped_ir(model: Any, target: str | os.PathLike[str], precision: str, folder: DataFolder, size: int,
                decoder: str) -> Path:
     """An end-to-end Keras model as the IR in `target` (replacing what is there): float32, or int8 calibrated on the
-    same train images as its features, so what is served computes what the head was trained on."""
+    same train images as its features, so what is served computes what the head was trained on.
+
+    The IR has the model's probabilities as its first output and its head's input as its second
+    (tasks/learning/head_input.py), so the served model can log what it saw without a second pass;
+    whoever reads only the first output reads the model as before."""
+    from tasks.learning.head_input import with_head_input
+
+    model = with_head_input(model)
     target = Path(target)
     if target.exists():
         shutil.rmtree(target)  # the model changed since (fine-tuning)

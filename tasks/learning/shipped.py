@@ -1,15 +1,9 @@
 """The model that ships: the trained end-to-end model, with test-time augmentation and its temperature around it.
 
-    pixels (uint8) -> core                             core: Preprocess -> backbone(s) -> head (finetune.py,
-                   -> core(MirrorImages(pixels))         ensemble.py), fine-tuned or not
-                   -> Average                          only with `--tta flip`
-                   -> Temperature(T)                   only when T lowers validation log loss
-
-Both are registered layers (tasks/learning/layers.py) inside the one saved `.keras` model, so
-the served model, batch prediction, the gate's test scoring and evaluation all compute the same
-probabilities, and the pyfunc wrapper knows nothing of them. With neither, the core itself ships,
-as before. The core is one nested model called once or twice (shared weights: the mirror costs a
-second pass through the backbone, not a second backbone).
+Both are registered layers inside the one saved `.keras` model, wrapped around the trained core
+as tasks/learning/layers.py's `wrap` draws it, so the served model, batch prediction, the gate's
+test scoring and evaluation all compute the same probabilities, and the pyfunc wrapper knows
+nothing of them. With neither, the core itself ships, as before.
 
 The temperature is fitted on the validation split's probabilities of the model it wraps
 (tasks/learning/calibration.py): read off the cached features for free (the head on the plain
@@ -27,38 +21,6 @@ from pydantic import BaseModel
 
 from tasks.common.results import CalibrationSummary
 from tasks.data.datafolder import DataFolder
-
-TTA_LAYER = "tta_average"
-TEMPERATURE_LAYER = "temperature"
-
-
-def wrap(core: Any, tta: bool, temperature: float | None) -> Any:
-    """The served model around `core`: mirrored view averaged in (tta), then the temperature; `core` itself for neither."""
-    import keras
-
-    from tasks.learning.layers import MirrorImages, Temperature
-
-    if not tta and temperature is None:
-        return core
-    inputs = keras.Input(shape=core.input_shape[1:], dtype="uint8", name="pixels")
-    outputs = core(inputs)
-    if tta:
-        outputs = keras.layers.Average(name=TTA_LAYER, dtype="float32")(
-            [outputs, core(MirrorImages(name="mirror")(inputs))])
-    if temperature is not None:
-        outputs = Temperature(temperature, name=TEMPERATURE_LAYER)(outputs)
-    return keras.Model(inputs, outputs, name=f"{core.name}_served")
-
-
-def core_of(model: Any) -> Any:
-    """The end-to-end model inside a served one (the model itself when nothing wraps it)."""
-    import keras
-
-    names = {layer.name for layer in model.layers}
-    if not names & {TTA_LAYER, TEMPERATURE_LAYER}:
-        return model
-    [core] = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return core
 
 
 def cached_validation_scores(folder: DataFolder, head_path: Path, cache_dirs: list[Path],
@@ -103,7 +65,7 @@ def ship_model(folder: DataFolder, core_path: Path, *, tta: str, fine_tuned: boo
     from tasks.learning.calibration import apply_temperature, calibrate
     from tasks.learning.evaluate import class_metrics, predict_paths
     from tasks.learning.head import save_model
-    from tasks.learning.layers import load_saved_model
+    from tasks.learning.layers import load_saved_model, wrap
 
     flip = tta == "flip"
     core = load_saved_model(core_path)

@@ -29,7 +29,7 @@ def explain_images(folder: Path, model_uri: str, output_csv: Path, count: int) -
     target.mkdir(exist_ok=True)
     for old in target.glob("*.png"):
         old.unlink()
-    served = load_pyfunc(model_uri).unwrap_python_model()
+    served = load_pyfunc(model_uri, prediction_log=False).unwrap_python_model()
     images, ids, _ = csv_rows(list_images(Path(folder))[0], Path(folder), served.classes)  # the CSV's rows, in order
     chosen, ids = images[:count], [str(image) for image in ids[:count]]
     rows = explain_files(served.keras_model, chosen, target, decoder=served.decoder, classes=served.classes,

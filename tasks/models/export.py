@@ -132,13 +132,14 @@ def _run_exported(format: str, path: Path, pixels: np.ndarray) -> np.ndarray:
     return np.asarray(tf.saved_model.load(str(path)).serve(pixels), dtype=np.float64)
 
 
-def _mlflow_probabilities(model_uri: str, pixels: np.ndarray, classes: ClassMap, **config: Any) -> np.ndarray:
-    """The MLflow model's probability columns for `pixels` (p(positive), or one per class), through pyfunc, with
-    `config` overriding its own."""
-    import mlflow
+def _mlflow_probabilities(model_uri: str, pixels: np.ndarray, classes: ClassMap, engine: str = "auto") -> np.ndarray:
+    """The MLflow model's probability columns for `pixels` (p(positive), or one per class), through pyfunc on `engine`
+    (the parity images are not traffic: nothing goes to its prediction log)."""
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri, model_config=config or None)
+    from tasks.models.registry import load_pyfunc
+
+    model = load_pyfunc(model_uri, engine, prediction_log=False)
     frame = model.predict(pd.DataFrame({"pixels": list(pixels)}))
     return frame[list(classes.probability_columns)].to_numpy(dtype=np.float64)
 

@@ -98,9 +98,9 @@ def pip_requirements(backend: str | None = None, decoder: str = "pillow", engine
 
 
 def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = CATS_DOGS, engine: str = "keras",
-                 precision: str = "float32") -> dict[str, Any]:
+                 precision: str = "float32", prediction_log: str | None = None) -> dict[str, Any]:
     """Settings stored with the logged model: input size, decoder, classes, the backend to load it on, its engine and
-    precision, the request limits.
+    precision, the request limits, the prediction log and the projection of its head input.
 
     `classes` are the class names in label order: what the model's outputs mean.
 
@@ -111,12 +111,25 @@ def model_config(input_size: int, decoder: str = "pillow", classes: ClassMap = C
     serve an OpenCV-trained model where OpenCV cannot be installed, accepting pixels a level or two
     apart); MLflow takes only keys logged here, so `max_seconds` is logged as null: half the
     server's `--timeout` unless set.
+
+    `prediction_log` is the folder every scored row is recorded in (by default the training data
+    folder's `predictions/`; `'{"prediction_log": "/var/log/catsdogs"}'` moves it, `null` turns it
+    off), kept for `prediction_log_days`, within `prediction_log_mb`; `prediction_log_images` keeps
+    the scored images too. `feature_projection` is the seed and size of the random projection that
+    summarises each row's head input (tasks/learning/head_input.py): the monitor projects the
+    training features with the same one, so it is not a setting to change where the model is served.
     """
     import keras
 
+    from tasks.learning.head_input import PROJECTION_DIMS, PROJECTION_SEED
+    from tasks.models.prediction_log import DEFAULT_DAYS, DEFAULT_MB
+
     return {"input_size": int(input_size), "decoder": decoder, "classes": list(classes.names),
             "keras_backend": keras.config.backend(), "engine": engine, "precision": precision,
-            "max_rows": MAX_ROWS, "max_concurrent": MAX_CONCURRENT, "max_seconds": None}
+            "max_rows": MAX_ROWS, "max_concurrent": MAX_CONCURRENT, "max_seconds": None,
+            "prediction_log": prediction_log, "prediction_log_days": DEFAULT_DAYS, "prediction_log_mb": DEFAULT_MB,
+            "prediction_log_images": False,
+            "feature_projection": {"seed": PROJECTION_SEED, "dims": PROJECTION_DIMS}}
 
 
 def tasks_code_path() -> str:

@@ -44,7 +44,17 @@ one sentence saying what to install, or how to serve it on Keras instead
 (`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"engine": "keras"}'`, which computes the saved Keras model:
 float32 for an int8 model, so its scores differ a little from the gate's).
 
-What the server imports: this module, tasks.models.inputs, tasks.learning.pixels, .forward,
+The prediction log: where the model's config names a folder (`prediction_log`, by default the
+data folder's `predictions/` where it was trained; null turns it off), every scored row is
+recorded there for the monitor (tasks/models/prediction_log.py: off the request's critical path,
+bounded, never failing a request). The rows carry a 32-number summary of the head's input, which
+the same forward returns beside the probabilities (tasks/learning/head_input.py): on Keras the
+model with its second output, on OpenVINO the logged IR's second output (an IR logged before it
+had one: rows without features). In-process scoring that is not traffic (the gate's test split,
+the export's parity check) loads the model with the log off (tasks/models/registry.py).
+
+What the server imports: this module, tasks.models.inputs, .prediction_log, tasks.learning.pixels, .forward,
+.head_input,
 .preprocess, .layers (test-time augmentation and the temperature live inside the Keras model) and
 .openvino_engine, tasks.data.images and tasks.common: numpy, pandas, Pillow, Keras, MLflow and, for an
 OpenCV-trained model, OpenCV, for an OpenVINO one OpenVINO, all in the model's requirements.
@@ -72,6 +82,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.learning.pixels import ImageError
 from tasks.models.inputs import RequestError, input_cells, model_input_pixels, row_count
+from tasks.models.prediction_log import LogSettings, ModelIdentity, PredictionLog
 
 _log = logging.getLogger(__name__)
 
@@ -121,6 +132,12 @@ def class_probabilities(outputs: np.ndarray, classes: ClassMap) -> np.ndarray:
     return outputs.reshape(len(outputs), len(classes.names))
 
 
+def predicted_indexes(probabilities: np.ndarray, classes: ClassMap) -> np.ndarray:
+    """The label index of each row of (n, classes) probabilities: p(label 1) >= THRESHOLD for two, the largest for more."""
+    probabilities = np.asarray(probabilities).reshape(-1, len(classes.names))
+    return (probabilities[:, 1] >= THRESHOLD).astype(np.int64) if classes.binary else np.argmax(probabilities, axis=1)
+
+
 def predictions_frame(scores: Sequence[Any], errors: Sequence[str], classes: ClassMap = CATS_DOGS) -> pd.DataFrame:
     """The output frame: probabilities for scored rows, an error (and null probabilities) for the others.
 
@@ -134,7 +151,7 @@ def predictions_frame(scores: Sequence[Any], errors: Sequence[str], classes: Cla
             rows.append({**dict.fromkeys(columns), "label": "", "label_index": -1, "error": error or "not scored"})
             continue
         probabilities = class_probabilities(np.asarray([score]), classes)[0]
-        index = int(probabilities[1] >= THRESHOLD) if classes.binary else int(np.argmax(probabilities))
+        index = int(predicted_indexes(probabilities, classes)[0])
         values = [probabilities[1]] if classes.kaggle else probabilities
         rows.append({**{column: float(value) for column, value in zip(columns, values)},
                      "label": classes.names[index], "label_index": index, "error": ""})
@@ -180,17 +197,35 @@ def check_engine(engine: str) -> None:
                           "MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"engine\": \"keras\"}'")
 
 
-def _openvino_forward(keras_model: Any, engine_model: str | None, precision: str) -> Any:
-    """The OpenVINO forward of a logged IR, or of the Keras model converted now (into a folder that lives as long as
-    the process: the IR's weights are read from it). No compiled blobs are cached: MLflow hands a server a fresh
-    copy of the artifacts each start, so they would only fill its temporary folder."""
+def _openvino_forward(keras_model: Any, engine_model: str | None, precision: str,
+                      head_input: bool = False) -> tuple[Any, bool]:
+    """(the OpenVINO forward of a logged IR, or of the Keras model converted now, into a folder that lives as long as
+    the process: the IR's weights are read from it; whether it returns the head's input too, as asked, which an IR
+    logged before it had that output cannot). No compiled blobs are cached: MLflow hands a server a fresh copy of the
+    artifacts each start, so they would only fill its temporary folder."""
     import tempfile
 
-    from tasks.learning.openvino_engine import export_ir, ir_forward
+    from tasks.learning.head_input import with_head_input
+    from tasks.learning.openvino_engine import export_ir, ir_forward, output_count
 
     if engine_model is None:
-        engine_model = str(export_ir(keras_model, Path(tempfile.mkdtemp(prefix="catsdogs-openvino-")) / "ir"))
-    return ir_forward(engine_model, precision, cache=False)
+        converted = with_head_input(keras_model) if head_input else keras_model
+        engine_model = str(export_ir(converted, Path(tempfile.mkdtemp(prefix="catsdogs-openvino-")) / "ir"))
+    outputs = 2 if head_input and output_count(engine_model) >= 2 else 1
+    return ir_forward(engine_model, precision, cache=False, outputs=outputs), outputs == 2
+
+
+def _feature_summary(keras_model: Any, projection: dict[str, int] | None) -> Any:
+    """The head input's summary the model was logged with, or None (logged before it had one, or no head to tap)."""
+    from tasks.learning.head_input import FeatureSummary
+
+    if not projection:
+        return None
+    try:
+        return FeatureSummary.of(keras_model, int(projection["seed"]), int(projection["dims"]))
+    except (KeyError, ValueError) as error:
+        _log.warning("The prediction log records rows without features: %s.", error)
+        return None
 
 
 def server_request_timeout() -> float | None:
@@ -230,6 +265,7 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self.engine: str = "keras"
         self._forward: Any = None
         self.classes: ClassMap = CATS_DOGS
+        self.prediction_log: PredictionLog | None = None
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -259,12 +295,16 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         engine, precision = str(config.get("engine") or "keras"), str(config.get("precision") or "float32")
         check_engine(engine)  # before Keras loads the weights: a missing engine costs a second, not a model load
         ir = context.artifacts.get(OPENVINO_ARTIFACT)
-        self.attach(load_keras_model(context.artifacts[KERAS_ARTIFACT]), config.get("input_size"), decoder, classes,
-                    engine=engine, engine_model=str(Path(ir) / "model.xml") if ir else None, precision=precision)
+        keras_file = Path(context.artifacts[KERAS_ARTIFACT])
+        self.attach(load_keras_model(keras_file), config.get("input_size"), decoder, classes,
+                    engine=engine, engine_model=str(Path(ir) / "model.xml") if ir else None, precision=precision,
+                    prediction_log=LogSettings.from_config(config), projection=config.get("feature_projection"),
+                    identity=ModelIdentity.of_folder(keras_file.parents[1]))  # <model>/artifacts/model.keras
 
     def attach(self, keras_model: Any, input_size: int | None = None, decoder: str = "auto",
                classes: ClassMap = CATS_DOGS, *, engine: str = "keras", engine_model: str | None = None,
-               precision: str = "float32") -> CatsDogsModel:
+               precision: str = "float32", prediction_log: LogSettings | None = None,
+               projection: dict[str, int] | None = None, identity: ModelIdentity = ModelIdentity()) -> CatsDogsModel:
         """Use an in-memory Keras model (tests, evaluation before anything is logged).
 
         `decoder` is the one the model was trained with; one that is not installed here is a
@@ -272,9 +312,12 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         order (a model logged before class maps were recorded is cats vs. dogs). On `engine`
         "openvino" the model runs `engine_model` (an IR file) at `precision`, or, without one,
         the Keras model converted here (float32 or bfloat16 only: int8 needs its calibrated IR).
+        With `prediction_log` every scored row is recorded there, as `identity`'s, with its head
+        input summarised by `projection` (`{"seed", "dims"}`; without one, no features).
         """
         from tasks.common.errors import ConfigError
         from tasks.learning.forward import compiled_forward
+        from tasks.learning.head_input import with_head_input
         from tasks.learning.pixels import OPENCV, opencv_installed, resolve_decoder
 
         if decoder == OPENCV and not opencv_installed():
@@ -288,9 +331,18 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
         self._input_size = model_input_size(keras_model, input_size)
         check_engine(engine)
         self.engine = engine
-        self._forward = compiled_forward(keras_model) if engine == "keras" else \
-            _openvino_forward(keras_model, engine_model, "float32" if engine_model is None and precision == "int8"
-                              else precision)
+        summary = _feature_summary(keras_model, projection) if prediction_log is not None else None
+        if engine == "keras":
+            self._forward = compiled_forward(with_head_input(keras_model) if summary else keras_model)
+        else:
+            self._forward, both = _openvino_forward(keras_model, engine_model, "float32" if engine_model is None and
+                                                    precision == "int8" else precision, head_input=summary is not None)
+            if summary is not None and not both:
+                _log.warning("This model's OpenVINO IR was logged without its head input; the prediction log records "
+                             "its rows without features (retrain to log them).")
+                summary = None
+        self.prediction_log = None if prediction_log is None else \
+            PredictionLog(prediction_log, identity, classes.names, summary)
         return self
 
     @property
@@ -356,9 +408,15 @@ class CatsDogsModel(mlflow.pyfunc.PythonModel):
                     except Exception as error:  # noqa: BLE001 - a per-image fault must never stop the batch
                         errors[index] = f"the image could not be read ({type(error).__name__}: {error})"
                 if good:
-                    outputs = to_numpy(self._forward(batch[good])).reshape(len(good), -1)
+                    outputs = to_numpy(self._forward(batch[good]))
+                    outputs, head_input = outputs if isinstance(outputs, tuple) else (outputs, None)
+                    outputs = outputs.reshape(len(good), -1)
                     for offset, output in zip(good, outputs):
                         scores[rows[offset]] = float(output[0]) if self.classes.binary else output
+                    if self.prediction_log is not None:  # the hook: hands the batch over, never waits
+                        probabilities = class_probabilities(outputs, self.classes)
+                        self.prediction_log.record(probabilities, predicted_indexes(probabilities, self.classes),
+                                                   head_input, [cells[rows[offset]] for offset in good])
                 if time.monotonic() > deadline:
                     break
         finally:

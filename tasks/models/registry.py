@@ -161,28 +161,32 @@ def check_model_uri(model_uri: str) -> None:
             raise
 
 
-def load_pyfunc(model_uri: str, engine: str = "auto") -> Any:
+def load_pyfunc(model_uri: str, engine: str = "auto", prediction_log: bool | str = True) -> Any:
     """Load a pyfunc model, turning "not there" into one sentence a person can act on.
 
     `engine` "auto" runs it on the engine it was logged with; "keras" or "openvino" override it
-    (what `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"engine": ...}'` does for a server).
+    (what `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"engine": ...}'` does for a server). `prediction_log`
+    True records its rows where its config says (batch prediction is traffic too), False records
+    none (the gate's scoring, explanations), a folder records them there.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     check_model_uri(model_uri)
+    config: dict[str, Any] = {} if engine == "auto" else {"engine": engine}
+    if prediction_log is not True and "prediction_log" in logged_config(model_uri):
+        config["prediction_log"] = prediction_log or None
     try:
-        return mlflow.pyfunc.load_model(model_uri, model_config=None if engine == "auto" else {"engine": engine})
+        return mlflow.pyfunc.load_model(model_uri, model_config=config or None)
     except (MlflowException, OSError) as exc:
         raise ConfigError(f"Cannot load the model '{model_uri}' ({str(exc).splitlines()[0]}); "
                           "check the URI or pass --model-uri.") from None
 
 
-def logged_classes(model_uri: str) -> list[str] | None:
-    """The class names a logged pyfunc model answers, read from its MLmodel file alone (no Keras, no weights).
+def logged_config(model_uri: str) -> dict[str, Any]:
+    """The settings a logged pyfunc model was logged with, read from its MLmodel file alone (no Keras, no weights).
 
-    None for a model logged before class maps were recorded (cats vs. dogs). What cannot be
-    read here is left to `load_pyfunc`, which says it in one sentence.
+    {} where they cannot be read here (`load_pyfunc` says why in one sentence).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -191,6 +195,12 @@ def logged_classes(model_uri: str) -> list[str] | None:
     try:
         flavor = mlflow.models.Model.load(model_uri).flavors.get("python_function", {})
     except (MlflowException, OSError):
-        return None
-    classes = (flavor.get("config") or {}).get("classes")  # the pyfunc flavor keeps model_config as "config"
+        return {}
+    return dict(flavor.get("config") or {})  # the pyfunc flavor keeps model_config as "config"
+
+
+def logged_classes(model_uri: str) -> list[str] | None:
+    """The class names a logged pyfunc model answers; None for a model logged before class maps were recorded (cats
+    vs. dogs)."""
+    classes = logged_config(model_uri).get("classes")
     return [str(name) for name in classes] if classes else None

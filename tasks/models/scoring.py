@@ -112,7 +112,7 @@ def evaluate_model_uri(model_uri: str, data_dir: str | Path, *, split: str = "te
         raise ClassesDiffer(f"{model_uri} answers the classes {logged.text()}, but {folder.root} holds "
                             f"{classes.text()}; score it on a data folder of its own classes, and give models of "
                             "other classes a --model-name of their own.")
-    model = load_pyfunc(model_uri)
+    model = load_pyfunc(model_uri, prediction_log=False)  # the test split is not traffic
     progress = Progress(f"Scoring {model_uri} on the {split} split", len(rows), "images", logger_name=__name__)
     scored = score_table(model, [Path(path) for path in rows["path"]], batch_size, progress.advance)
     progress.finish()

@@ -1,4 +1,4 @@
-"""The models wing's Prefect tasks: the steps of `retrain` and `predict` after training.
+"""The models wing's Prefect tasks: the steps of `retrain` and `predict` after training, and of `monitor`.
 
 They talk to the tracking store and the Prefect API, so they retry transient failures (a
 server restarting, a locked database) and never bad input; none is cached by Prefect.
@@ -15,8 +15,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.errors import retry_unless_input_error
-from tasks.common.results import ChampionInfo, MlflowRun, PredictSummary, PrepareSummary, Promotion, RetrainSummary, TrainResult
+from tasks.common.errors import InputError, retry_unless_input_error
+from tasks.common.results import ChampionInfo, DriftSummary, MlflowRun, PredictSummary, PrepareSummary, Promotion, RetrainSummary, \
+    TrainResult
 
 if TYPE_CHECKING:
     from tasks.models.reconcile import Reconciled
@@ -177,3 +178,83 @@ def explain_images(folder: str, model_uri: str, output_csv: str, count: int) -> 
     from tasks.models.explain import explain_images as explain
 
     return explain(Path(folder), model_uri, Path(output_csv), count)
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+@task(name="resolve-model", **IO_RETRIES)
+def resolve_model(model_uri: str) -> ChampionInfo:
+    """The registered version the URI names now (the champion moves; the check is of one version)."""
+    from tasks.models.monitoring import resolve_model as resolve
+
+    return resolve(model_uri)
+
+
+@task(name="drift-samples", cache_policy=NO_CACHE)
+def drift_samples(model_uri: str, run_id: str, data_dir: str, check_dir: str, images: str | None,
+                  log_dir: str | None, window_hours: float, sample: int, seed: int,
+                  batch_size: int) -> tuple[str, str]:
+    """The training reference and the window (the log's recent rows, or the images scored), as .npz files; paths."""
+    import shutil
+
+    from tasks.data.datafolder import DataFolder
+    from tasks.models import monitoring
+    from tasks.models.predictions import list_images
+
+    folder, check = DataFolder.at(data_dir), Path(check_dir)
+    model = monitoring.ScoringModel(model_uri, check / "scratch", batch_size)
+    trained = monitoring.training_result(run_id)
+    reference = monitoring.reference_sample(model, trained, folder, run_id, sample, seed)
+    if images:
+        paths, _ = list_images(Path(images))
+        if not paths:
+            raise InputError(f"No images found in {images}; pass a folder of the new images to compare.")
+        window = model.score(paths, f"{len(paths)} images in {images}")
+    else:
+        where = log_dir or monitoring.logged_folder(model_uri)
+        if not where:
+            raise InputError(f"{model_uri} records no predictions (its config's prediction_log is off); pass "
+                             "--log-dir, or --images with a folder of new images.")
+        window = monitoring.log_sample(where, run_id, model.classes, window_hours)
+    window.extra["classes"] = list(model.classes.names)
+    saved = (str(reference.save(check / "reference.npz")), str(window.save(check / "window.npz")))
+    shutil.rmtree(check / "scratch", ignore_errors=True)  # what the model logged while it scored: read already
+    return saved
+
+
+@task(name="measure-drift", cache_policy=NO_CACHE)
+def measure_drift(reference_path: str, window_path: str, identity: dict[str, str], thresholds: dict[str, float],
+                  seed: int, sample: int) -> DriftSummary:
+    """The window's figures against the training reference, and the verdict."""
+    from tasks.common.labels import ClassMap
+    from tasks.models.monitoring import Sample, Thresholds, measure
+
+    reference, window = Sample.load(reference_path), Sample.load(window_path)
+    limits = Thresholds(**{**thresholds, "min_rows": int(thresholds["min_rows"])})
+    return measure(reference, window, ClassMap.from_names(window.extra["classes"]), limits, seed=seed,
+                   max_rows=sample, **identity)
+
+
+@task(name="publish-drift-check", **IO_RETRIES)
+def publish_drift_check(summary: DriftSummary, check_dir: str, reference_path: str, window_path: str,
+                        experiment: str | None) -> DriftSummary:
+    """The check's page (in its folder) and its MLflow run in the monitoring experiment; the summary with both."""
+    from tasks.models.drift_report import REPORT_ARTIFACT, log_check, write_report
+    from tasks.models.monitoring import Sample
+
+    page = write_report(Path(check_dir), summary, Sample.load(reference_path), Sample.load(window_path))
+    run = log_check(summary, page, experiment)
+    return summary.model_copy(update={"report_path": str(page), "mlflow_run_id": run.run_id,
+                                      "report_url": f"{run.run_url}/artifactPath/{REPORT_ARTIFACT}"})
+
+
+@task(name="emit-drift-event", **IO_RETRIES)
+def emit_drift_event(summary: DriftSummary) -> str | None:
+    """`catsdogs.drift.detected` about the model, with the figures: what starts a retrain where a trigger waits for it."""
+    from prefect.events import emit_event
+
+    from tasks.models.monitoring import drift_event
+
+    event = emit_event(**drift_event(summary))
+    return str(event.id) if event is not None else None

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from tasks.common.labels import CATS_DOGS, ClassMap
 from tasks.common.processes import ProcessId
 from tasks.common.results import MlflowRun, PrepareSummary, QualitySummary, TrainResult
+from tasks.data.datafolder import DataFolder
 from tasks.models.naming import (
     DEFAULT_EXPERIMENT,
     MODEL_NAME,
@@ -105,7 +106,7 @@ def owner_tags() -> dict[str, str]:
     return ProcessId.current().labels()
 
 
-def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
+def log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
                params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
     """Log many values in few requests (MLflow caps a batch at 1000 metrics / 100 params)."""
     param_list = [Param(key, _param_value(value)) for key, value in (params or {}).items()]
@@ -119,12 +120,12 @@ def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] =
         client.log_batch(run_id, metrics=metric_list[start:start + _METRIC_BATCH])
 
 
-def _log_json(client: MlflowClient, run_id: str, payload: Any, artifact_file: str) -> None:
+def log_json(client: MlflowClient, run_id: str, payload: Any, artifact_file: str) -> None:
     """Log a dict as a JSON artifact; paths and numpy scalars are written as text."""
     client.log_text(run_id, json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -150,7 +151,7 @@ def read_history(path: Path) -> dict[int, dict[str, float]]:
 
 def history_metrics(path: Path, phase: str) -> list[Metric]:
     """Per-epoch metrics keyed `<phase>.<name>` (e.g. head.val_loss) with step = epoch (1-based)."""
-    timestamp = _now_ms()
+    timestamp = now_ms()
     metrics = []
     for epoch, values in sorted(read_history(path).items()):
         for key, value in values.items():
@@ -243,7 +244,7 @@ def log_datasets(data: PrepareSummary, source: str, model_name: str = MODEL_NAME
 
 def _log_dataset_artifacts(run_id: str, client: MlflowClient, data: PrepareSummary) -> None:
     """The prepare summary as JSON, the GX validation result and the Data Docs site."""
-    _log_json(client, run_id, data.model_dump(mode="json"), "data/prepare_summary.json")
+    log_json(client, run_id, data.model_dump(mode="json"), "data/prepare_summary.json")
     result = _existing(data.paths.validation_result)
     if result is not None and result.is_file():
         client.log_artifact(run_id, str(result), "data/validation")
@@ -262,8 +263,8 @@ def _log_training_artifacts(run_id: str, client: MlflowClient, trained: TrainRes
         path = _existing(source)
         if path is not None:
             client.log_artifact(run_id, str(path), "evaluation")
-    _log_json(client, run_id, trained.test_metrics, "evaluation/test_metrics.json")
-    _log_json(client, run_id, trained.model_dump(mode="json"), "evaluation/train_result.json")
+    log_json(client, run_id, trained.test_metrics, "evaluation/test_metrics.json")
+    log_json(client, run_id, trained.model_dump(mode="json"), "evaluation/train_result.json")
 
 
 def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str, trained: TrainResult,
@@ -280,7 +281,7 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
         child = made.get(name) or client.create_run(experiment_id, run_name=name, tags={
             **tags, "mlflow.parentRunId": parent_id, "backbone": name,
             "chosen": str(name == trained.chosen_backbone).lower()})
-        metrics = [Metric(key, value, _now_ms(), 0) for key, value in scalar_metrics(backbone.model_dump()).items()]
+        metrics = [Metric(key, value, now_ms(), 0) for key, value in scalar_metrics(backbone.model_dump()).items()]
         curves = [("head", trained.history_paths.get(f"head:{name}"))]
         if name == trained.chosen_backbone:
             curves.append(("fine_tune", trained.history_paths.get("fine_tune")))
@@ -288,7 +289,7 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
             if path and Path(path).is_file():
                 metrics.extend(history_metrics(Path(path), phase))
                 client.log_artifact(child.info.run_id, path, "history")
-        _log_batch(client, child.info.run_id, metrics=metrics,
+        log_batch(client, child.info.run_id, metrics=metrics,
                    params={"backbone": name, "input_size": backbone.input_size, "precision": backbone.precision,
                            "engine": backbone.engine,
                            "weights": Path(backbone.weights).name, "feature_cache": Path(backbone.feature_cache_dir).name})
@@ -299,7 +300,7 @@ def _log_backbone_runs(client: MlflowClient, experiment_id: str, parent_id: str,
 
 def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "auto", *, name: str = "model",
                      classes: ClassMap = CATS_DOGS, engine: str = "keras", engine_model: str | Path | None = None,
-                     precision: str = "float32") -> Any:
+                     precision: str = "float32", prediction_log: str | None = None) -> Any:
     """Log a trained `.keras` file as the pyfunc serving model in the active run.
 
     The model is tasks/models/pyfunc.py's `CatsDogsModel`; what travels with it (signature,
@@ -308,24 +309,28 @@ def log_pyfunc_model(model_path: str | Path, input_size: int, decoder: str = "au
     tasks/models/packaging.py. `decoder` is the image decoder the model was trained with
     ("auto": the one that runs here); the served model decodes with it. `classes` (label order)
     go into its config and signature. On `engine` "openvino" the run's IR (`engine_model`, its
-    model.xml) is logged beside the Keras model and served at `precision`. Returns MLflow's ModelInfo.
+    model.xml) is logged beside the Keras model and served at `precision`. Wherever it is served or
+    scores a batch, it records each row in the `prediction_log` folder (None: it does not). Returns
+    MLflow's ModelInfo.
     """
     from tasks.learning.pixels import resolve_decoder
 
     decoder = resolve_decoder(decoder)
     from tasks.models import packaging, pyfunc
+    from tasks.models.prediction_log import not_traffic
 
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=pyfunc.CatsDogsModel(),
-        artifacts={pyfunc.KERAS_ARTIFACT: str(model_path),
-                   **({pyfunc.OPENVINO_ARTIFACT: _ir_files(engine_model)} if engine_model else {})},
-        signature=packaging.model_signature(classes),
-        input_example=packaging.input_example(),
-        code_paths=[packaging.tasks_code_path()],
-        pip_requirements=packaging.pip_requirements(decoder=decoder, engine=engine),
-        model_config=packaging.model_config(input_size, decoder, classes, engine, precision),
-    )
+    with not_traffic():  # MLflow scores the input example once to check the model serves: not a request
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=pyfunc.CatsDogsModel(),
+            artifacts={pyfunc.KERAS_ARTIFACT: str(model_path),
+                       **({pyfunc.OPENVINO_ARTIFACT: _ir_files(engine_model)} if engine_model else {})},
+            signature=packaging.model_signature(classes),
+            input_example=packaging.input_example(),
+            code_paths=[packaging.tasks_code_path()],
+            pip_requirements=packaging.pip_requirements(decoder=decoder, engine=engine),
+            model_config=packaging.model_config(input_size, decoder, classes, engine, precision, prediction_log),
+        )
 
 
 def _ir_files(model_xml: str | Path) -> str:
@@ -386,7 +391,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
     as `evaluation/test_metrics.json`), the validation metrics of the shipped model (`val_*`),
     plots (`plots/`), the comparison table and test predictions (`evaluation/`), tags
     (`dataset_fingerprint`, `config_hash`, `chosen_backbone`, `prefect.*` links to the flow
-    run, `catsdogs.owner.*` the process) and the pyfunc model (`model`). A failure mid-way
+    run, `catsdogs.owner.*` the process) and the pyfunc model (`model`, logging its predictions in the
+    data folder's `predictions/`). A failure mid-way
     marks the run FAILED; a killed process leaves it RUNNING for the next retrain to reconcile.
     """
     if run is None:
@@ -416,8 +422,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
                   "resolved.backbone": chosen, "resolved.backend": trained.devices.backend,
                   "resolved.precision": trained.devices.precision, "resolved.device": trained.devices.device_name,
                   "resolved.decoder": trained.decoder, "resolved.engine": trained.devices.engine}
-        _log_batch(client, run_id, params=params,
-                   metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
+        log_batch(client, run_id, params=params,
+                   metrics=[Metric(key, value, now_ms(), 0) for key, value in metrics.items()])
         client.set_tag(run_id, "mlflow.note.content", _run_note(data, trained))
         log_datasets(data, source, model_name)
         _log_dataset_artifacts(run_id, client, data)
@@ -428,7 +434,8 @@ def log_retrain(data: PrepareSummary, trained: TrainResult, config: Mapping[str,
                                         TAG_BACKBONE: chosen})
         model_info = log_pyfunc_model(trained.model_path, trained.input_size, trained.decoder,
                                       classes=ClassMap.from_names(data.classes), engine=trained.devices.engine,
-                                      engine_model=trained.engine_model_path, precision=trained.devices.precision)
+                                      engine_model=trained.engine_model_path, precision=trained.devices.precision,
+                                      prediction_log=str(DataFolder.at(trained.data_dir).predictions))
     return run.model_copy(update={"model_uri": model_info.model_uri, "child_run_ids": child_ids})
 
 

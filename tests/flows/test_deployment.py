@@ -49,3 +49,23 @@ def test_prefect_yaml_defines_the_weekly_retrain():
     [pull] = spec["pull"]
     assert "prefect.deployments.steps.set_working_directory" in pull
     RetrainConfig.model_validate(weekly["parameters"]["config"])  # the scheduled parameters are valid
+
+
+def test_prefect_yaml_closes_the_loop_a_daily_drift_check_whose_event_starts_a_retrain():
+    """monitor/daily checks the champion; its event (flows/monitor.py emits it) is what retrain/on-demand's
+    trigger expects, about the same model; the README's off switch names that trigger."""
+    from flows.config import MonitorConfig, RetrainConfig
+    from tasks.models.monitoring import DRIFT_EVENT, resource_id
+    from tasks.models.naming import parse_registry_uri
+
+    spec, _ = load_deployment_spec()
+    by_name = {(d["entrypoint"].rsplit(":", 1)[1], d["name"]): d for d in spec["deployments"]}
+    daily = by_name[("monitor", "daily")]
+    config = MonitorConfig.model_validate(daily["parameters"]["config"])
+    assert [s["cron"] for s in daily["schedules"]] == ["0 6 * * *"] and daily["work_pool"]["name"] == "catsdogs-process"
+    on_demand = by_name[("retrain", "on-demand")]
+    [trigger] = on_demand["triggers"]
+    watched = parse_registry_uri(config.model_uri)[1]
+    assert trigger["expect"] == [DRIFT_EVENT] and trigger["match"] == {"prefect.resource.id": resource_id(watched)}
+    assert RetrainConfig.model_validate(on_demand["parameters"]["config"]).model_name == watched
+    assert f"prefect automation pause {trigger['name']}" in (servers.REPO_ROOT / "README.md").read_text()

@@ -30,7 +30,7 @@ from tasks.learning.forward import compiled_forward, to_numpy
 from tasks.learning.pixels import read_image
 from tasks.learning.runs import rank_backbones
 from tasks.learning.shards import load_features
-from tasks.learning.shipped import core_of
+from tasks.learning.layers import core_of
 from tests.imagegen import class_pixels
 from tests.prepared import make_prepared_dir
 

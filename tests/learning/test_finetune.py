@@ -125,6 +125,28 @@ def test_end_to_end_model_computes_what_the_head_computed_on_cached_features(set
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers())
 
 
+@pytest.mark.backends  # also run on JAX by the test command
+def test_the_served_model_returns_its_head_input_in_the_same_forward_as_the_cache_holds_it(setup, model):
+    """The prediction log's features (tasks/learning/head_input.py): the wrapped model's second output is the plain
+    view's pooled features, which are the cached training features of the same images, so both summarise alike."""
+    from tasks.learning.head_input import FeatureSummary, with_head_input
+    from tasks.learning.layers import wrap
+    from tasks.learning.shards import load_features
+
+    pixels, rows = _pixels(setup)
+    served = wrap(model, tta=True, temperature=1.7)
+    p_dog, features = to_numpy(compiled_forward(with_head_input(served))(pixels))
+    np.testing.assert_allclose(p_dog, to_numpy(compiled_forward(served)(pixels)), atol=1e-6)  # nothing else changed
+    cached = load_features(setup["cache_dir"], rows["sha256"].tolist())
+    np.testing.assert_allclose(features, cached, rtol=1e-4, atol=1e-4)
+    summary = FeatureSummary.of(served)
+    assert summary(features).shape == (len(rows), 32)
+    np.testing.assert_allclose(summary(features), summary(cached), atol=1e-3)
+    normalize = model.get_layer("head_normalize")  # standardised as the head standardises, then projected
+    standardised = to_numpy(normalize(cached))
+    np.testing.assert_allclose(summary(cached), standardised @ summary.matrix, rtol=1e-4, atol=1e-4)
+
+
 def test_augmentation_is_off_at_inference(setup, model):
     pixels, _ = _pixels(setup)
     first = _predict(model, pixels)

@@ -18,7 +18,7 @@ def model():
 
 
 def test_the_heatmap_mass_lies_in_the_deciding_region(model):
-    from tasks.learning.shipped import wrap
+    from tasks.learning.layers import wrap
 
     labels = ["dog", "cat", "dog", "cat"]
     pixels = np.stack([region_pixels(label, seed) for seed, label in enumerate(labels)])

@@ -236,3 +236,38 @@ def test_an_openvino_model_fails_to_load_in_one_sentence_where_openvino_is_missi
     served = pyfunc.CatsDogsModel()
     served.load_context(SimpleNamespace(artifacts=artifacts, model_config={"input_size": 32, "engine": "keras"}))
     assert served.engine == "keras"  # what a server chooses with MLFLOW_PYFUNC_INFERENCE_CONFIG
+
+
+# ------------------------------------------------------------------ the prediction log
+
+
+def test_the_champion_logs_each_scored_row_with_the_head_input_its_engine_returned(champion_store, tmp_path):
+    """Scored rows go to the log (by default the training data folder's predictions/; here one the loader names) as
+    the registered version's, with the head input the OpenVINO IR returned in the same forward, summarised as the
+    Keras model's would be; error rows are not rows, and the gate's scoring logs nothing."""
+    from tasks.learning.forward import compiled_forward, to_numpy
+    from tasks.learning.head_input import FeatureSummary, with_head_input
+    from tasks.models.prediction_log import read_window
+    from tasks.models.registry import load_pyfunc, logged_config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+        default = logged_config(CHAMPION_URI)["prediction_log"]
+        model = load_pyfunc(CHAMPION_URI, prediction_log=str(tmp_path / "log"))
+        quiet = load_pyfunc(CHAMPION_URI, prediction_log=False)
+    assert default == str(Path(champion_store.result.data_dir) / "predictions")
+    assert quiet.unwrap_python_model().prediction_log is None
+    served = model.unwrap_python_model()
+    pixels = [class_pixels(label, 80 + index) for index, label in enumerate(("cat", "dog", "dog"))]
+    out = model.predict(pd.DataFrame({"pixels": [*pixels, np.zeros((2, 2, 2))]}))
+    served.prediction_log.flush()
+    rows = read_window(tmp_path / "log").rows
+    assert served.engine == "openvino" and out["error"][3]
+    assert [row["label"] for row in rows] == out["label"][:3].tolist() == ["cat", "dog", "dog"]
+    assert [row["probabilities"][1] for row in rows] == pytest.approx(out["p_dog"][:3].to_numpy(float), abs=1e-6)
+    assert {(row["model"], row["version"]) for row in rows} == {("cats-vs-dogs", "1")} and rows[0]["run_id"]
+    keras_model = pyfunc.load_keras_model(champion_store.result.model_path)
+    batch = np.stack([resize_pixels(image, 32, decoder=served.decoder) for image in pixels])
+    _, head_input = to_numpy(compiled_forward(with_head_input(keras_model))(batch))
+    np.testing.assert_allclose([row["features"] for row in rows], FeatureSummary.of(keras_model)(head_input),
+                               atol=1e-3)

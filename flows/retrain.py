@@ -99,7 +99,8 @@ def _retrain(config: RetrainConfig, data_dir: str) -> RetrainSummary:
                                         config.floor, config.margin, config.metric, config.model_name, leaked)
     verdict = "promoted to champion" if decision.promoted else f"kept as {decision.alias}"
     logger.info("Version %s %s: %s", decision.version, verdict, "; ".join(decision.reasons))
-    report_path, report_url = models.publish_report(prepared, trained, candidate, decision, logged, config.source)
+    report = models.publish_report(prepared, trained, candidate, decision, logged, config.source, return_state=True)
+    report_path, report_url = models.report_or_warning(report, decision)  # the version stands without its report
     summary = RetrainSummary(status=TRAINED, headline=f"version {decision.version} {verdict}",
                              flow_run_id=flow_run_id, config_hash=config_hash, data=prepared,
                              champion_before=champion, mlflow=logged, chosen_backbone=trained.chosen_backbone,

@@ -137,6 +137,23 @@ def publish_report(prepared: PrepareSummary, trained: TrainResult, candidate_met
     return publish(prepared, trained, candidate_metrics, decision, logged, source)
 
 
+def report_or_warning(report: Any, decision: Promotion) -> tuple[str | None, str | None]:
+    """The report's (path, link) from publish_report's final state, or (None, None) with one warning line.
+
+    The version is registered and gated before its report is written, so a report that cannot be
+    written (a full disk, a store gone) must not fail the run: a failed run over a registered
+    version reads as "nothing shipped", and its rerun would find the version and skip.
+    """
+    from tasks.common.logs import run_logger
+
+    if report.is_completed():
+        return report.result()
+    error = report.result(raise_on_failure=False)
+    run_logger(__name__).warning("Version %s is registered, but its report could not be written (%s); the run's "
+                                 "log has the details.", decision.version, error)
+    return None, None
+
+
 @task(name="publish-summary", **IO_RETRIES)
 def publish_summary(summary: RetrainSummary) -> str:
     """The markdown summary artifact of this flow run (metrics table, decision, MLflow link)."""

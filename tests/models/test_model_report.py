@@ -7,6 +7,7 @@ calibration fitted by the real code and Grad-CAM overlays of its region model; t
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -138,3 +139,29 @@ def test_the_report_opens_whole_in_a_real_browser_and_requests_nothing(parts, tm
     """Chromium renders it, every image decodes, and nothing but the file itself is requested."""
     root, data, trained, served, decision = parts
     assert_opens_whole(write_report(tmp_path / REPORT_ARTIFACT, data, trained, served, decision, None, "pets.zip"), 5)
+
+
+@pytest.mark.filterwarnings("ignore:Logger .prefect.task_runs. attempted to send logs")
+def test_a_report_that_cannot_be_written_is_one_warning_and_the_version_stands(parts, tmp_path):
+    """The version is registered and gated before its report: a report the disk refuses must not fail the retrain
+    (flows/retrain.py reads publish_report's final state through report_or_warning)."""
+    from tasks.models.steps import publish_report, report_or_warning
+
+    root, data, trained, served, decision = parts
+    blocked = tmp_path / "run"
+    blocked.mkdir()
+    (blocked / "report").write_text("a file where the report's folder goes")  # a real fault: mkdir fails
+    state = publish_report.with_options(retries=0)(data, trained.model_copy(update={"output_dir": str(blocked)}),
+                                                   served, decision, None, "pets.zip", return_state=True)
+    assert state.is_failed()
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = said.append  # type: ignore[method-assign]
+    logging.getLogger("tasks.models.steps").addHandler(listener)  # outside a flow run: run_logger's own logger
+    try:
+        assert report_or_warning(state, decision) == (None, None)
+    finally:
+        logging.getLogger("tasks.models.steps").removeHandler(listener)
+    [line] = [record.getMessage() for record in said if record.levelno == logging.WARNING]
+    assert line.startswith("Version 7 is registered, but its report could not be written (") and "\n" not in line
+    assert (blocked / "report").read_text().startswith("a file")  # nothing half-written in its place

@@ -406,12 +406,17 @@ class RetrainConfig(ComputeConfig, GateConfig, QualityConfig, TrainConfig, DataC
         return {**defaults, **{key: value for key, value in values.items() if value is not None or key not in defaults}}
 
 
-def _data_dir_of_the_model(values: Any) -> Any:
-    """A registered model's own data folder, as its retrain chose it, unless one is given (predict, export)."""
-    if not isinstance(values, dict) or values.get("data_dir") is not None:
-        return values
-    parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
-    return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
+class _OfAModel(_Section):
+    """A config about one logged model (predict, export, monitor): its data folder is, unless one is given, the
+    model's own, as its retrain chose it (data-<model name>; cats-vs-dogs keeps `data`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_dir_of_the_model(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("data_dir") is not None:
+            return values
+        parsed = parse_registry_uri(str(values.get("model_uri") or DEFAULT_MODEL_URI))
+        return {**values, "data_dir": default_data_dir(parsed[1])} if parsed else values
 
 
 class AuditConfig(QualityConfig, FeatureConfig):
@@ -420,7 +425,7 @@ class AuditConfig(QualityConfig, FeatureConfig):
     data_dir: str = Field(default=DEFAULT_DATA_DIR, description="Prepared data folder (python -m flows.prepare).")
 
 
-class PredictConfig(_Section):
+class PredictConfig(_OfAModel):
     """Batch prediction: which images, which model, where the CSV goes."""
 
     images: str = Field(description="Folder or .zip/.tar archive of images (e.g. Kaggle's test1).")
@@ -439,13 +444,8 @@ class PredictConfig(_Section):
                                       "command's log goes to its logs/; by default the model's (data-<model name> for "
                                       "any model but cats-vs-dogs).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _data_dir_of_the_model(cls, values: Any) -> Any:
-        return _data_dir_of_the_model(values)
 
-
-class ExportConfig(_Section):
+class ExportConfig(_OfAModel):
     """A logged model as a standalone artifact: which model, which format, where."""
 
     model_uri: str = Field(description="Any MLflow model URI of this project (e.g. models:/cats-vs-dogs@champion).")
@@ -457,13 +457,8 @@ class ExportConfig(_Section):
                                                                 "default the model's (data-<model name> for any model "
                                                                 "but cats-vs-dogs).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _data_dir_of_the_model(cls, values: Any) -> Any:
-        return _data_dir_of_the_model(values)
 
-
-class MonitorConfig(_Section):
+class MonitorConfig(_OfAModel):
     """A drift check of a served model: the recent prediction log (or a folder of new images) against its training data."""
 
     model_uri: str = Field(default=DEFAULT_MODEL_URI,
@@ -499,8 +494,3 @@ class MonitorConfig(_Section):
                           description="The model's data folder: its train images are the reference, the checks go to "
                                       "its monitoring/, the command's log to its logs/; by default the model's "
                                       "(data-<model name> for any model but cats-vs-dogs).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _data_dir_of_the_model(cls, values: Any) -> Any:
-        return _data_dir_of_the_model(values)
